@@ -1,0 +1,101 @@
+"""Atomic, checked checkpoints on any filesystem pyarrow opens (a local folder, s3://, gs://, hdfs://).
+
+Layout under the storage root, one folder per cell:
+
+    <root>/<cell_id>/step-000001000/state.pt     model, optimizer, step, RNG states, history, cell id
+    <root>/<cell_id>/step-000001000/COMPLETE     written last: only folders holding it count
+
+A checkpoint is written into a temporary folder, moved to `step-N`, then marked COMPLETE. A move is
+atomic on local disks but a copy on object stores, hence the marker. The latest two complete
+checkpoints are kept. Loading uses torch.load's weights-only mode, and refuses another cell's state.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import uuid
+
+import pyarrow.fs as pafs
+import torch
+
+STEP_DIR = re.compile(r"^step-(\d{9})$")
+MARKER = "COMPLETE"
+KEEP = 2
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def open_storage(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and the path inside it. Plain paths are local (made absolute)."""
+    if "://" not in uri:
+        uri = os.path.abspath(uri)
+    return pafs.FileSystem.from_uri(uri)
+
+
+class CheckpointStore:
+    """The checkpoints of one cell."""
+
+    def __init__(self, root_uri: str, cell_id: str):
+        self.fs, root = open_storage(root_uri)
+        self.cell_id = cell_id
+        self.dir = f"{root.rstrip('/')}/{cell_id}"
+
+    def _complete_steps(self) -> list[int]:
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self.dir, allow_not_found=True))
+        except FileNotFoundError:
+            return []
+        steps = []
+        for info in infos:
+            match = STEP_DIR.match(info.base_name)
+            if match and info.type == pafs.FileType.Directory:
+                marker = self.fs.get_file_info(f"{info.path}/{MARKER}")
+                if marker.type == pafs.FileType.File:
+                    steps.append(int(match.group(1)))
+        return sorted(steps)
+
+    def save(self, step: int, state: dict) -> None:
+        """Write `state` as the checkpoint of `step`, atomically, and prune old ones."""
+        buffer = io.BytesIO()
+        torch.save({**state, "cell_id": self.cell_id, "step": step}, buffer)
+        final = f"{self.dir}/step-{step:09d}"
+        tmp = f"{self.dir}/.tmp-step-{step:09d}-{uuid.uuid4().hex[:8]}"
+        self.fs.create_dir(tmp, recursive=True)
+        with self.fs.open_output_stream(f"{tmp}/state.pt") as out:
+            out.write(buffer.getvalue())
+        if self.fs.get_file_info(final).type != pafs.FileType.NotFound:
+            self.fs.delete_dir(final)  # an incomplete leftover of a crashed save of the same step
+        self.fs.move(tmp, final)
+        with self.fs.open_output_stream(f"{final}/{MARKER}") as out:
+            out.write(b"ok\n")
+        self._prune()
+
+    def _prune(self) -> None:
+        for step in self._complete_steps()[:-KEEP]:
+            self.fs.delete_dir(f"{self.dir}/step-{step:09d}")
+        infos = self.fs.get_file_info(pafs.FileSelector(self.dir, allow_not_found=True))
+        for info in infos:
+            if info.base_name.startswith(".tmp-step-"):
+                self.fs.delete_dir(info.path)
+
+    def latest_step(self) -> int | None:
+        steps = self._complete_steps()
+        return steps[-1] if steps else None
+
+    def load_latest(self, map_location: str | torch.device = "cpu") -> dict | None:
+        """The latest complete checkpoint's state, or None when the cell has none."""
+        step = self.latest_step()
+        if step is None:
+            return None
+        with self.fs.open_input_file(f"{self.dir}/step-{step:09d}/state.pt") as f:
+            state = torch.load(io.BytesIO(f.read()), map_location=map_location, weights_only=True)
+        if state.get("cell_id") != self.cell_id:
+            raise CheckpointError(
+                f"checkpoint {self.dir}/step-{step:09d} belongs to cell {state.get('cell_id')!r}, "
+                f"not {self.cell_id!r}"
+            )
+        return state

@@ -1,0 +1,238 @@
+"""Frozen, validated specifications of one grid cell.
+
+A cell is one (model shape, dataset, precision, training recipe, seed). These dataclasses are what the
+orchestrator hands down after composing Hydra configs, and what a Ray worker receives: plain Python
+values, picklable, immutable, validated on construction. This module imports no torch, so the driver can
+plan a whole sweep (ids, sizes, FLOPs, memory) without loading it.
+
+Only fields that change a cell's numbers live here. Runtime options (where checkpoints go, the tracking
+URI, the device, GPU fractions) live in `RunOptions` beside the spec and never enter the cell id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+
+PRECISIONS = ("fp32", "bf16", "amp_bf16")
+SCHEDULES = ("cosine", "constant")
+
+
+class SpecError(ValueError):
+    """A cell's configuration is invalid; the message names the field and the value."""
+
+
+def _require_positive(owner: str, **values: float) -> None:
+    for name, value in values.items():
+        if not value > 0:
+            raise SpecError(f"{owner}.{name}={value!r} must be positive")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """GPT shape (nanoGPT's field names). The vocabulary and context come from the data."""
+
+    name: str
+    n_layer: int
+    n_head: int
+    n_embd: int
+
+    def __post_init__(self) -> None:
+        _require_positive("model", n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd)
+        if self.n_embd % self.n_head:
+            raise SpecError(f"model.n_head={self.n_head} does not divide model.n_embd={self.n_embd}")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Synthetic data: N member sequences of S tokens, uniform over V tokens, plus fresh non-members."""
+
+    vocab_size: int
+    seq_len: int
+    num_sequences: int
+    num_nonmembers: int
+    kind: str = "synthetic"
+
+    def __post_init__(self) -> None:
+        _require_positive(
+            "data",
+            vocab_size=self.vocab_size,
+            seq_len=self.seq_len,
+            num_sequences=self.num_sequences,
+            num_nonmembers=self.num_nonmembers,
+        )
+        if self.vocab_size < 2:
+            raise SpecError(f"data.vocab_size={self.vocab_size} must be at least 2")
+        if self.kind != "synthetic":
+            raise SpecError(f"data.kind={self.kind!r} is not supported (only 'synthetic')")
+
+    @property
+    def sequence_bits(self) -> float:
+        """Information in one uniform random sequence: S * log2(V) bits."""
+        return self.seq_len * math.log2(self.vocab_size)
+
+    @property
+    def entropy_bits(self) -> float:
+        """H(X) = N * S * log2(V) bits."""
+        return self.num_sequences * self.sequence_bits
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """The training recipe. AdamW with linear warm-up, then a cosine decay to `min_lr_ratio * lr`
+    (or a constant rate), stopped at `max_steps` or earlier once mem_bits has converged: its relative
+    spread over the last `converge_window` evaluations is below `converge_tol`."""
+
+    max_steps: int
+    batch_size: int
+    lr: float
+    schedule: str = "cosine"
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.98
+    grad_clip: float = 1.0
+    eval_interval: int = 250
+    converge_tol: float = 0.01
+    converge_window: int = 4
+    checkpoint_interval: int = 1000
+
+    def __post_init__(self) -> None:
+        _require_positive(
+            "train",
+            max_steps=self.max_steps,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            eval_interval=self.eval_interval,
+            converge_tol=self.converge_tol,
+            checkpoint_interval=self.checkpoint_interval,
+        )
+        if self.schedule not in SCHEDULES:
+            raise SpecError(f"train.schedule={self.schedule!r} is not one of {SCHEDULES}")
+        if self.warmup_steps < 0:
+            raise SpecError(f"train.warmup_steps={self.warmup_steps} must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise SpecError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if self.weight_decay < 0:
+            raise SpecError(f"train.weight_decay={self.weight_decay} must be >= 0")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise SpecError(f"train.{name}={getattr(self, name)} must be in [0, 1)")
+        if self.grad_clip < 0:
+            raise SpecError(f"train.grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
+        if self.converge_window < 2:
+            raise SpecError(f"train.converge_window={self.converge_window} must be at least 2")
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    """Everything that determines one cell's numbers."""
+
+    model: ModelSpec
+    data: DataSpec
+    train: TrainSpec
+    precision: str
+    seed: int
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise SpecError(f"precision={self.precision!r} is not one of {PRECISIONS}")
+        if self.seed < 0:
+            raise SpecError(f"seed={self.seed} must be >= 0")
+
+    # -- sizes, all derivable without torch -------------------------------------------------------
+    @property
+    def params_paper(self) -> int:
+        """The paper's count: V*d + S*d + L*(12 d^2 + 13 d) + 2d (tied head, learned positions)."""
+        v, s, d, n = self.data.vocab_size, self.data.seq_len, self.model.n_embd, self.model.n_layer
+        return v * d + s * d + n * (12 * d * d + 13 * d) + 2 * d
+
+    @property
+    def params(self) -> int:
+        """Every trainable parameter: the paper's count plus the start token's embedding row."""
+        return self.params_paper + self.model.n_embd
+
+    @property
+    def train_flops_per_step(self) -> float:
+        """Approximate training FLOPs per optimizer step: 6 * params * tokens + attention."""
+        tokens = self.train.batch_size * self.data.seq_len
+        attention = 12 * self.model.n_layer * self.model.n_embd * self.data.seq_len * tokens
+        return 6.0 * self.params * tokens + attention
+
+    # -- identity ---------------------------------------------------------------------------------
+    @property
+    def slug(self) -> str:
+        """A readable prefix of the cell id: shape, data size, precision, seed."""
+        d = self.data
+        return (
+            f"{self.model.name}-v{d.vocab_size}-s{d.seq_len}-n{d.num_sequences}"
+            f"-{self.precision}-seed{self.seed}"
+        )
+
+    @property
+    def cell_id(self) -> str:
+        """`slug` plus 10 hex digits of a hash of every typed value in the spec.
+
+        The hash is over canonical JSON of the typed fields, so `lr=1e-3` and `lr=0.001` (both the float
+        0.001) give one id. The model's name is part of the slug but not of the hash: two names for one
+        shape are one experiment.
+        """
+        payload = to_dict(self)
+        payload["model"] = {k: v for k, v in payload["model"].items() if k != "name"}
+        canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        return f"{self.slug}-{hashlib.sha256(canonical.encode()).hexdigest()[:10]}"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Where and how a cell runs: never part of its id."""
+
+    storage: str  # root of checkpoints: a local folder or a URI pyarrow's filesystems open
+    tracking_uri: str
+    experiment: str
+    artifact_root: str | None = None  # where a new experiment keeps artifacts (None: the server decides)
+    sweep: str = "adhoc"
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    eval_batch_size: int = 1024
+    progress: bool = True
+    parent_run_id: str | None = None
+    tags: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.eval_batch_size <= 0:
+            raise SpecError(f"eval_batch_size={self.eval_batch_size} must be positive")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One composed, validated cell: what a worker receives (plain values, picklable)."""
+
+    spec: CellSpec
+    options: RunOptions
+    overrides: tuple[str, ...] = ()  # what distinguishes it within its grid, for messages
+    config: dict = field(default_factory=dict)  # the whole resolved configuration, for the record
+
+    @property
+    def cell_id(self) -> str:
+        return self.spec.cell_id
+
+
+def to_dict(spec: CellSpec) -> dict:
+    """Nested plain dict of a spec (for ids, params and Parquet columns)."""
+    return dataclasses.asdict(spec)
+
+
+def flatten(nested: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}: the form in which MLflow params and table columns are keyed."""
+    flat = {}
+    for key, value in nested.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, prefix=f"{name}."))
+        else:
+            flat[name] = value
+    return flat

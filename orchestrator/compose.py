@@ -1,0 +1,223 @@
+"""Hydra's home: compose configs, expand sweep grids, and turn DictConfigs into frozen specs.
+
+Nothing below this module sees a DictConfig. A sweep file (conf/sweep/NAME.yaml) holds a `grid` in
+Hydra's own override grammar, exactly what a user would pass to `--multirun`:
+
+    grid:
+      model: l1_d16,l2_d16              # or glob(l*_d32)
+      data.num_sequences: range(20,200,40)
+      seed: 0,1,2
+
+Expansion follows Hydra's basic sweeper (the product of the axes, in the order written), then each cell
+is composed by Hydra from conf/config.yaml plus `sweep=NAME`, the command line's fixed overrides and the
+cell's own overrides. Command-line overrides of a grid key replace that axis, so
+`memsweep launch sweep=smoke seed=0,1,2,3` grows the seeds without editing the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import typing
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from models.spec import Cell, CellSpec, DataSpec, ModelSpec, RunOptions, SpecError, TrainSpec
+
+OmegaConf.register_new_resolver("abspath", lambda path: os.path.abspath(path), replace=True)
+
+
+class ConfigError(ValueError):
+    """A configuration cannot be composed or validated; the message names the cell and the field."""
+
+
+def config_dir() -> Path:
+    """conf/: $MEMSWEEP_CONF, else beside the packages (a checkout or editable install), else the
+    copy installed as package data."""
+    if os.environ.get("MEMSWEEP_CONF"):
+        return Path(os.environ["MEMSWEEP_CONF"]).resolve()
+    beside = Path(__file__).resolve().parents[1] / "conf"
+    if (beside / "config.yaml").exists():
+        return beside
+    import importlib.resources
+
+    return Path(str(importlib.resources.files("conf")))
+
+
+@contextmanager
+def hydra_context():
+    """Initialise Hydra's global state on conf/ (re-entrant: an existing initialisation is kept)."""
+    if GlobalHydra.instance().is_initialized():
+        yield
+        return
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        yield
+
+
+def compose_config(overrides: list[str] | tuple[str, ...]) -> DictConfig:
+    """Compose conf/config.yaml with overrides; a one-line ConfigError on an unknown name or key."""
+    with hydra_context():
+        try:
+            return compose(config_name="config", overrides=list(overrides))
+        except MissingConfigException as err:
+            raise ConfigError(_missing_config_message(err, overrides)) from None
+        except (HydraException, OmegaConfBaseException) as err:
+            raise ConfigError(" ".join(str(err).split())) from None
+
+
+def _missing_config_message(err: MissingConfigException, overrides) -> str:
+    missing = err.missing_cfg_file or ""  # e.g. "model/l9"
+    group = missing.rsplit("/", 1)[0] if "/" in missing else missing
+    given = next((o for o in overrides if o.split("=")[0].lstrip("+~") == group), missing)
+    choices = f"; choose one of {', '.join(sorted(err.options))}" if err.options else ""
+    return f"{given}: no such {group} config{choices}"
+
+
+# -- grids --------------------------------------------------------------------------------------------
+def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """(sweep overrides such as `seed=0,1`, fixed overrides such as `train.lr=1e-3`)."""
+    with hydra_context():
+        parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+        try:
+            parsed = parser.parse_overrides(list(overrides))
+        except HydraException as err:
+            raise ConfigError(" ".join(str(err).split())) from None
+    sweeps = [o.input_line for o in parsed if o.is_sweep_override()]
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    return sweeps, fixed
+
+
+def expand_grid(axes: list[str]) -> list[tuple[str, ...]]:
+    """Override strings (sweep syntax allowed) -> one tuple of plain overrides per cell, in the basic
+    sweeper's order. `glob(...)` over config groups works because the parser sees the config loader."""
+    with hydra_context():
+        parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+        try:
+            parsed = parser.parse_overrides(list(axes))
+        except HydraException as err:
+            raise ConfigError(" ".join(str(err).split())) from None
+        choices = []
+        for override in parsed:
+            key = override.get_key_element()
+            if override.is_sweep_override():
+                choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+            else:
+                choices.append([f"{key}={override.get_value_element_as_str()}"])
+    return list(itertools.product(*choices))
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str
+    cells: list[Cell]
+    config: dict  # the sweep file's own node and the fixed overrides, for the record
+    fixed_overrides: tuple[str, ...]
+
+
+def load_sweep(overrides: list[str]) -> Sweep:
+    """Expand, compose and validate every cell of `sweep=NAME [overrides]` before anything runs."""
+    sweep_axes, fixed = split_overrides(overrides)
+    base = compose_config(fixed)  # the sweep file itself, with fixed overrides applied
+    if base.get("sweep") is None:
+        raise ConfigError("sweep: no sweep chosen; pass sweep=NAME (see conf/sweep/)")
+    name = str(base.sweep.name)
+    grid = {str(k): str(v) for k, v in (base.sweep.get("grid") or {}).items()}
+    for line in sweep_axes + [f for f in fixed if not f.startswith("sweep=")]:
+        key = line.split("=", 1)[0]
+        grid.pop(key, None)  # the command line replaces a grid axis of the same key
+    axes = [f"{key}={values}" for key, values in grid.items()] + sweep_axes
+    cells, seen = [], {}
+    for cell_overrides in expand_grid(axes):
+        cell = compose_cell(fixed + list(cell_overrides), label=" ".join(cell_overrides))
+        if cell.cell_id in seen:
+            raise ConfigError(
+                f"cells [{seen[cell.cell_id]}] and [{' '.join(cell_overrides)}] are the same cell "
+                f"{cell.cell_id}: the grid lists one value twice"
+            )
+        seen[cell.cell_id] = " ".join(cell_overrides)
+        cells.append(dataclasses.replace(cell, overrides=tuple(cell_overrides)))
+    if not cells:
+        raise ConfigError(f"sweep={name}: the grid has no cells")
+    record = {"sweep": OmegaConf.to_container(base.sweep, resolve=True), "overrides": list(overrides)}
+    return Sweep(name=name, cells=cells, config=record, fixed_overrides=tuple(fixed))
+
+
+def compose_cell(overrides: list[str], label: str | None = None) -> Cell:
+    """Compose and validate one cell; errors name the cell (`label`) and the field."""
+    prefix = f"cell [{label}]: " if label else ""
+    try:
+        cfg = compose_config(overrides)
+        spec = spec_from_config(cfg)
+        options = options_from_config(cfg)
+    except (ConfigError, SpecError) as err:
+        raise ConfigError(f"{prefix}{err}") from None
+    config = OmegaConf.to_container(cfg, resolve=True)
+    return Cell(spec=spec, options=options, overrides=tuple(overrides), config=config)
+
+
+# -- DictConfig -> frozen specs ------------------------------------------------------------------------
+def _typed(cls, node, section: str):
+    """Build dataclass `cls` from a config node, checking every field's type and unknown keys."""
+    values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise SpecError(f"{section}.{unknown[0]}: unknown field; {section} has {', '.join(fields)}")
+    kwargs = {}
+    for name, field in fields.items():
+        if name not in values:
+            if field.default is dataclasses.MISSING:
+                raise SpecError(f"{section}.{name} is missing")
+            continue
+        kwargs[name] = _coerce(values[name], hints[name], f"{section}.{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value, kind, where: str):
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if kind in (int, str) and isinstance(value, kind) and not isinstance(value, bool):
+        return value
+    raise SpecError(f"{where}={value!r} must be {kind.__name__}")
+
+
+def spec_from_config(cfg: DictConfig) -> CellSpec:
+    if "precision" not in cfg or "name" not in cfg.precision:
+        raise SpecError("precision: choose one of fp32, bf16, amp_bf16")
+    return CellSpec(
+        model=_typed(ModelSpec, cfg.model, "model"),
+        data=_typed(DataSpec, cfg.data, "data"),
+        train=_typed(TrainSpec, cfg.train, "train"),
+        precision=_coerce(cfg.precision.name, str, "precision"),
+        seed=_coerce(cfg.seed, int, "seed"),
+    )
+
+
+def experiment_name(cfg: DictConfig) -> str:
+    """One MLflow experiment per sweep; single `memsweep run` cells go to "adhoc"."""
+    return str(cfg.sweep.name) if cfg.get("sweep") is not None else "adhoc"
+
+
+def options_from_config(cfg: DictConfig) -> RunOptions:
+    name = experiment_name(cfg)
+    return RunOptions(
+        storage=str(cfg.storage),
+        tracking_uri=str(cfg.tracking.uri),
+        experiment=name,
+        artifact_root=None if cfg.tracking.artifact_root is None else str(cfg.tracking.artifact_root),
+        sweep=name,
+        device=str(cfg.device),
+        eval_batch_size=_coerce(cfg.eval_batch_size, int, "eval_batch_size"),
+    )

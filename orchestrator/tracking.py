@@ -1,0 +1,243 @@
+"""MLflow's home: the record that `status`, `resume` and `aggregate` read.
+
+One experiment per sweep; a parent run per launch; one child run per cell, tagged with its cell id and
+sweep. A cell's run is found by its `cell_id` tag, never by a process-local handle, so a retried or
+resumed cell continues its own run and there is never a second FINISHED run for one cell.
+
+Every call to the tracking store retries with exponential back-off (a server may restart mid-sweep),
+metrics are buffered and sent up to 1,000 per call (each call costs 30-80 ms), and a run is marked
+FINISHED only after its final metrics and artifact are recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import mlflow
+import pyarrow as pa
+import pyarrow.parquet as pq
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+TAG_CELL = "cell_id"
+TAG_SWEEP = "sweep"
+TAG_KIND = "memsweep.kind"  # "cell" or "launch"
+TAG_CODE = "code_version"
+TAG_ERROR = "memsweep.error"
+TAG_PARENT = "mlflow.parentRunId"
+ARTIFACT = "per_sequence.parquet"
+BATCH = 1000  # MLflow's limit of metrics per log_batch call
+UNFINISHED = ("RUNNING", "SCHEDULED", "FAILED", "KILLED")
+
+
+@cache
+def code_version() -> str:
+    """The package version plus the git commit of the code, when it runs from a checkout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        release = version("memsweep")
+    except PackageNotFoundError:
+        release = "0+unknown"
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{release}+g{commit}" if commit else release
+
+
+def retrying(fn: Callable[[], T], what: str, timeout_s: float = 300.0) -> T:
+    """Call `fn` until it succeeds, backing off 0.5 s, 1 s, 2 s ... (at most 15 s) for `timeout_s`."""
+    deadline, delay = time.monotonic() + timeout_s, 0.5
+    while True:
+        try:
+            return fn()
+        except (MlflowException, OSError, ConnectionError) as err:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("tracking: %s failed (%s); retrying in %.1f s", what, err, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 15.0)
+
+
+@dataclass(frozen=True)
+class CellRecord:
+    cell_id: str
+    run_id: str
+    status: str  # MLflow's run status: RUNNING, FINISHED, FAILED, KILLED
+    error: str | None
+
+
+class Tracker:
+    """A thin, retrying wrapper over MlflowClient for one tracking URI."""
+
+    def __init__(self, uri: str, artifact_root: str | None = None, retry_timeout_s: float = 300.0):
+        self.uri, self.artifact_root, self.retry_timeout_s = uri, artifact_root, retry_timeout_s
+        self.client = MlflowClient(tracking_uri=uri)
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        return retrying(fn, what, self.retry_timeout_s)
+
+    # -- store and experiments ---------------------------------------------------------------------
+    def ensure_store(self) -> None:
+        """Create a local SQLite store once, here, before concurrent workers write to it (concurrent
+        first writers race on schema migration)."""
+        if self.uri.startswith("sqlite:///"):
+            Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        self._call("open the store", lambda: self.client.search_experiments(max_results=1))
+
+    def experiment_id(self, name: str, create: bool = True) -> str | None:
+        found = self._call("find experiment", lambda: self.client.get_experiment_by_name(name))
+        if found is not None:
+            return found.experiment_id
+        if not create:
+            return None
+        location = f"{Path(self.artifact_root).resolve().as_uri()}/{name}" if self.artifact_root else None
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except MlflowException:  # created meanwhile by another process
+            return self._call("find experiment", lambda: self.client.get_experiment_by_name(name)).experiment_id
+
+    # -- reading the record ------------------------------------------------------------------------
+    def cell_records(self, experiment: str) -> dict[str, CellRecord]:
+        """The current run of every cell in an experiment, by cell id (paginated). Where a cell has
+        several runs (a crash between creating and tagging one), the FINISHED or newest one wins."""
+        exp_id = self.experiment_id(experiment, create=False)
+        if exp_id is None:
+            return {}
+        records: dict[str, CellRecord] = {}
+        token = None
+        while True:
+            page = self._call("search runs", lambda: self.client.search_runs(
+                [exp_id], filter_string=f"tags.`{TAG_KIND}` = 'cell'", max_results=5000,
+                order_by=["attributes.start_time ASC"], page_token=token,
+            ))
+            for run in page:
+                cell_id = run.data.tags.get(TAG_CELL)
+                record = CellRecord(cell_id, run.info.run_id, run.info.status, run.data.tags.get(TAG_ERROR))
+                if cell_id and (cell_id not in records or records[cell_id].status != "FINISHED"):
+                    records[cell_id] = record
+            token = page.token
+            if not token:
+                return records
+
+    def finished_cells(self, experiment: str) -> set[str]:
+        return {c for c, r in self.cell_records(experiment).items() if r.status == "FINISHED"}
+
+    # -- writing -----------------------------------------------------------------------------------
+    def start_launch(self, experiment: str, sweep: str, params: dict) -> str:
+        exp_id = self.experiment_id(experiment)
+        run = self._call("create launch run", lambda: self.client.create_run(
+            exp_id, run_name=f"launch-{time.strftime('%Y%m%d-%H%M%S')}",
+            tags={TAG_KIND: "launch", TAG_SWEEP: sweep, TAG_CODE: code_version()},
+        ))
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def open_cell_run(self, experiment: str, cell_id: str, run_name: str, tags: dict,
+                      parent_run_id: str | None = None) -> tuple[str, bool]:
+        """(run id, already finished): the cell's FINISHED run if it has one (a retry of a cell that
+        finished just before its worker died), else its unfinished run set RUNNING again (a retry or
+        resume), else a new run."""
+        exp_id = self.experiment_id(experiment)
+        existing = self._call("find cell run", lambda: self.client.search_runs(
+            [exp_id], filter_string=f"tags.`{TAG_CELL}` = '{cell_id}'",
+            order_by=["attributes.start_time DESC"], max_results=10,
+        ))
+        for run in existing:
+            if run.info.status == "FINISHED":
+                return run.info.run_id, True
+        if existing:
+            run_id = existing[0].info.run_id
+            self._call("reopen run", lambda: self.client.update_run(run_id, status="RUNNING"))
+            self._call("clear error", lambda: self._delete_tag_if_present(run_id, TAG_ERROR))
+            return run_id, False
+        all_tags = {TAG_KIND: "cell", TAG_CELL: cell_id, TAG_CODE: code_version(), **tags}
+        if parent_run_id:
+            all_tags[TAG_PARENT] = parent_run_id
+        run = self._call("create cell run", lambda: self.client.create_run(
+            exp_id, run_name=run_name, tags=all_tags))
+        return run.info.run_id, False
+
+    def _delete_tag_if_present(self, run_id: str, key: str) -> None:
+        if key in self.client.get_run(run_id).data.tags:
+            self.client.delete_tag(run_id, key)
+
+    def supersede(self, run_id: str, reason: str) -> None:
+        """Retire a FINISHED run before a forced rerun: tagged and soft-deleted (restorable with
+        `mlflow runs restore`), so the cell never has two visible FINISHED runs."""
+        self._call("tag superseded", lambda: self.client.set_tag(run_id, "memsweep.superseded", reason))
+        self._call("delete superseded", lambda: self.client.delete_run(run_id))
+
+    def log_params(self, run_id: str, params: dict) -> None:
+        """Params are write-once in MLflow: a resumed run re-logs only what it lacks."""
+        present = self._call("read params", lambda: self.client.get_run(run_id).data.params)
+        items = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in present]
+        for i in range(0, len(items), 100):
+            chunk = items[i : i + 100]
+            self._call("log params", lambda: self.client.log_batch(run_id, params=chunk))
+
+    def log_metrics(self, run_id: str, metrics: list[tuple[str, float, int]]) -> None:
+        """(key, value, step) triples, sent in batches of at most 1,000."""
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, int(step)) for k, v, step in metrics]
+        for i in range(0, len(items), BATCH):
+            chunk = items[i : i + BATCH]
+            self._call("log metrics", lambda: self.client.log_batch(run_id, metrics=chunk))
+
+    def set_tags(self, run_id: str, tags: dict) -> None:
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        self._call("set tags", lambda: self.client.log_batch(run_id, tags=items))
+
+    def log_table(self, run_id: str, table: pa.Table, name: str = ARTIFACT) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, name)
+            pq.write_table(table, path)
+            self._call("log artifact", lambda: self.client.log_artifact(run_id, path))
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self._call(f"mark {status}", lambda: self.client.set_terminated(run_id, status=status))
+
+    def fail(self, run_id: str, error: str, status: str = "FAILED") -> None:
+        self._call("tag error", lambda: self.client.set_tag(run_id, TAG_ERROR, error[:5000]))
+        self.finish(run_id, status)
+
+    # -- artifacts for readers ---------------------------------------------------------------------
+    def load_table(self, run_id: str, name: str = ARTIFACT) -> pa.Table:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = self._call("download artifact", lambda: mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=name, dst_path=tmp, tracking_uri=self.uri))
+            return pq.read_table(path)
+
+
+class MetricBuffer:
+    """Collects step metrics and flushes them in batches: every `flush_every` entries and at the end."""
+
+    def __init__(self, tracker: Tracker, run_id: str, flush_every: int = 200):
+        self.tracker, self.run_id, self.flush_every = tracker, run_id, flush_every
+        self.pending: list[tuple[str, float, int]] = []
+
+    def __call__(self, metrics: dict[str, float], step: int) -> None:
+        self.pending.extend((k, v, step) for k, v in metrics.items())
+        if len(self.pending) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.tracker.log_metrics(self.run_id, self.pending)
+            self.pending = []

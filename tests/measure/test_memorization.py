@@ -1,0 +1,57 @@
+"""Memorized bits, entropies and parameter counts against hand arithmetic."""
+
+import numpy as np
+import pytest
+
+from measure.memorization import (
+    dataset_entropy_bits,
+    mem_bits_against_reference,
+    mem_bits_per_sequence,
+    params_paper,
+    predicted_mem_bits,
+    sequence_entropy_bits,
+    summarize_synthetic,
+)
+
+
+def test_entropy_is_seq_len_times_log2_vocab():
+    assert sequence_entropy_bits(64, 2048) == 64 * 11
+    assert dataset_entropy_bits(4096, 64, 2048) == 4096 * 64 * 11
+
+
+def test_uniform_logits_memorize_nothing():
+    # Equal logits give every token probability 1/V: nll = S * log2(V) exactly.
+    seq_len, vocab_size = 16, 256
+    nll_bits = np.full(10, seq_len * np.log2(vocab_size))
+    np.testing.assert_array_equal(mem_bits_per_sequence(nll_bits, seq_len, vocab_size), 0.0)
+    assert summarize_synthetic(nll_bits, seq_len, vocab_size).mem_bits == 0.0
+
+
+def test_summarize_hand_example():
+    # S=4, V=16: 16 bits per sequence. Code lengths 10, 16, 20 -> clipped mem 6, 0, 0.
+    summary = summarize_synthetic(np.array([10.0, 16.0, 20.0]), seq_len=4, vocab_size=16)
+    assert summary.entropy_bits == 48.0
+    assert summary.mem_bits == 6.0
+    assert summary.mem_bits_unclipped == 48.0 - 46.0
+    assert summary.mem_fraction == pytest.approx(6.0 / 48.0)
+
+
+def test_summarize_rejects_nan():
+    with pytest.raises(ValueError, match="NaN"):
+        summarize_synthetic(np.array([1.0, np.nan]), seq_len=4, vocab_size=16)
+
+
+def test_reference_form_clips_at_zero():
+    got = mem_bits_against_reference(np.array([5.0, 9.0]), ref_nll_bits=np.array([8.0, 7.0]))
+    np.testing.assert_array_equal(got, [3.0, 0.0])
+
+
+def test_predicted_mem_is_min_of_capacity_and_entropy():
+    got = predicted_mem_bits(3.6, np.array([100.0, 1000.0]), np.array([1000.0, 1000.0]))
+    np.testing.assert_allclose(got, [360.0, 1000.0])
+    assert predicted_mem_bits(2.0, 10, 5.0) == 5.0
+
+
+def test_params_paper_hand_count():
+    # V=16, S=4, one block of width 2: 32 + 8 + (48 + 26) + 4.
+    assert params_paper(16, 4, 1, 2) == 118
