@@ -51,8 +51,10 @@ def measure_cell(
     member_nll = nll_bits(model, members, batch_size)  # (N,) bits
     nonmember_nll = nll_bits(model, nonmembers, batch_size)  # (M,) bits
     summary = summarize_synthetic(member_nll, S, V)
-    subset = mia_member_subset(spec.data, spec.seed)
-    loss_attack = mia_metrics(-member_nll[subset], -nonmember_nll)  # score = -nll_bits
+    subset = mia_member_subset(spec.data, spec.seed)  # min(N, M) members ...
+    mia_nonmembers = len(subset)  # ... against as many non-members (i.i.d.: the first ones), so
+    # the classes are balanced and random guessing scores F1 = 0.5 even when N < M.
+    loss_attack = mia_metrics(-member_nll[subset], -nonmember_nll[:mia_nonmembers])  # score = -nll_bits
     metrics = {
         "params": float(spec.params),
         "params_paper": float(spec.params_paper),
@@ -75,7 +77,7 @@ def measure_cell(
         "index": pa.array(np.concatenate([np.arange(N), np.arange(len(nonmembers))]).astype(np.int64)),
         "nll_bits": pa.array(np.concatenate([member_nll, nonmember_nll])),
         "mem_bits": pa.array(np.maximum(0.0, spec.data.sequence_bits - np.concatenate([member_nll, nonmember_nll]))),
-        "in_mia": pa.array(np.concatenate([in_mia, np.ones(len(nonmembers), dtype=bool)])),
+        "in_mia": pa.array(np.concatenate([in_mia, np.arange(len(nonmembers)) < mia_nonmembers])),
     })
     return metrics, per_sequence
 

@@ -16,18 +16,26 @@ import argparse
 import logging
 import sys
 
+from rich.markup import escape
+
 from orchestrator.compose import ConfigError
-from orchestrator.console import console
+from orchestrator.console import console, out
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.compose import compose_cell
 
     cell = compose_cell(args.overrides)  # validates before anything is trained or recorded
-    from orchestrator.cell import run_cell  # imports torch: only once the config is known good
+    from models.precision import check_supported, resolve_device  # imports torch: config is good
+    from models.spec import SpecError
+    from orchestrator.cell import run_cell
     from orchestrator.console import cell_summary, training_progress
     from orchestrator.tracking import Tracker
 
+    try:  # a missing device or one without bfloat16 is bad input too: refuse before recording
+        check_supported(cell.spec.precision, resolve_device(cell.options.device))
+    except SpecError as err:
+        raise ConfigError(str(err)) from None
     tracker = Tracker(cell.options.tracking_uri, cell.options.artifact_root)
     tracker.ensure_store()
     console.print(f"cell {cell.cell_id}: {cell.spec.params:,} params, H(X) = {cell.spec.data.entropy_bits:,.0f} bits")
@@ -37,11 +45,92 @@ def cmd_run(args: argparse.Namespace) -> int:
         console.print(f"cell {cell.cell_id} already FINISHED in run {outcome.run_id}; nothing to do")
         return 0
     if outcome.status != "FINISHED":
-        console.print(f"[red]cell {cell.cell_id} {outcome.status}: {outcome.error}")
+        console.print(f"[red]cell {cell.cell_id} {outcome.status}:[/red] {escape(outcome.error or '')}")
         return 1
-    console.print(cell_summary(cell.spec, outcome.metrics, outcome.run_id, cell.cell_id))
+    out.print(cell_summary(cell.spec, outcome.metrics, outcome.run_id, cell.cell_id))
     console.print(f"browse: mlflow ui --backend-store-uri {cell.options.tracking_uri}  (or: memsweep ui)")
     return 0
+
+
+def _plan_counts(plan) -> str:
+    states = [plan.state(c) for c in plan.cells]
+    return ", ".join(f"{s.lower()} {states.count(s)}" for s in ("FINISHED", "FAILED", "KILLED", "RUNNING", "PENDING") if states.count(s))
+
+
+def _run_sweep(plan, cells, force: bool = False) -> int:
+    from orchestrator.launch import run_plan
+
+    if not cells:
+        console.print(f"sweep {plan.name}: nothing to run ({_plan_counts(plan)})")
+        return 0
+    console.print(f"sweep {plan.name}: {len(plan.cells)} cells ({_plan_counts(plan)}); running {len(cells)}")
+    try:
+        outcomes = run_plan(plan, cells, force=force)
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted: running cells were cancelled and marked KILLED; "
+                      f"`memsweep resume {plan.name}` runs what did not finish")
+        return 130
+    failed = [o for o in outcomes if o.status != "FINISHED"]
+    console.print(f"sweep {plan.name}: {len(outcomes) - len(failed)} finished, {len(failed)} failed"
+                  + (f"; `memsweep status {plan.name}` lists them, `memsweep resume {plan.name} --failed` "
+                     "retries them" if failed else ""))
+    return 1 if failed else 0
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from orchestrator.launch import make_plan
+
+    plan = make_plan(args.overrides)  # every cell composed and validated before anything runs
+    todo = plan.cells if args.force else [c for c in plan.cells if plan.state(c) != "FINISHED"]
+    if args.dry_run:
+        from measure.memorization import PAPER_ALPHA_BITS_PER_PARAM, predicted_mem_bits
+        from orchestrator.console import plan_table
+        from orchestrator.resources import request_for
+
+        on_gpu = plan.cluster.use_gpus and bool(plan.cluster.num_gpus)
+        requests = {c.cell_id: request_for(c.spec, plan.cluster, on_gpu, c.options.eval_batch_size) for c in plan.cells}
+        predictions = {c.cell_id: predicted_mem_bits(PAPER_ALPHA_BITS_PER_PARAM[c.spec.precision], c.spec.params,
+                                                     c.spec.data.entropy_bits) for c in plan.cells}
+        out.print(plan_table(plan, requests, predictions))
+        console.print(f"would run {len(todo)} of {len(plan.cells)} cells"
+                      + ("" if args.force else " (finished cells are skipped; --force reruns them)"))
+        return 0
+    return _run_sweep(plan, todo, force=args.force)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from orchestrator.console import status_table
+    from orchestrator.launch import recorded_plan
+
+    plan = recorded_plan(args.sweep, args.overrides)
+    out.print(status_table(plan))
+    console.print(f"{len(plan.cells)} cells: {_plan_counts(plan)}")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from orchestrator.launch import recorded_plan
+
+    plan = recorded_plan(args.sweep, args.overrides)
+    wanted = ("FAILED",) if args.failed else ("FAILED", "KILLED", "RUNNING", "PENDING")
+    return _run_sweep(plan, [c for c in plan.cells if plan.state(c) in wanted])
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from orchestrator.compose import compose_config
+
+    cfg = compose_config(args.overrides)
+    command = ["mlflow", "ui", "--backend-store-uri", str(cfg.tracking.uri), "--host", args.host,
+               "--port", str(args.port)]
+    if cfg.tracking.artifact_root:
+        command += ["--default-artifact-root", str(cfg.tracking.artifact_root)]
+    console.print(f"serving {cfg.tracking.uri} at http://{args.host}:{args.port} (Ctrl-C stops)")
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +142,29 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=l1_d32 data.num_sequences=400")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=cmd_run)
+
+    launch = sub.add_parser("launch", help="run a sweep's grid on Ray (sweep=NAME)")
+    launch.add_argument("overrides", nargs="*", help="sweep=NAME plus overrides; sweep syntax (a,b / range()) adds axes")
+    launch.add_argument("--dry-run", action="store_true", help="list the cells, their ids, predictions and requests; run nothing")
+    launch.add_argument("--force", action="store_true", help="rerun cells that already finished")
+    launch.set_defaults(func=cmd_launch)
+
+    status = sub.add_parser("status", help="the cells of a sweep by state, with errors")
+    status.add_argument("sweep")
+    status.add_argument("overrides", nargs="*", help="e.g. tracking=server to read another store")
+    status.set_defaults(func=cmd_status)
+
+    resume = sub.add_parser("resume", help="run the cells of a sweep's latest launch that have not finished")
+    resume.add_argument("sweep")
+    resume.add_argument("overrides", nargs="*")
+    resume.add_argument("--failed", action="store_true", help="only the cells that FAILED")
+    resume.set_defaults(func=cmd_resume)
+
+    ui = sub.add_parser("ui", help="serve the tracking store's dashboard (MLflow) on 127.0.0.1")
+    ui.add_argument("overrides", nargs="*")
+    ui.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(func=cmd_ui)
     return parser
 
 
@@ -63,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         return 2
 
 

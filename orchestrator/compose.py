@@ -165,7 +165,7 @@ def compose_cell(overrides: list[str], label: str | None = None) -> Cell:
 
 
 # -- DictConfig -> frozen specs ------------------------------------------------------------------------
-def _typed(cls, node, section: str):
+def typed_options(cls, node, section: str):
     """Build dataclass `cls` from a config node, checking every field's type and unknown keys."""
     values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
     hints = typing.get_type_hints(cls)
@@ -184,22 +184,31 @@ def _typed(cls, node, section: str):
 
 
 def _coerce(value, kind, where: str):
+    """Check (and losslessly convert) a config value against a field's type: int, float, str, bool,
+    or `X | None`."""
+    args = typing.get_args(kind)
+    if type(None) in args:  # Optional[X]
+        if value is None:
+            return None
+        kind = next(a for a in args if a is not type(None))
+    if kind is bool and isinstance(value, bool):
+        return value
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if kind is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if kind in (int, str) and isinstance(value, kind) and not isinstance(value, bool):
         return value
-    raise SpecError(f"{where}={value!r} must be {kind.__name__}")
+    raise SpecError(f"{where}={value!r} must be {getattr(kind, '__name__', kind)}")
 
 
 def spec_from_config(cfg: DictConfig) -> CellSpec:
     if "precision" not in cfg or "name" not in cfg.precision:
         raise SpecError("precision: choose one of fp32, bf16, amp_bf16")
     return CellSpec(
-        model=_typed(ModelSpec, cfg.model, "model"),
-        data=_typed(DataSpec, cfg.data, "data"),
-        train=_typed(TrainSpec, cfg.train, "train"),
+        model=typed_options(ModelSpec, cfg.model, "model"),
+        data=typed_options(DataSpec, cfg.data, "data"),
+        train=typed_options(TrainSpec, cfg.train, "train"),
         precision=_coerce(cfg.precision.name, str, "precision"),
         seed=_coerce(cfg.seed, int, "seed"),
     )

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import math
+import sys
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from models.spec import CellSpec
 
-console = Console(stderr=True)
+# Progress and messages go to stderr; tables (plans, summaries, status) to stdout, so they can be piped.
+# Without a terminal, a wide fixed width keeps cell ids whole in logs.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+out = Console(width=None if sys.stdout.isatty() else 200)
 
 
 def _si(value: float) -> str:
@@ -67,4 +72,78 @@ def cell_summary(spec: CellSpec, metrics: dict, run_id: str | None, cell_id: str
     ]
     for row in rows:
         table.add_row(*row)
+    return table
+
+
+class SweepProgress:
+    """Live sweep progress: done / running / failed / pending with an ETA, and a line per finished cell
+    (so logs of non-interactive runs show every result)."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.counts = {"done": 0, "running": 0, "failed": 0, "pending": total}
+        self.bar = Progress(
+            TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("done {task.fields[done]}  running {task.fields[running]}  "
+                       "failed [red]{task.fields[failed]}[/red]  pending {task.fields[pending]}"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=console,
+        )
+
+    def __enter__(self) -> "SweepProgress":
+        self.bar.__enter__()
+        self.task = self.bar.add_task("sweep", total=self.total, **self.counts)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
+
+    def update(self, done: int, failed: int, running: int, pending: int) -> None:
+        self.counts = {"done": done, "running": running, "failed": failed, "pending": pending - running}
+        self.bar.update(self.task, completed=done + failed, **self.counts)
+
+    def cell_done(self, outcome, elapsed_s: float) -> None:
+        if outcome.status == "FINISHED" and outcome.already_finished:
+            line = f"[dim]= {outcome.cell_id} already finished"
+        elif outcome.status == "FINISHED":
+            m = outcome.metrics
+            line = (f"[green]✓[/green] {outcome.cell_id}  mem {_si(m['mem_bits'])} bits "
+                    f"({m['mem_fraction']:.2f} of H(X))  AUC {m['loss_auc']:.3f}  "
+                    f"{int(m['steps'])} steps{'' if m['converged'] else ' (not converged)'}")
+        else:
+            line = f"[red]✗ {outcome.cell_id} {outcome.status}:[/red] {escape(outcome.error or '')}"
+        self.bar.console.print(line, highlight=False)
+
+
+def plan_table(plan, requests: dict, predictions: dict) -> Table:
+    """`launch --dry-run`: every cell with its id, state, prediction, cost and resource request."""
+    table = Table(title=f"sweep {plan.name}: {len(plan.cells)} cells", title_justify="left")
+    for column in ("cell id", "state", "params", "H(X) bits", "predicted mem bits", "memory", "train FLOPs", "request"):
+        table.add_column(column, justify="left" if column in ("cell id", "state", "request") else "right")
+    from orchestrator.resources import estimate_memory_bytes, human_bytes, train_flops
+
+    for cell in plan.cells:
+        request = requests[cell.cell_id]
+        shown = ", ".join(f"{k.replace('num_', '')}={human_bytes(v) if k == 'memory' else f'{v:g}'}"
+                          for k, v in request.items())
+        table.add_row(
+            cell.cell_id, plan.state(cell), _si(cell.spec.params), _si(cell.spec.data.entropy_bits),
+            _si(predictions[cell.cell_id]), human_bytes(estimate_memory_bytes(cell.spec, cell.options.eval_batch_size)),
+            _si(train_flops(cell.spec)), shown,
+        )
+    return table
+
+
+def status_table(plan) -> Table:
+    """`memsweep status`: each cell's state, with the error of each failed one."""
+    table = Table(title=f"sweep {plan.name}", title_justify="left")
+    for column in ("cell id", "state", "run", "error"):
+        table.add_column(column)
+    order = {"FAILED": 0, "KILLED": 1, "RUNNING": 2, "PENDING": 3, "FINISHED": 4}
+    colour = {"FINISHED": "green", "FAILED": "red", "KILLED": "yellow", "RUNNING": "cyan", "PENDING": "dim"}
+    for cell in sorted(plan.cells, key=lambda c: (order.get(plan.state(c), 5), c.cell_id)):
+        record = plan.records.get(cell.cell_id)
+        state = plan.state(cell)
+        error = (record.error or "").splitlines()[0] if record and record.error else ""
+        table.add_row(cell.cell_id, f"[{colour.get(state, 'white')}]{state}", record.run_id if record else "-", escape(error))
     return table

@@ -1,0 +1,117 @@
+"""A sweep's life: plan, launch, status, resume.
+
+    memsweep launch sweep=smoke [OVERRIDES] [--dry-run] [--force]
+    memsweep status smoke
+    memsweep resume smoke [--failed]
+
+`launch` validates the whole grid, asks the tracker which cells already FINISHED (skipped unless
+`--force`), opens a parent run for this launch that records the launch's overrides, and runs the rest on
+Ray. `status` and `resume` rebuild the grid from the overrides of the sweep's latest launch, so they see
+exactly the cells that launch planned, including those that never started.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from models.spec import Cell
+from orchestrator.compose import ConfigError, compose_config, experiment_name, load_sweep, split_overrides
+from orchestrator.resources import ClusterOptions
+from orchestrator.tracking import TAG_KIND, CellRecord, Tracker
+
+TAG_OVERRIDES = "memsweep.overrides"
+
+
+@dataclass
+class Plan:
+    name: str
+    cells: list[Cell]
+    records: dict[str, CellRecord]  # the tracker's current run of each cell that has one
+    cluster: ClusterOptions
+    tracker: Tracker
+    overrides: list[str]
+
+    def state(self, cell: Cell) -> str:
+        record = self.records.get(cell.cell_id)
+        return record.status if record else "PENDING"
+
+
+def make_plan(overrides: list[str]) -> Plan:
+    """Expand and validate every cell, then read the tracker. Nothing is written but the store."""
+    sweep = load_sweep(overrides)
+    first = sweep.cells[0]
+    for cell in sweep.cells:
+        if (cell.options.tracking_uri, cell.options.experiment) != (first.options.tracking_uri, first.options.experiment):
+            raise ConfigError(f"cell [{' '.join(cell.overrides)}]: tracking must be the same for every cell of a sweep")
+    cluster = cluster_options(first.config)
+    tracker = Tracker(first.options.tracking_uri, first.options.artifact_root)
+    tracker.ensure_store()
+    records = tracker.cell_records(first.options.experiment)
+    return Plan(sweep.name, sweep.cells, records, cluster, tracker, list(overrides))
+
+
+def cluster_options(config: dict) -> ClusterOptions:
+    from orchestrator.compose import typed_options
+
+    return typed_options(ClusterOptions, config["cluster"], "cluster")
+
+
+def run_plan(plan: Plan, cells: list[Cell], *, force: bool = False, display=None) -> list:
+    """Run `cells` of `plan` on Ray under a new parent run; returns their outcomes."""
+    from orchestrator.console import SweepProgress
+    from orchestrator.scheduler import ray_cluster, run_cells
+
+    experiment = cells[0].options.experiment if cells else plan.name
+    parent = plan.tracker.start_launch(experiment, plan.name, {"overrides": " ".join(plan.overrides),
+                                                                "num_cells": len(plan.cells),
+                                                                "num_submitted": len(cells)})
+    plan.tracker.set_tags(parent, {TAG_OVERRIDES: json.dumps(plan.overrides)})
+    if force:
+        for cell in cells:
+            record = plan.records.get(cell.cell_id)
+            if record and record.status == "FINISHED":
+                plan.tracker.supersede(record.run_id, f"rerun with --force under launch {parent}")
+    outcomes, status = [], "FAILED"
+    try:
+        with ray_cluster(plan.cluster), (display or SweepProgress(len(cells))) as shown:
+            outcomes = run_cells(cells, cluster=plan.cluster, tracker=plan.tracker,
+                                 parent_run_id=parent, display=shown)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        done = sum(o.status == "FINISHED" for o in outcomes)
+        plan.tracker.log_metrics(parent, [("cells_finished", done, 0),
+                                          ("cells_failed", len(outcomes) - done, 0)])
+        plan.tracker.finish(parent, status)
+    return outcomes
+
+
+def latest_launch_overrides(tracker: Tracker, sweep: str) -> list[str]:
+    """The overrides recorded by the sweep's most recent launch."""
+    exp_id = tracker.experiment_id(sweep, create=False)
+    runs = [] if exp_id is None else tracker.client.search_runs(
+        [exp_id], filter_string=f"tags.`{TAG_KIND}` = 'launch'", order_by=["attributes.start_time DESC"],
+        max_results=1)
+    if not runs:
+        raise ConfigError(f"sweep {sweep!r} has never been launched in {tracker.uri}")
+    return json.loads(runs[0].data.tags[TAG_OVERRIDES])
+
+
+def tracker_for(sweep: str, overrides: list[str]) -> Tracker:
+    """The tracker that `sweep=NAME` plus the command line's fixed overrides points at."""
+    _, fixed = split_overrides(overrides)
+    cfg = compose_config([f"sweep={sweep}", *fixed])
+    if experiment_name(cfg) != sweep:
+        raise ConfigError(f"sweep={sweep}: the sweep file names itself {experiment_name(cfg)!r}")
+    tracker = Tracker(str(cfg.tracking.uri), cfg.tracking.artifact_root)
+    return tracker
+
+
+def recorded_plan(sweep: str, overrides: list[str]) -> Plan:
+    """The plan of the sweep's latest launch; `overrides` (e.g. tracking=server) are applied last."""
+    tracker = tracker_for(sweep, overrides)
+    recorded = latest_launch_overrides(tracker, sweep)
+    return make_plan(recorded + list(overrides))

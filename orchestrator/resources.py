@@ -1,0 +1,95 @@
+"""What a cell costs and what it asks Ray for: pure arithmetic, no torch and no Ray.
+
+The memory estimate sizes each task's request, so small cells share a GPU through fractional `num_gpus`
+(1/k of a GPU, so exactly k of them pack onto one) and Ray's resource accounting, not throttling code,
+sets concurrency. The estimate is deliberately generous (activations at fp32 with gradients, the
+scoring batch's logits, a CUDA context per worker process).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from models.spec import CellSpec, SpecError
+
+GiB = 1024**3
+CUDA_CONTEXT_BYTES = 600 * 1024**2  # each worker process holds its own CUDA context
+PROCESS_BYTES = 400 * 1024**2  # a worker with torch imported
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """Where cells run (conf/cluster/)."""
+
+    kind: str = "local"  # "local": an embedded Ray started for the sweep; "ray": join `address`
+    address: str | None = None
+    num_cpus: int | None = None  # for an embedded cluster; None: every core
+    num_gpus: int | None = None
+    cpus_per_cell: float = 1.0
+    gpu_memory_gb: float = 80.0  # memory of one GPU, for the fractional requests
+    max_cells_per_gpu: int = 16
+    max_retries: int = 3  # retries of a cell whose worker or node died (not of a cell that raised)
+    use_gpus: bool = True  # False keeps cells on CPUs even where the cluster has GPUs
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("local", "ray"):
+            raise SpecError(f"cluster.kind={self.kind!r} must be 'local' or 'ray'")
+        if self.kind == "ray" and not self.address:
+            raise SpecError("cluster.address is required with cluster=ray (or set RAY_ADDRESS)")
+        if not self.cpus_per_cell > 0:
+            raise SpecError(f"cluster.cpus_per_cell={self.cpus_per_cell} must be positive")
+        if not self.gpu_memory_gb > 0:
+            raise SpecError(f"cluster.gpu_memory_gb={self.gpu_memory_gb} must be positive")
+        if self.max_cells_per_gpu < 1:
+            raise SpecError(f"cluster.max_cells_per_gpu={self.max_cells_per_gpu} must be >= 1")
+        if self.max_retries < 0:
+            raise SpecError(f"cluster.max_retries={self.max_retries} must be >= 0")
+        for name in ("num_cpus", "num_gpus"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise SpecError(f"cluster.{name}={value} must be >= 0")
+
+
+def estimate_memory_bytes(spec: CellSpec, eval_batch_size: int = 1024) -> int:
+    """Peak memory of training and scoring one cell on its device, excluding the process itself."""
+    m, d, t = spec.model, spec.data, spec.train
+    per_param = 20 if spec.precision == "bf16" else 16  # weights, grads, two Adam moments (+ master)
+    state = spec.params * per_param
+    # Saved activations per token: ~16 d floats per layer plus attention scores, then the logits.
+    per_token = m.n_layer * (16 * m.n_embd + 2 * m.n_head * d.seq_len) + 3 * d.vocab_size
+    activations = t.batch_size * d.seq_len * per_token * 4
+    scoring = min(eval_batch_size, d.num_sequences) * d.seq_len * d.vocab_size * 4 * 2
+    data = (d.num_sequences + d.num_nonmembers) * d.seq_len * 8
+    return int(state + activations + scoring + data)
+
+
+def train_flops(spec: CellSpec) -> float:
+    """FLOPs of a full-length run (max_steps; an early stop spends less)."""
+    return spec.train_flops_per_step * spec.train.max_steps
+
+
+def gpu_fraction(spec: CellSpec, cluster: ClusterOptions, eval_batch_size: int = 1024) -> float:
+    """1/k of a GPU, with k the number of such cells that fit in one GPU's memory (capped)."""
+    need = estimate_memory_bytes(spec, eval_batch_size) + CUDA_CONTEXT_BYTES
+    fit = int(cluster.gpu_memory_gb * GiB // need)
+    k = max(1, min(cluster.max_cells_per_gpu, fit))
+    return round(1.0 / k, 4)
+
+
+def request_for(spec: CellSpec, cluster: ClusterOptions, on_gpu: bool, eval_batch_size: int = 1024) -> dict:
+    """The Ray resources of one cell's task."""
+    request = {
+        "num_cpus": cluster.cpus_per_cell,
+        "memory": estimate_memory_bytes(spec, eval_batch_size) + PROCESS_BYTES,
+    }
+    if on_gpu:
+        request["num_gpus"] = gpu_fraction(spec, cluster, eval_batch_size)
+        request["memory"] = PROCESS_BYTES  # the cell's own memory is on the GPU
+    return request
+
+
+def human_bytes(n: float) -> str:
+    units = ["B", "KiB", "MiB", "GiB", "TiB"]
+    exponent = min(len(units) - 1, int(math.log(max(n, 1), 1024)))
+    return f"{n / 1024 ** exponent:.1f} {units[exponent]}"
