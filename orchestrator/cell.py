@@ -117,6 +117,7 @@ def run_cell(
     parent_run_id: str | None = None,
     progress: ProgressFn = lambda step, metrics: None,
     tracker: Tracker | None = None,
+    tags: dict | None = None,
 ) -> CellOutcome:
     """Train, measure and record one cell into its own MLflow run. Never raises for a failure of the
     cell itself (it is recorded FAILED); re-raises cancellation after marking the run KILLED."""
@@ -130,6 +131,8 @@ def run_cell(
     if finished:
         return CellOutcome(spec.cell_id, run_id, "FINISHED", already_finished=True)
     try:
+        if tags:  # where this attempt runs (a retry on another node overwrites them)
+            tracker.set_tags(run_id, tags)
         tracker.log_params(run_id, flatten(cell.config or to_dict(spec)))
         curves = MetricBuffer(tracker, run_id)
         started = time.perf_counter()

@@ -63,7 +63,7 @@ def _run_sweep(plan, cells, force: bool = False) -> int:
     if not cells:
         console.print(f"sweep {plan.name}: nothing to run ({_plan_counts(plan)})")
         return 0
-    console.print(f"sweep {plan.name}: {len(plan.cells)} cells ({_plan_counts(plan)}); running {len(cells)}")
+    console.print(f"sweep {plan.name}: {len(plan.cells)} cells ({_plan_counts(plan)}); submitting {len(cells)}")
     try:
         outcomes = run_plan(plan, cells, force=force)
     except KeyboardInterrupt:

@@ -38,6 +38,33 @@ class SweepDisplay(Protocol):
     def cell_done(self, outcome: CellOutcome, elapsed_s: float) -> None: ...
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def _is_loopback(address: str | None) -> bool:
+    if address in (None, "local"):
+        return True
+    if address == "auto":
+        address = os.environ.get("RAY_ADDRESS", "")
+    host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+    return host in LOOPBACK_HOSTS
+
+
+def _keep_loopback() -> None:
+    """Keep a cluster on this machine on 127.0.0.1.
+
+    Ray rewrites a loopback address (ours, or `_node_ip_address="127.0.0.1"`) to the machine's outward
+    IP (`services.resolve_ip_for_localhost`) unless it believes multi-node clusters are disabled, which
+    it reads from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when ray is imported. Set the variable for the
+    processes Ray starts from here and the already-imported constant for this one. Only for loopback
+    clusters: a driver joining a remote cluster must advertise its outward address.
+    """
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 @contextmanager
 def ray_cluster(cluster: ClusterOptions):
     """Connect to Ray for the duration of a sweep: reuse an existing connection, join `address`, or
@@ -46,6 +73,8 @@ def ray_cluster(cluster: ClusterOptions):
         yield
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if _is_loopback(cluster.address if cluster.kind == "ray" else None):
+        _keep_loopback()
     if cluster.kind == "local":
         # The embedded cluster listens on loopback only and lives as long as this driver; Ray's
         # token authentication (which writes a token under $HOME) adds nothing there.
@@ -60,7 +89,8 @@ def ray_cluster(cluster: ClusterOptions):
             _node_ip_address="127.0.0.1",
         )
     else:
-        ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+        extra = {"_node_ip_address": "127.0.0.1"} if _is_loopback(cluster.address) else {}
+        ray.init(address=cluster.address, log_to_driver=False, configure_logging=False, **extra)
     try:
         yield
     finally:
@@ -91,7 +121,9 @@ def _cell_task(cell: Cell, parent_run_id: str | None, num_threads: int) -> CellO
     from orchestrator.cell import run_cell
 
     torch.set_num_threads(max(1, num_threads))  # as many threads as CPUs this task reserved
-    return run_cell(cell, parent_run_id=parent_run_id)
+    context = ray.get_runtime_context()
+    where = {"ray.node_id": context.get_node_id(), "ray.task_attempt": str(context.get_task_id())}
+    return run_cell(cell, parent_run_id=parent_run_id, tags=where)
 
 
 def run_cells(

@@ -241,3 +241,139 @@ class MetricBuffer:
         if self.pending:
             self.tracker.log_metrics(self.run_id, self.pending)
             self.pending = []
+
+
+# -- reading whole sweeps (aggregate) --------------------------------------------------------------
+# `memsweep aggregate` reads every run of a sweep at once. Runs come in pages of 5,000 with their
+# params, tags and latest metrics; step metrics come in bulk: one SQL query per 500 runs on a
+# database store, one request per 100 runs from a tracking server (the endpoint MLflow's own UI uses
+# for its charts), and one call per run only where neither exists.
+SEARCH_PAGE = 5000
+HISTORY_CHUNK_SQL = 500  # run ids per IN (...) query; far below SQLite's 32,766 variables
+HISTORY_CHUNK_REST = 100  # the server's limit of run ids per get-history-bulk request
+HISTORY_MAX_REST = 25000  # ... and of points per response
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One run's whole record as plain values: what a table row is built from."""
+
+    run_id: str
+    experiment_id: str
+    status: str  # RUNNING, SCHEDULED, FINISHED, FAILED, KILLED
+    start_time_ms: int | None
+    end_time_ms: int | None
+    tags: dict[str, str]
+    params: dict[str, str]
+    metrics: dict[str, float]  # the latest value of each metric (highest step, then newest)
+
+
+def _run_record(run) -> RunRecord:
+    return RunRecord(
+        run_id=run.info.run_id, experiment_id=str(run.info.experiment_id), status=run.info.status,
+        start_time_ms=run.info.start_time, end_time_ms=run.info.end_time,
+        tags=dict(run.data.tags), params=dict(run.data.params), metrics=dict(run.data.metrics),
+    )
+
+
+def read_runs(tracker: Tracker, experiment: str, kind: str = "cell") -> list[RunRecord]:
+    """Every active run of `experiment` tagged memsweep.kind=`kind`, oldest first (paginated).
+    Soft-deleted runs (superseded by `launch --force`) are not read. Empty if no such experiment."""
+    exp_id = tracker.experiment_id(experiment, create=False)
+    if exp_id is None:
+        return []
+    records: list[RunRecord] = []
+    token = None
+    while True:
+        page = tracker._call("search runs", lambda: tracker.client.search_runs(
+            [exp_id], filter_string=f"tags.`{TAG_KIND}` = '{kind}'", max_results=SEARCH_PAGE,
+            order_by=["attributes.start_time ASC"], page_token=token,
+        ))
+        records.extend(_run_record(run) for run in page)
+        token = page.token
+        if not token:
+            return records
+
+
+def latest_launch_run(tracker: Tracker, experiment: str) -> RunRecord | None:
+    """The sweep's most recent launch (parent) run, or None if it was never launched."""
+    exp_id = tracker.experiment_id(experiment, create=False)
+    if exp_id is None:
+        return None
+    runs = tracker._call("find launch run", lambda: tracker.client.search_runs(
+        [exp_id], filter_string=f"tags.`{TAG_KIND}` = 'launch'",
+        order_by=["attributes.start_time DESC"], max_results=1))
+    return _run_record(runs[0]) if runs else None
+
+
+def read_metric_histories(
+    tracker: Tracker, run_ids: list[str], keys: tuple[str, ...], workers: int = 8
+) -> list[tuple[str, str, int, float, int]]:
+    """Every logged point of the step metrics `keys` of `run_ids`, as (run_id, key, step, value,
+    timestamp_ms) tuples in no particular order."""
+    if not run_ids:
+        return []
+    store = tracker.client._tracking_client.store
+    if hasattr(store, "get_metric_history_bulk"):  # a database store: one query per chunk and key
+        return _histories_sql(tracker, store, run_ids, keys)
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlflow.store.tracking.rest_store import RestStore
+
+    jobs = []
+    if isinstance(store, RestStore):
+        jobs = [(run_ids[i : i + HISTORY_CHUNK_REST], key)
+                for i in range(0, len(run_ids), HISTORY_CHUNK_REST) for key in keys]
+        fetch = lambda job: _histories_rest(tracker, store, *job)  # noqa: E731
+    else:
+        jobs = [([run_id], key) for run_id in run_ids for key in keys]
+        fetch = lambda job: _histories_one_by_one(tracker, *job)  # noqa: E731
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return [point for points in pool.map(fetch, jobs) for point in points]
+
+
+def _histories_sql(tracker: Tracker, store, run_ids: list[str], keys) -> list:
+    points = []
+    for i in range(0, len(run_ids), HISTORY_CHUNK_SQL):
+        chunk = run_ids[i : i + HISTORY_CHUNK_SQL]
+        for key in keys:
+            found = tracker._call("read metric histories", lambda: store.get_metric_history_bulk(
+                chunk, key, max_results=2**62))
+            points.extend((m.run_id, m.key, m.step, m.value, m.timestamp) for m in found)
+    return points
+
+
+def _histories_rest(tracker: Tracker, store, run_ids: list[str], key: str) -> list:
+    """The server's get-history-bulk endpoint; a chunk that hits its 25,000-point cap, or a server
+    without the endpoint, is read run by run instead."""
+    from mlflow.utils.rest_utils import http_request
+
+    try:
+        response = tracker._call("read metric histories", lambda: http_request(
+            store.get_host_creds(), "/ajax-api/2.0/mlflow/metrics/get-history-bulk", "GET",
+            params={"run_id": run_ids, "metric_key": key, "max_results": HISTORY_MAX_REST}))
+        response.raise_for_status()
+        found = response.json().get("metrics", [])
+    except Exception as err:  # noqa: BLE001 - any failure of the optional fast path falls back
+        log.info("tracking: bulk metric history unavailable (%s); reading run by run", err)
+        found = None
+    if found is None or len(found) >= HISTORY_MAX_REST:
+        return [p for run_id in run_ids for p in _histories_one_by_one(tracker, [run_id], key)]
+    return [(m["run_id"], m["key"], int(m["step"]), float(m["value"]), int(m["timestamp"])) for m in found]
+
+
+def _histories_one_by_one(tracker: Tracker, run_ids: list[str], key: str) -> list:
+    points = []
+    for run_id in run_ids:
+        history = tracker._call("read metric history", lambda: tracker.client.get_metric_history(run_id, key))
+        points.extend((run_id, m.key, m.step, m.value, m.timestamp) for m in history)
+    return points
+
+
+def log_to_run(tracker: Tracker, run_id: str, metrics: dict[str, float], files: list[str | Path],
+               artifact_path: str | None = None) -> None:
+    """Attach results to an existing run (a sweep's launch run, FINISHED or not): metrics at step 0,
+    files as artifacts under `artifact_path` (a later call replaces files of the same name)."""
+    tracker.log_metrics(run_id, [(key, value, 0) for key, value in metrics.items()])
+    for path in files:
+        tracker._call("log artifact", lambda: tracker.client.log_artifact(run_id, str(path), artifact_path))
