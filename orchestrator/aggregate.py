@@ -6,7 +6,9 @@ Writes `<out>/cells.parquet` (one row per cell: its current run, or PENDING for 
 latest launch that never started), `<out>/curves.parquet` (the step metrics of every cell, long form)
 and `<out>/fits.json`, and logs the fits to the sweep's latest launch run. `<out>` defaults to
 `<root_dir>/aggregate/<sweep>/`. Every fit follows SCIENCE.md and calls measure.capacity; this module
-only groups rows and feeds them in.
+only groups rows and feeds them in, and only FINISHED rows: an unfinished run's metric columns hold
+what MLflow holds for it, the latest logged value (a failed cell's last evaluation of mem_bits), never
+a final measurement.
 """
 
 from __future__ import annotations
@@ -218,6 +220,8 @@ def build_cells_table(runs, planned: list[PlannedCell] | None = None, metadata: 
         columns[f"metric.{name}" if name in taken else name] = column
     table = pa.table(columns)
     if metadata is not None:
+        metadata = {**metadata, "metric_columns": [n for n in columns if n in FINAL_METRICS or n in extra_metrics
+                                                   or n.startswith("metric.")]}
         table = table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata).encode()})
     return table
 
@@ -299,9 +303,13 @@ def _finished(table: pa.Table) -> dict[str, np.ndarray]:
 
 
 def _plain(value):
-    """A group-key value as JSON would want it: integral floats (int columns read as float64) as int."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
+    """A group-key value as JSON would want it: integral floats (int columns read as float64) as int,
+    NaN (a null: a key that some runs lack) as None, so that equal keys compare equal."""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        if value.is_integer():
+            return int(value)
     return value
 
 
@@ -311,20 +319,49 @@ def _group_label(key: dict, varying: list[str]) -> str:
     return label + (f" ({', '.join(extras)})" if extras else "")
 
 
+@dataclass(frozen=True)
+class CapacityGroup:
+    key: dict  # grouping column -> value
+    label: str  # shape and precision, plus any other grouping key that varies in the sweep
+    rows: np.ndarray  # bool mask over the cells
+    varying: dict  # the grouping keys beyond shape and precision that vary, with this group's values
+
+
+def capacity_groups(cols: dict[str, np.ndarray]) -> list[CapacityGroup]:
+    """The capacity groups of the cells in `cols`, in table order."""
+    n = len(cols.get("cell_id", []))
+    group_keys = [k for k in CAPACITY_GROUP_KEYS if k in cols]
+    keys = [tuple(_plain(cols[k][i]) for k in group_keys) for i in range(n)]
+    varying = [k for j, k in enumerate(group_keys)
+               if not k.startswith("model.") and k != "precision.name" and len({key[j] for key in keys}) > 1]
+    groups = []
+    for key in dict.fromkeys(keys):
+        key_dict = dict(zip(group_keys, key))
+        rows = np.array([k == key for k in keys], dtype=bool)
+        groups.append(CapacityGroup(key_dict, _group_label(key_dict, varying), rows,
+                                    {k: key_dict[k] for k in varying}))
+    return groups
+
+
+PLATEAU_TOL = 0.05  # relative change of seed-mean mem_bits between the two largest sizes
+
+
+def plateau_reached(sizes, mem_bits, entropy_bits, capacity_bits: float) -> bool:
+    """Whether the sweep saw memorization stop growing: at least two dataset sizes hold more
+    information than the capacity, and the seed means of the two largest differ by under 5%.
+    Otherwise the capacity may grow with more data (beside the not-converged lower bound)."""
+    levels = np.unique(sizes)
+    means = np.array([mem_bits[sizes == n].mean() for n in levels])
+    entropy = np.array([entropy_bits[sizes == n][0] for n in levels])
+    beyond = means[entropy > capacity_bits]
+    return bool(beyond.size >= 2 and abs(beyond[-1] - beyond[-2]) <= PLATEAU_TOL * abs(beyond[-2]))
+
+
 def fit_capacities(cols: dict[str, np.ndarray]) -> list[dict]:
     """Capacity per (model shape, precision, data shape, recipe) group of finished cells."""
-    n = len(cols.get("cell_id", []))
-    if n == 0:
-        return []
-    group_keys = [k for k in CAPACITY_GROUP_KEYS if k in cols]
-    keys = [tuple(cols[k][i] for k in group_keys) for i in range(n)]
-    varying = [k for j, k in enumerate(group_keys)
-               if k not in ("model.name", "precision.name") and len({key[j] for key in keys}) > 1
-               and not k.startswith("model.")]
     results = []
-    for key in dict.fromkeys(keys):  # groups in the table's order
-        rows = np.array([k == key for k in keys])
-        key_dict = {k: _plain(v) for k, v in zip(group_keys, key)}
+    for group in capacity_groups(cols):
+        key_dict, rows = group.key, group.rows
         sizes = cols["data.num_sequences"][rows].astype(np.int64)
         mem = cols["mem_bits"][rows]
         converged = np.nan_to_num(cols["converged"][rows], nan=0.0) > 0.5
@@ -332,14 +369,14 @@ def fit_capacities(cols: dict[str, np.ndarray]) -> list[dict]:
         at_max = sizes == estimate.num_sequences_at_max
         params = float(cols["params"][rows][0])
         results.append({
-            "label": _group_label(key_dict, varying),
+            "label": group.label,
             "model": key_dict.get("model.name"),
             "precision": key_dict.get("precision.name"),
             "n_layer": key_dict.get("model.n_layer"),
             "n_embd": key_dict.get("model.n_embd"),
             "vocab_size": key_dict.get("data.vocab_size"),
             "seq_len": key_dict.get("data.seq_len"),
-            "group": {k: key_dict[k] for k in varying},
+            "group": group.varying,
             "params": params,
             "params_paper": float(cols["params_paper"][rows][0]),
             "capacity_bits": estimate.capacity_bits,
@@ -347,8 +384,7 @@ def fit_capacities(cols: dict[str, np.ndarray]) -> list[dict]:
             "num_sequences_at_max": estimate.num_sequences_at_max,
             "entropy_bits_at_max": float(cols["entropy_bits"][rows][at_max][0]),
             "lower_bound": estimate.lower_bound,
-            # The largest dataset did not exceed the capacity: memorization may still grow with N.
-            "at_largest_dataset": bool(estimate.num_sequences_at_max == sizes.max()),
+            "plateau_reached": plateau_reached(sizes, mem, cols["entropy_bits"][rows], estimate.capacity_bits),
             "bits_per_param": estimate.capacity_bits / params,
             "seed_capacities_bits": [float(v) for v in mem[at_max]],
             "num_cells": int(rows.sum()),
@@ -372,7 +408,7 @@ def fit_alphas(capacities: list[dict], n_boot: int = N_BOOT) -> dict[str, dict]:
             "n_models": fit.n_models,
             "bootstrap": "seeds" if multi_seed else ("models" if len(models) > 1 else "none"),
             "lower_bound": any(c["lower_bound"] for c in models),
-            "at_largest_dataset": any(c["at_largest_dataset"] for c in models),
+            "plateaus_reached": all(c["plateau_reached"] for c in models),
             "paper_alpha": PAPER_ALPHA_BITS_PER_PARAM.get(precision),
         }
         if alphas[precision]["bootstrap"] == "none":
@@ -524,7 +560,8 @@ class AggregateResult:
 
 
 def sweep_settings(sweep: str, overrides) -> tuple[str, Path, object]:
-    """(tracking URI, root_dir, tracker) for `sweep=NAME` plus the command line's fixed overrides."""
+    """(tracking URI, root_dir, tracker) for `sweep=NAME` plus the command line's fixed overrides.
+    A local store that does not exist is an error, not created (opening one creates it)."""
     from orchestrator.compose import compose_config, experiment_name, split_overrides
     from orchestrator.tracking import Tracker
 
@@ -533,21 +570,22 @@ def sweep_settings(sweep: str, overrides) -> tuple[str, Path, object]:
     if experiment_name(cfg) != sweep:
         raise ConfigError(f"sweep={sweep}: the sweep file names itself {experiment_name(cfg)!r}")
     uri = str(cfg.tracking.uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        raise ConfigError(f"sweep {sweep!r}: no tracking store at {uri}: launch it first "
+                          f"(memsweep launch sweep={sweep}), or pass the overrides it was launched with")
     return uri, Path(str(cfg.root_dir)).resolve(), Tracker(uri, cfg.tracking.artifact_root)
 
 
-def _store_exists(uri: str) -> bool:
-    return not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).exists()
-
-
-def planned_cells(sweep: str, overrides) -> list[PlannedCell]:
-    """The grid of the sweep's latest launch (Hydra composes every cell: about 0.1 s each)."""
+def planned_cells(launch_overrides: list[str], overrides) -> list[PlannedCell]:
+    """The grid of the sweep's latest launch, as `recorded_plan` rebuilds it (its recorded overrides,
+    then the command line's), without re-reading the tracker: Hydra composes every cell, about
+    0.1 s each, so a 10,000-cell grid takes minutes (`--no-plan` skips it)."""
     from models.spec import flatten, to_dict
-    from orchestrator.launch import recorded_plan
+    from orchestrator.compose import load_sweep
 
-    plan = recorded_plan(sweep, list(overrides))
+    cells = load_sweep(list(launch_overrides) + list(overrides)).cells
     return [PlannedCell(c.cell_id, {k: str(v)[:6000] for k, v in flatten(c.config or to_dict(c.spec)).items()})
-            for c in plan.cells]
+            for c in cells]
 
 
 def aggregate(
@@ -564,12 +602,13 @@ def aggregate(
     fits.json under `out` (default `<root_dir>/aggregate/<sweep>/`), and log the fits to the sweep's
     latest launch run. `plan=False` skips rebuilding the grid (no PENDING rows; Hydra composes every
     cell of the grid otherwise)."""
+    from orchestrator.launch import TAG_OVERRIDES
     from orchestrator.tracking import code_version, latest_launch_run, log_to_run, read_metric_histories, read_runs
 
     timings = {}
     started = time.perf_counter()
     uri, root_dir, tracker = sweep_settings(sweep, overrides)
-    if not _store_exists(uri) or tracker.experiment_id(sweep, create=False) is None:
+    if tracker.experiment_id(sweep, create=False) is None:
         raise ConfigError(f"sweep {sweep!r} has no runs in {uri}: launch it first (memsweep launch sweep={sweep})")
     out_dir = Path(out) if out is not None else root_dir / "aggregate" / sweep
     launch = latest_launch_run(tracker, sweep)
@@ -580,8 +619,8 @@ def aggregate(
     if plan and launch is not None:
         t0 = time.perf_counter()
         try:
-            planned = planned_cells(sweep, overrides)
-        except ConfigError as err:
+            planned = planned_cells(json.loads(launch.tags[TAG_OVERRIDES]), overrides)
+        except (ConfigError, KeyError, ValueError) as err:
             notes.append(f"the latest launch's grid could not be rebuilt, so PENDING cells are not listed: {err}")
         timings["plan_s"] = time.perf_counter() - t0
     elif launch is None:
@@ -593,7 +632,7 @@ def aggregate(
         "sweep": sweep, "tracking_uri": uri, "aggregated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "aggregator_code_version": code_version(), "num_runs_read": len(runs),
         "launch_run_id": launch.run_id if launch else None,
-        "launch_overrides": json.loads(launch.tags.get("memsweep.overrides", "null")) if launch else None,
+        "launch_overrides": json.loads(launch.tags.get(TAG_OVERRIDES, "null")) if launch else None,
         "launch_params": launch.params if launch else None,
         "planned": planned is not None, "notes": notes,
     }
@@ -635,10 +674,12 @@ def write_aggregate(out_dir: Path, cells: pa.Table, curves: pa.Table | None, fit
     out_dir.mkdir(parents=True, exist_ok=True)
     cells_path, fits_path = out_dir / "cells.parquet", out_dir / "fits.json"
     pq.write_table(cells, cells_path)
-    curves_path = None
+    curves_path = out_dir / "curves.parquet"
     if curves is not None:
-        curves_path = out_dir / "curves.parquet"
         pq.write_table(curves, curves_path)
+    else:  # never leave an older sweep state's curves beside the new table
+        curves_path.unlink(missing_ok=True)
+        curves_path = None
     fits_path.write_text(json.dumps(fits, indent=1, allow_nan=False) + "\n")
     return AggregateResult(out_dir, cells_path, curves_path, fits_path, cells, curves, fits)
 

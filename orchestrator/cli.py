@@ -133,6 +133,57 @@ def cmd_ui(args: argparse.Namespace) -> int:
         return 0
 
 
+def _aggregate_summary(result) -> None:
+    fits = result.fits
+    counts = ", ".join(f"{s.lower()} {n}" for s, n in fits["cells"]["by_status"].items())
+    console.print(f"sweep {fits['sweep']}: {fits['cells']['total']} cells ({counts or 'none'})")
+    for precision, fit in fits["alpha"].items():
+        bound = " (lower bound: a cell had not converged)" if fit["lower_bound"] else ""
+        console.print(f"  alpha {precision}: {fit['alpha']:.3f} bits/param, 95% interval "
+                      f"[{fit['ci_low']:.3f}, {fit['ci_high']:.3f}] over {fit['n_models']} model(s){bound}")
+    for attack, fit in fits["mia"].items():
+        law = (f"c1={fit['c1']:.3g} c2={fit['c2']:.3g} c3={fit['c3']:.3g} (RMSE {fit['rmse']:.3g})"
+               if "c1" in fit else f"skipped: {fit.get('skipped')}")
+        console.print(f"  MIA law ({attack}): {escape(law)}")
+    for note in fits.get("notes", []):
+        console.print(f"  [yellow]note:[/yellow] {escape(note)}")
+
+
+def _check_from(args: argparse.Namespace) -> None:
+    if args.from_path and args.overrides:
+        raise ConfigError(f"--from reads a saved table; overrides ({' '.join(args.overrides)}) have no effect there")
+
+
+def cmd_aggregate(args: argparse.Namespace) -> int:
+    from orchestrator.aggregate import aggregate, aggregate_from
+
+    _check_from(args)
+    if args.from_path:
+        result = aggregate_from(args.sweep, args.from_path, args.out)
+    else:
+        result = aggregate(args.sweep, args.overrides, args.out, curves=not args.no_curves, plan=not args.no_plan)
+    _aggregate_summary(result)
+    for path in (result.cells_path, result.curves_path, result.fits_path):
+        if path is not None:
+            out.print(str(path))
+    if result.logged:
+        console.print(f"fits logged to launch run {result.launch_run_id} (artifacts: aggregate/)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from orchestrator.report import report
+
+    _check_from(args)
+    result = report(args.sweep, args.overrides, args.out, from_path=args.from_path,
+                    curves=not args.no_curves, plan=not args.no_plan)
+    _aggregate_summary(result.aggregate)
+    out.print(str(result.html_path))
+    if result.logged:
+        console.print(f"report logged to launch run {result.aggregate.launch_run_id} (artifacts: report/)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memsweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
@@ -160,6 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--failed", action="store_true", help="only the cells that FAILED")
     resume.set_defaults(func=cmd_resume)
 
+    for name, what in (("aggregate", "pull every run of a sweep into Parquet tables and fit capacity, alpha, the MIA law"),
+                       ("report", "draw a sweep's figures and write a self-contained HTML report")):
+        command = sub.add_parser(name, help=what)
+        command.add_argument("sweep")
+        command.add_argument("overrides", nargs="*", help="e.g. tracking=server to read another store")
+        command.add_argument("--out", metavar="DIR", help="output folder (default: <root_dir>/aggregate/SWEEP/)")
+        command.add_argument("--from", dest="from_path", metavar="PATH",
+                             help="read a saved cells.parquet (and curves.parquet beside it) instead of the store")
+        command.add_argument("--no-curves", action="store_true", help="skip the step metrics (curves.parquet)")
+        command.add_argument("--no-plan", action="store_true",
+                             help="do not rebuild the latest launch's grid (no PENDING rows; faster for huge grids)")
+        command.set_defaults(func=cmd_aggregate if name == "aggregate" else cmd_report)
+
     ui = sub.add_parser("ui", help="serve the tracking store's dashboard (MLflow) on 127.0.0.1")
     ui.add_argument("overrides", nargs="*")
     ui.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
@@ -169,7 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Flags may sit among the overrides (`resume smoke --failed tracking=server`): argparse stops
+    # filling a positional list at the first flag, so collect the words it left over.
+    args, extra = parser.parse_known_args(argv)
+    flags = [word for word in extra if word.startswith("-")]
+    if flags or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(flags or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

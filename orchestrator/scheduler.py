@@ -142,8 +142,10 @@ def run_cells(
     cpus_per_cell = cluster.cpus_per_cell
     by_ref = {}
     for cell in cells:
+        # SPREAD: cells are independent and compute-bound, so balance them over nodes rather than
+        # packing the first node (Ray's default); fractional GPU requests still pack within a node.
         options = dict(requests[cell.cell_id], max_retries=cluster.max_retries, retry_exceptions=False,
-                       name=f"cell:{cell.spec.slug}")
+                       name=f"cell:{cell.spec.slug}", scheduling_strategy="SPREAD")
         by_ref[_cell_task.options(**options).remote(cell, parent_run_id, int(cpus_per_cell))] = cell
 
     pending, outcomes, failed, start = list(by_ref), [], 0, time.monotonic()

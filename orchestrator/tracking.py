@@ -11,6 +11,7 @@ FINISHED only after its final metrics and artifact are recorded.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import subprocess
@@ -83,22 +84,35 @@ class CellRecord:
     error: str | None
 
 
+def _open_client(uri: str) -> MlflowClient:
+    """An MlflowClient for `uri`. For a local SQLite store the client creates and migrates the schema
+    when constructed, and processes doing that at the same moment crash ("table ... already exists",
+    "Online migration expected to match one row"): a driver, its workers and a `memsweep status` may
+    all open a new store at once, so construction happens under an exclusive file lock beside it."""
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    database = Path(uri[len("sqlite:///"):])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{database}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)
+        return client
+
+
 class Tracker:
     """A thin, retrying wrapper over MlflowClient for one tracking URI."""
 
     def __init__(self, uri: str, artifact_root: str | None = None, retry_timeout_s: float = 300.0):
         self.uri, self.artifact_root, self.retry_timeout_s = uri, artifact_root, retry_timeout_s
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = _open_client(uri)
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         return retrying(fn, what, self.retry_timeout_s)
 
     # -- store and experiments ---------------------------------------------------------------------
     def ensure_store(self) -> None:
-        """Create a local SQLite store once, here, before concurrent workers write to it (concurrent
-        first writers race on schema migration)."""
-        if self.uri.startswith("sqlite:///"):
-            Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        """Check the store answers (a server may still be starting: retried with back-off)."""
         self._call("open the store", lambda: self.client.search_experiments(max_results=1))
 
     def experiment_id(self, name: str, create: bool = True) -> str | None:

@@ -5,7 +5,8 @@ import sys
 from pathlib import Path
 
 MEASURE_DIR = Path(__file__).resolve().parents[2] / "measure"
-ALLOWED = {"numpy", "scipy", "sklearn", "measure"} | set(sys.stdlib_module_names)
+# matplotlib draws the report's figures (measure/figures.py, Agg backend, no display).
+ALLOWED = {"numpy", "scipy", "sklearn", "matplotlib", "measure"} | set(sys.stdlib_module_names)
 
 
 def imported_top_level_names(path: Path) -> set[str]:

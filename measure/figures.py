@@ -1,0 +1,325 @@
+"""The report's five figures (matplotlib, Agg backend), drawn from plain arrays and records.
+
+Each function takes numbers already taken from a sweep's table (orchestrator/report.py does that),
+returns the matplotlib Figure and the data it plotted (a dict of float lists), so a test can check
+what is on the axes rather than only that a file exists. Units follow SCIENCE.md: bits, parameters,
+sequences per parameter, bits per token.
+"""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display; must precede pyplot
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from measure.capacity import mia_law, published_mia_law_as_printed, published_mia_law_corrected  # noqa: E402
+
+FIGSIZE = (7.5, 5.0)  # inches; 110 dpi gives PNGs of about 800 x 550 pixels
+DPI = 110
+MAX_CURVES = 60  # more lines than this are unreadable: a figure draws an even subset and says so
+
+
+def _new(title: str, figsize=FIGSIZE, ncols: int = 1):
+    fig, axes = plt.subplots(1, ncols, figsize=figsize, dpi=DPI, squeeze=False)
+    fig.suptitle(title)
+    return fig, axes[0]
+
+
+def _floats(values) -> list[float]:
+    return [float(v) for v in np.asarray(values, dtype=np.float64).ravel()]
+
+
+def _empty_note(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
+
+
+def _finish(fig: Figure) -> Figure:
+    fig.tight_layout()
+    return fig
+
+
+def _log_range(values, pad: float = 1.6) -> tuple[float, float]:
+    values = np.asarray([v for v in values if np.isfinite(v) and v > 0], dtype=np.float64)
+    if values.size == 0:
+        return 1.0, 10.0
+    return float(values.min() / pad), float(values.max() * pad)
+
+
+def _colors(n: int) -> list:
+    """Distinct colours for n groups: matplotlib's cycle up to 10, tab20 up to 20, then viridis."""
+    if n <= 10:
+        return [f"C{i}" for i in range(n)]
+    if n <= 20:
+        return [plt.get_cmap("tab20")(i) for i in range(n)]
+    return [plt.get_cmap("viridis")(v) for v in np.linspace(0, 0.95, n)]
+
+
+def _legend(fig: Figure, ax, entries: int, loc: str = "upper left") -> None:
+    """Inside the axes when short; beside them, in small type and columns, when long."""
+    if entries <= 10:
+        ax.legend(fontsize=7, loc=loc)
+        return
+    ncol = int(np.ceil(entries / 32))
+    width, height = fig.get_size_inches()
+    fig.set_size_inches(width + 2.2 * ncol, height)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=ncol, borderaxespad=0.0)
+
+
+def _marker_size(points: int) -> tuple[float, float]:
+    """(size, alpha) of scatter markers: smaller and lighter as points multiply."""
+    return (22.0, 0.9) if points <= 200 else (8.0, 0.4)
+
+
+def close(fig: Figure) -> None:
+    """Release a figure's memory (pyplot keeps every open figure)."""
+    plt.close(fig)
+
+
+# -- 1: memorization against dataset entropy -------------------------------------------------------------
+def mem_vs_entropy(groups: list[dict], reference: dict | None = None) -> tuple[Figure, dict]:
+    """mem_bits against H(X) per model shape, log-log, with the prediction min(alpha * params, H(X)).
+
+    `groups`: one dict per (shape, precision) with `label`, `params`, `alpha` (bits per parameter),
+    and arrays `entropy_bits` and `mem_bits` over its finished cells. `reference`: optional published
+    points, a dict with `label` and arrays `entropy_bits` and `mem_bits`, drawn in grey.
+    """
+    fig, (ax,) = _new("Memorization against dataset entropy")
+    data = {"groups": [], "reference": None}
+    everything = [v for g in groups for v in list(g["entropy_bits"]) + list(g["mem_bits"])]
+    if reference:
+        everything += list(reference["entropy_bits"]) + list(reference["mem_bits"])
+        ax.scatter(reference["entropy_bits"], reference["mem_bits"], marker="x", s=22, color="0.45",
+                   label=reference["label"], zorder=2)
+        data["reference"] = {"entropy_bits": _floats(reference["entropy_bits"]),
+                             "mem_bits": _floats(reference["mem_bits"])}
+    lo, hi = _log_range(everything + [g["alpha"] * g["params"] for g in groups])
+    colors = _colors(len(groups))
+    few = len(groups) <= 5  # few groups: label each prediction line with its alpha and params
+    size, alpha_pts = _marker_size(sum(len(g["mem_bits"]) for g in groups))
+    for i, group in enumerate(groups):
+        color = colors[i]
+        entropy, mem = _floats(group["entropy_bits"]), _floats(group["mem_bits"])
+        ax.scatter(entropy, mem, color=color, s=size, alpha=alpha_pts, zorder=3,
+                   label=f"{group['label']}" + (" (measured)" if few else f", {group['alpha']:.2f} bits/param"))
+        line_x = np.geomspace(lo, hi, 200)
+        knee = group["alpha"] * group["params"]
+        line_x = np.sort(np.append(line_x, knee)) if lo < knee < hi else line_x
+        line_y = np.minimum(group["alpha"] * group["params"], line_x)
+        ax.plot(line_x, line_y, color=color, lw=1.0 if few else 0.7, ls="--",
+                label=f"min({group['alpha']:.2f} bits/param x {group['params']:,.0f}, H(X))" if few else None)
+        data["groups"].append({"label": group["label"], "entropy_bits": entropy, "mem_bits": mem,
+                               "alpha": float(group["alpha"]), "params": float(group["params"]),
+                               "line_entropy_bits": _floats(line_x), "line_predicted_bits": _floats(line_y)})
+    ax.plot([lo, hi], [lo, hi], color="0.6", lw=0.8, ls=":", label="mem = H(X)")
+    if not groups:
+        _empty_note(ax, "no finished cells")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(lo, hi)
+    ax.set_xlabel("dataset entropy H(X) = N * S * log2 V (bits)")
+    ax.set_ylabel("memorized mem_bits (bits)")
+    ax.grid(True, which="major", alpha=0.3)
+    if not few:
+        ax.plot([], [], color="0.3", ls="--", label="dashed: min(alpha * params, H(X)) per shape")
+    _legend(fig, ax, (2 * len(groups) if few else len(groups) + 1) + 1 + bool(reference))
+    return _finish(fig), data
+
+
+# -- 2: capacity against parameters -------------------------------------------------------------------------
+def capacity_vs_params(models: list[dict], alphas: dict[str, dict], reference: list[dict],
+                       paper_alpha: dict[str, float]) -> tuple[Figure, dict]:
+    """Capacity against params per precision with the fitted alpha lines, beside the paper's points.
+
+    `models`: one dict per (shape, precision) with `precision`, `params`, `capacity_bits`,
+    `seed_std_bits`, `lower_bound`. `alphas`: precision -> {alpha, ci_low, ci_high}. `reference`:
+    rows of the paper's table with `params` and `capacity_bits_<precision>`. `paper_alpha`: the
+    paper's mean bits per parameter by precision (3.83 fp32, 3.51 bf16).
+    """
+    fig, (ax,) = _new("Capacity against parameters")
+    data = {"sweep": {}, "fit_lines": {}, "paper_points": {}, "paper_lines": {}}
+    known = ("fp32", "bf16", "amp_bf16")
+    precisions = sorted(dict.fromkeys([m["precision"] for m in models] + list(alphas)),
+                        key=lambda p: (known.index(p) if p in known else len(known), p))
+    all_params = [m["params"] for m in models] + [r["params"] for r in reference]
+    lo, hi = _log_range(all_params, pad=1.5)
+    line_p = np.geomspace(lo, hi, 50)
+    colors = {p: f"C{i}" for i, p in enumerate(precisions + [p for p in paper_alpha if p not in precisions])}
+    for precision in precisions:
+        rows = [m for m in models if m["precision"] == precision]
+        params = _floats([m["params"] for m in rows])
+        bits = _floats([m["capacity_bits"] for m in rows])
+        std = _floats([m["seed_std_bits"] for m in rows])
+        lower = [bool(m["lower_bound"]) for m in rows]
+        exact = [i for i, low in enumerate(lower) if not low]
+        bound = [i for i, low in enumerate(lower) if low]
+        color = colors[precision]
+        if exact:
+            ax.errorbar([params[i] for i in exact], [bits[i] for i in exact], yerr=[std[i] for i in exact],
+                        fmt="o", color=color, ms=5, capsize=2, label=f"this sweep, {precision}")
+        if bound:
+            ax.errorbar([params[i] for i in bound], [bits[i] for i in bound], yerr=[std[i] for i in bound],
+                        fmt="o", mfc="none", color=color, ms=6, capsize=2,
+                        label=f"this sweep, {precision} (not converged: lower bound)")
+        data["sweep"][precision] = {"params": params, "capacity_bits": bits, "seed_std_bits": std,
+                                    "lower_bound": lower}
+        if precision in alphas:
+            fit = alphas[precision]
+            ax.plot(line_p, fit["alpha"] * line_p, color=color, lw=1.4,
+                    label=f"fit {precision}: {fit['alpha']:.2f} bits/param "
+                          f"[{fit['ci_low']:.2f}, {fit['ci_high']:.2f}]")
+            data["fit_lines"][precision] = {"alpha": float(fit["alpha"]), "params": _floats(line_p),
+                                            "capacity_bits": _floats(fit["alpha"] * line_p)}
+    for precision, alpha in paper_alpha.items():
+        column = f"capacity_bits_{precision}"
+        points = [r for r in reference if r.get(column) is not None]
+        color = colors.get(precision, "0.4")
+        if points:
+            ax.scatter([r["params"] for r in points], [r[column] for r in points], marker="x", s=24,
+                       color=color, alpha=0.6, label=f"paper, {precision} (16 models)")
+            data["paper_points"][precision] = {"params": _floats([r["params"] for r in points]),
+                                               "capacity_bits": _floats([r[column] for r in points])}
+        ax.plot(line_p, alpha * line_p, color=color, lw=0.9, ls=":",
+                label=f"paper mean {precision}: {alpha:.2f} bits/param")
+        data["paper_lines"][precision] = {"alpha": float(alpha), "params": _floats(line_p),
+                                          "capacity_bits": _floats(alpha * line_p)}
+    if not models:
+        _empty_note(ax, "no capacities from this sweep")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters (count)")
+    ax.set_ylabel("capacity (bits)")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")  # at most 3 entries per precision
+    return _finish(fig), data
+
+
+# -- 3: membership inference against sequences per parameter -------------------------------------------------
+def mia_vs_sequences_per_param(attacks: list[dict], alpha: float,
+                               validation: dict | None = None) -> tuple[Figure, dict]:
+    """MIA ROC AUC and balanced F1 against N / params, with the fitted law and the published forms.
+
+    `attacks`: one dict per attack with `attack`, arrays `x` (sequences per parameter), `auc`, `f1`,
+    and `fit` (dict with c1, c2, c3) or None when the law was not fitted. `alpha` (bits per parameter)
+    turns x into the as-printed law's Capacity/|D| = alpha / x. `validation`: optional published
+    observations, a dict with `label` and arrays `x`, `f1`, `f1_std`, drawn in grey on the F1 panel.
+    """
+    fig, (ax_auc, ax_f1) = _new("Membership inference against sequences per parameter",
+                                figsize=(11.0, 4.8), ncols=2)
+    data = {"attacks": {}, "published": {}}
+    xs = [v for a in attacks for v in _floats(a["x"])] + (_floats(validation["x"]) if validation else [])
+    # Wide enough to show the published law fall from ~1 to ~0.5 (x from ~0.01 to ~0.2).
+    lo, hi = _log_range(xs + [0.0337 / 3, 0.1], pad=3.0)
+    curve_x = np.geomspace(lo, hi, 300)
+    for i, attack in enumerate(attacks):
+        color = f"C{i % 10}"
+        x, auc, f1 = _floats(attack["x"]), _floats(attack["auc"]), _floats(attack["f1"])
+        name = attack["attack"]
+        fit = attack.get("fit")
+        size, alpha_pts = _marker_size(len(x))
+        ax_auc.scatter(x, auc, color=color, s=size, alpha=alpha_pts, label=f"{name} attack")
+        ax_f1.scatter(x, f1, color=color, s=size, alpha=alpha_pts,
+                      label=f"{name} attack" + ("" if fit else " (law not fitted)"))
+        entry = {"x": x, "auc": auc, "f1": f1}
+        if fit:
+            fitted = mia_law(curve_x, fit["c1"], fit["c2"], fit["c3"])
+            ax_f1.plot(curve_x, fitted, color=color, lw=1.5,
+                       label=f"fit ({name}): c1={fit['c1']:.3g}, c2={fit['c2']:.3g}, c3={fit['c3']:.3g}")
+            entry["fit_x"], entry["fit_f1"] = _floats(curve_x), _floats(fitted)
+        data["attacks"][name] = entry
+    if validation:
+        ax_f1.errorbar(validation["x"], validation["f1"], yerr=validation["f1_std"], fmt="s", ms=4,
+                       color="0.45", capsize=2, label=validation["label"])
+        data["validation"] = {k: _floats(validation[k]) for k in ("x", "f1", "f1_std")}
+    corrected = published_mia_law_corrected(curve_x, 1.0)  # |D|/P = x
+    printed = published_mia_law_as_printed(alpha, curve_x)  # Capacity/|D| = alpha * P / N = alpha / x
+    ax_f1.plot(curve_x, corrected, color="0.3", lw=1.0, ls="--", label="paper, as computed (Table 2)")
+    ax_f1.plot(curve_x, printed, color="0.3", lw=1.0, ls=":",
+               label=f"paper, as printed (Capacity = {alpha:.2f} bits/param x P)")
+    data["published"] = {"x": _floats(curve_x), "corrected_f1": _floats(corrected),
+                         "as_printed_f1": _floats(printed), "alpha": float(alpha)}
+    for ax, what in ((ax_auc, "ROC AUC"), (ax_f1, "balanced F1")):
+        ax.axhline(0.5, color="0.7", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(0.4, 1.05)
+        ax.set_xlabel("sequences per parameter N / params (sequences/param)")
+        ax.set_ylabel(f"{what} (fraction; 0.5 = chance)")
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=7, loc="lower left")
+        if not attacks:
+            _empty_note(ax, "no finished cells")
+    ax_auc.set_title("ROC AUC", fontsize=10)
+    ax_f1.set_title("balanced F1 and the scaling law", fontsize=10)
+    return _finish(fig), data
+
+
+# -- 4: test loss against the capacity ratio (double descent) ------------------------------------------------
+def double_descent(groups: list[dict], log2_vocab: list[float]) -> tuple[Figure, dict]:
+    """Test loss (bits per token) against H(X) / (alpha * params), with a line where the ratio is 1.
+
+    `groups`: one dict per (shape, precision) with `label` and arrays `ratio` and
+    `test_nll_bits_per_token`. `log2_vocab`: the distinct log2 V of the sweep (a model that learned
+    nothing scores exactly that on non-members).
+    """
+    fig, (ax,) = _new("Test loss against capacity ratio (double descent)")
+    data = {"groups": [], "ratio_line": 1.0, "log2_vocab": _floats(log2_vocab)}
+    colors = _colors(len(groups))
+    size, alpha_pts = _marker_size(sum(len(g["ratio"]) for g in groups))
+    for i, group in enumerate(groups):
+        ratio, loss = _floats(group["ratio"]), _floats(group["test_nll_bits_per_token"])
+        color = colors[i]
+        ax.scatter(ratio, loss, color=color, s=size * 0.7, alpha=alpha_pts * 0.8)
+        # The line joins the seed means at each ratio (one ratio per dataset size).
+        levels = np.unique(ratio)
+        means = [float(np.mean([l for r, l in zip(ratio, loss) if r == level])) for level in levels]
+        ax.plot(levels, means, color=color, lw=1.0, label=group["label"])
+        data["groups"].append({"label": group["label"], "ratio": ratio, "test_nll_bits_per_token": loss,
+                               "mean_ratio": _floats(levels), "mean_test_nll_bits_per_token": means})
+    ax.axvline(1.0, color="k", lw=1.0, ls="--", label="H(X) = alpha * params")
+    for j, level in enumerate(sorted(set(_floats(log2_vocab)))):
+        ax.axhline(level, color="0.5", lw=0.8, ls=":", label="log2 V (uniform guessing)" if j == 0 else None)
+    if not groups:
+        _empty_note(ax, "no finished cells")
+    ax.set_xscale("log")
+    ax.set_xlabel("capacity ratio H(X) / (alpha * params) (dimensionless)")
+    ax.set_ylabel("test loss on non-members (bits/token); lines: seed means")
+    ax.grid(True, which="major", alpha=0.3)
+    _legend(fig, ax, len(groups) + 2, loc="best")
+    return _finish(fig), data
+
+
+# -- 5: memorization during training ------------------------------------------------------------------------
+def mem_curves(cells: list[dict], max_curves: int = MAX_CURVES) -> tuple[Figure, dict]:
+    """mem_bits against optimizer steps, one line per cell, with its H(X) as a dotted ceiling.
+
+    `cells`: one dict per cell with `label`, arrays `steps` and `mem_bits`, and `entropy_bits`.
+    More than `max_curves` cells: an evenly spaced subset is drawn and the title says so.
+    """
+    shown = cells
+    if len(cells) > max_curves:
+        shown = [cells[i] for i in np.linspace(0, len(cells) - 1, max_curves).round().astype(int)]
+    title = "Memorization during training"
+    if len(shown) < len(cells):
+        title += f" ({len(shown)} of {len(cells)} cells)"
+    fig, (ax,) = _new(title)
+    data = {"cells": [], "num_cells": len(cells)}
+    for i, cell in enumerate(shown):
+        color = f"C{i % 10}"
+        steps, mem = _floats(cell["steps"]), _floats(cell["mem_bits"])
+        ax.plot(steps, mem, color=color, lw=1.2, marker=".", label=cell["label"] if len(shown) <= 12 else None)
+        if cell.get("entropy_bits") is not None and np.isfinite(cell["entropy_bits"]):
+            ax.axhline(cell["entropy_bits"], color=color, lw=0.6, ls=":")
+        data["cells"].append({"label": cell["label"], "steps": steps, "mem_bits": mem,
+                              "entropy_bits": float(cell.get("entropy_bits", np.nan))})
+    if not cells:
+        _empty_note(ax, "no curves recorded")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("memorized mem_bits (bits); dotted: H(X)")
+    ax.grid(True, alpha=0.3)
+    if 0 < len(shown) <= 12:
+        ax.legend(fontsize=6)
+    return _finish(fig), data

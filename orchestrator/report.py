@@ -1,0 +1,415 @@
+"""A sweep's figures and a self-contained HTML report, beside the paper's published numbers.
+
+    memsweep report SWEEP [OVERRIDES...] [--out DIR] [--from PATH]
+
+Aggregates the sweep from its tracking store (or reads a saved cells.parquet with `--from`, no store
+needed), draws the five figures of measure/figures.py as PNGs, and writes `<out>/report/report.html`
+with the figures embedded as data URIs, the fit tables, the sweep's configuration and its failed and
+unfinished cells. The report is also logged to the sweep's latest launch run (not with `--from`).
+Published figures: Morris et al., "How much do language models memorize?" (arXiv 2505.24832).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from measure.memorization import PAPER_ALPHA_BITS_PER_PARAM
+from orchestrator.aggregate import (
+    FINAL_METRICS,
+    IDENTITY_SCHEMA,
+    PRECISION_ORDER,
+    SPEC_COLUMNS,
+    AggregateResult,
+    aggregate,
+    aggregate_from,
+    alpha_for,
+    capacity_groups,
+    column_arrays,
+    table_metadata,
+)
+
+REFERENCE_FILES = ("capacity_by_precision.csv", "seq_len_vocab_sweep.csv", "mia_validation.csv")
+# The paper's column means of bits per parameter (reference/README.md); amp_bf16 is not in the paper.
+PAPER_MEAN_ALPHA = {p: PAPER_ALPHA_BITS_PER_PARAM[p] for p in ("fp32", "bf16")}
+PAPER_HEADLINE_ALPHA = 3.6  # "about 3.6 bits per parameter", when the sweep fitted none
+FIGURES = (
+    ("mem_vs_entropy", "Memorized bits against dataset entropy H(X), per model shape, with the prediction "
+                       "min(alpha * params, H(X)) using the sweep's fitted alpha of each precision; grey: the "
+                       "paper's sequence-length and vocabulary check (a 2-layer d128 model, 4,096 sequences)."),
+    ("capacity_vs_params", "Capacity (seed-averaged maximum of mem_bits over dataset sizes) against "
+                           "parameters, with the fitted alpha per precision, the paper's 16 models and its "
+                           "3.83 (fp32) and 3.51 (bf16) bits-per-parameter means. Hollow: lower bounds."),
+    ("mia", "Loss-attack ROC AUC and balanced F1 against training sequences per parameter, with the law "
+            "fitted on this sweep (when it could be) and the paper's two forms: as its Table 2 was computed, "
+            "and as printed; grey squares: the paper's GPT-2 validation on text."),
+    ("double_descent", "Test loss on non-members against the capacity ratio H(X) / (alpha * params); the paper "
+                       "finds double descent starts where the ratio crosses 1."),
+    ("mem_curves", "Memorized bits at each evaluation step, per cell; dotted lines mark each cell's H(X)."),
+)
+
+
+def reference_dir() -> Path | None:
+    """The paper's tables: shared/reference beside the repository when there is one."""
+    beside = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+    return beside if (beside / REFERENCE_FILES[0]).is_file() else None
+
+
+def reference_rows(name: str) -> list[dict]:
+    """Rows of one reference CSV, numbers as floats: from shared/reference, else the copy installed
+    with the package (measure/reference/)."""
+    if name not in REFERENCE_FILES:
+        raise ValueError(f"{name}: not a reference table ({', '.join(REFERENCE_FILES)})")
+    folder = reference_dir()
+    if folder is not None:
+        text = (folder / name).read_text()
+    else:
+        import importlib.resources
+
+        text = (importlib.resources.files("measure") / "reference" / name).read_text()
+    rows = []
+    for row in csv.DictReader(io.StringIO(text)):
+        parsed = {}
+        for key, value in row.items():
+            try:
+                parsed[key] = float(value)
+            except ValueError:
+                parsed[key] = value
+        rows.append(parsed)
+    return rows
+
+
+# -- figure inputs from the tables ------------------------------------------------------------------------
+def _finished_columns(cells: pa.Table) -> dict[str, np.ndarray]:
+    names = ["cell_id", "status", *SPEC_COLUMNS, *FINAL_METRICS]
+    names += [n for n in cells.column_names if n.endswith("_f1") or n.endswith("_auc")]
+    cols = column_arrays(cells, dict.fromkeys(names))
+    keep = cols["status"] == "FINISHED"
+    for name in ("mem_bits", "params", "entropy_bits"):
+        keep &= np.isfinite(cols[name])
+    return {name: values[keep] for name, values in cols.items()}
+
+
+def figure_inputs(cells: pa.Table, curves: pa.Table | None, fits: dict) -> dict[str, dict]:
+    """The arguments of each figure function, taken from the cells table, the curves and the fits."""
+    from orchestrator.aggregate import mia_attacks
+
+    cols = _finished_columns(cells)
+    alphas = fits["alpha"]
+    shape_groups, ratio_groups = [], []
+    for group in capacity_groups(cols):
+        precision = group.key.get("precision.name")
+        alpha = alpha_for(precision, alphas)[0]
+        params = float(cols["params"][group.rows][0])
+        entropy = cols["entropy_bits"][group.rows]
+        shape_groups.append({"label": group.label, "precision": precision, "params": params, "alpha": alpha,
+                             "entropy_bits": entropy, "mem_bits": cols["mem_bits"][group.rows]})
+        ratio_groups.append({"label": group.label, "ratio": entropy / (alpha * params),
+                             "test_nll_bits_per_token": cols["test_nll_bits_per_token"][group.rows]})
+    attacks = []
+    for attack in mia_attacks(cols):
+        entry = fits["mia"].get(attack, {})
+        auc = cols.get(f"{attack}_auc", np.full(len(cols[f"{attack}_f1"]), np.nan))
+        attacks.append({"attack": attack, "x": cols["sequences_per_param"], "auc": auc,
+                        "f1": cols[f"{attack}_f1"],
+                        "fit": {k: entry[k] for k in ("c1", "c2", "c3")} if "c1" in entry else None})
+    alpha_printed = next(iter(alphas.values()))["alpha"] if alphas else PAPER_HEADLINE_ALPHA
+    vocab = cols["data.vocab_size"]
+    # Precision by precision, smallest model first: colours then run along model size.
+    order = sorted(range(len(shape_groups)), key=lambda i: (
+        PRECISION_ORDER.index(shape_groups[i]["precision"]) if shape_groups[i]["precision"] in PRECISION_ORDER else 99,
+        str(shape_groups[i]["precision"]), shape_groups[i]["params"]))
+    shape_groups = [shape_groups[i] for i in order]
+    ratio_groups = [ratio_groups[i] for i in order]
+    seq_vocab = reference_rows("seq_len_vocab_sweep.csv")
+    validation = reference_rows("mia_validation.csv")
+    return {
+        "mem_vs_entropy": {"groups": shape_groups, "reference": {
+            "label": "paper: 2-layer d128, S and V varied (measured)",
+            "entropy_bits": [r["n_samples"] * r["seq_len"] * np.log2(r["vocab_size"]) for r in seq_vocab],
+            "mem_bits": [r["measured_bits"] for r in seq_vocab]}},
+        "capacity_vs_params": {"models": fits["capacity"], "alphas": alphas,
+                               "reference": reference_rows("capacity_by_precision.csv"),
+                               "paper_alpha": PAPER_MEAN_ALPHA},
+        "mia": {"attacks": attacks, "alpha": alpha_printed, "validation": {
+            "label": "paper: GPT-2 small and XL on text (observed)",
+            "x": [r["n_train_sequences"] / r["params"] for r in validation],
+            "f1": [r["observed_f1"] for r in validation], "f1_std": [r["observed_f1_std"] for r in validation]}},
+        "double_descent": {"groups": ratio_groups,
+                           "log2_vocab": sorted({float(np.log2(v)) for v in vocab if np.isfinite(v)})},
+        "mem_curves": {"cells": curve_inputs(cells, curves)},
+    }
+
+
+def curve_inputs(cells: pa.Table, curves: pa.Table | None) -> list[dict]:
+    """One record per cell with a mem_bits curve, in the cells table's order."""
+    if curves is None or curves.num_rows == 0:
+        return []
+    entropy = dict(zip(cells.column("cell_id").to_pylist(), cells.column("entropy_bits").to_pylist()))
+    status = dict(zip(cells.column("cell_id").to_pylist(), cells.column("status").to_pylist()))
+    by_cell: dict[str, tuple[list, list]] = {}
+    for cell_id, key, step, value in zip(*(curves.column(c).to_pylist() for c in ("cell_id", "key", "step", "value"))):
+        if key == "mem_bits":
+            steps, values = by_cell.setdefault(cell_id, ([], []))
+            steps.append(step)
+            values.append(value)
+    records = []
+    for cell_id in cells.column("cell_id").to_pylist():
+        if cell_id in by_cell:
+            steps, values = by_cell[cell_id]
+            order = np.argsort(steps)
+            label = cell_id if status.get(cell_id) == "FINISHED" else f"{cell_id} ({status.get(cell_id)})"
+            records.append({"label": label, "steps": np.asarray(steps)[order], "mem_bits": np.asarray(values)[order],
+                            "entropy_bits": entropy.get(cell_id) if entropy.get(cell_id) is not None else np.nan})
+    return records
+
+
+def draw_figures(cells: pa.Table, curves: pa.Table | None, fits: dict) -> dict[str, tuple]:
+    """Every figure as name -> (Figure, plotted data)."""
+    from measure import figures
+
+    inputs = figure_inputs(cells, curves, fits)
+    return {
+        "mem_vs_entropy": figures.mem_vs_entropy(**inputs["mem_vs_entropy"]),
+        "capacity_vs_params": figures.capacity_vs_params(**inputs["capacity_vs_params"]),
+        "mia": figures.mia_vs_sequences_per_param(**inputs["mia"]),
+        "double_descent": figures.double_descent(**inputs["double_descent"]),
+        "mem_curves": figures.mem_curves(**inputs["mem_curves"]),
+    }
+
+
+# -- HTML ---------------------------------------------------------------------------------------------
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return f"{value:,}"
+    if isinstance(value, (float, np.floating)):
+        if not np.isfinite(value):
+            return "-"
+        if value != 0 and (abs(value) >= 1e6 or abs(value) < 1e-3):
+            return f"{value:.{digits - 1}e}"
+        return f"{value:,.{digits}g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    return str(value)
+
+
+def _table(headers: list[str], rows: list[list], cls: str = "") -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{c if isinstance(c, _Raw) else html.escape(_fmt(c))}</td>" for c in row)
+                   + "</tr>" for row in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+class _Raw(str):
+    """Already-escaped HTML for a table cell."""
+
+
+def _configuration(cells: pa.Table, meta: dict) -> str:
+    parts = []
+    overrides = meta.get("launch_overrides")
+    if overrides is not None:
+        parts.append(f"<p>Latest launch: <code>memsweep launch {html.escape(' '.join(overrides))}</code>"
+                     f" (run <code>{html.escape(str(meta.get('launch_run_id')))}</code>)</p>")
+    varying, constant = [], []
+    not_config = set(IDENTITY_SCHEMA.names) | set(FINAL_METRICS) | set(meta.get("metric_columns", []))
+    for name in cells.column_names:
+        if name in not_config:
+            continue
+        values = [v for v in cells.column(name).to_pylist() if v is not None]
+        distinct = list(dict.fromkeys(values))
+        if len(distinct) > 1:
+            shown = ", ".join(_fmt(v) for v in sorted(distinct, key=str)[:40])
+            varying.append([name, str(cells.schema.field(name).type), _Raw(html.escape(shown)
+                            + (f" ... ({len(distinct)} values)" if len(distinct) > 40 else ""))])
+        elif distinct:
+            constant.append([name, str(cells.schema.field(name).type), distinct[0]])
+    parts.append("<h3>Grid axes (values that vary across cells)</h3>")
+    parts.append(_table(["key", "type", "values"], varying) if varying else "<p>none</p>")
+    parts.append("<details><summary>Fixed configuration (the same in every cell)</summary>"
+                 + _table(["key", "type", "value"], constant) + "</details>")
+    return "\n".join(parts)
+
+
+def _fits_tables(fits: dict) -> str:
+    parts = ["<h2>Capacity per model shape and precision</h2>"]
+    caps = fits["capacity"]
+    parts.append(_table(
+        ["group", "params", "capacity (bits)", "seed std (bits)", "bits/param", "N at max",
+         "H(X) at max (bits)", "cells", "lower bound (not converged)", "plateau seen"],
+        [[c["label"], c["params"], c["capacity_bits"], c["seed_std_bits"], c["bits_per_param"],
+          c["num_sequences_at_max"], c["entropy_bits_at_max"], c["num_cells"], c["lower_bound"],
+          c["plateau_reached"]] for c in caps]) if caps else "<p>No finished cells: no capacity.</p>")
+    parts.append("<p>A capacity flagged <em>lower bound</em> comes from a cell that had not converged. "
+                 "<em>Plateau seen</em> means at least two dataset sizes held more bits than the capacity and "
+                 "memorization changed by under 5% between the two largest; without it, more data might "
+                 "still raise the capacity.</p>")
+    parts.append("<h2>Bits per parameter (alpha)</h2>")
+    alphas = fits["alpha"]
+    parts.append(_table(
+        ["precision", "alpha (bits/param)", "95% interval", "models", "bootstrap over", "lower bound",
+         "paper mean"],
+        [[p, a["alpha"], f"[{_fmt(a['ci_low'])}, {_fmt(a['ci_high'])}]", a["n_models"], a["bootstrap"],
+          a["lower_bound"], a.get("paper_alpha")] for p, a in alphas.items()]) if alphas else "<p>No alpha.</p>")
+    parts.append("<h2>Membership-inference scaling law</h2>"
+                 "<p>F1 = 1/2 (1 + c1 sigmoid(c2 x + c3)), x = N / params (sequences per parameter), fitted "
+                 "by nonlinear least squares; &plusmn; one standard error.</p>")
+    rows = []
+    for attack, entry in fits["mia"].items():
+        if "c1" in entry:
+            rows.append([attack, f"{_fmt(entry['c1'])} ± {_fmt(entry['c1_std'])}",
+                         f"{_fmt(entry['c2'])} ± {_fmt(entry['c2_std'])}",
+                         f"{_fmt(entry['c3'])} ± {_fmt(entry['c3_std'])}", entry["rmse"], entry["num_cells"], ""])
+        else:
+            rows.append([attack, "-", "-", "-", None, entry["num_cells"], f"skipped: {entry.get('skipped')}"])
+        for form, published in entry.get("published", {}).items():
+            constants = fits["mia_published"][form]
+            rows.append([f"{attack}: paper {form.replace('_', ' ')}", constants["c1"], constants["c2"],
+                         constants["c3"], published["rmse"], entry["num_cells"],
+                         f"{constants['formula']}; {constants['note']}"])
+    parts.append(_table(["law", "c1", "c2", "c3", "RMSE of F1 on this sweep", "cells", "note"], rows)
+                 if rows else "<p>No MIA metrics.</p>")
+    prediction = fits["prediction"]
+    summary = prediction["summary"]
+    parts.append("<h2>Measured against predicted memorization</h2>")
+    if summary["num_cells"]:
+        parts.append(f"<p>Predicted mem_bits = min(alpha * params, H(X)) with the fitted alpha of each cell's "
+                     f"precision; error = (measured - predicted) / predicted. Over {summary['num_cells']} cells: "
+                     f"mean |error| {_fmt(100 * summary['mean_abs_error'], 3)}%, median "
+                     f"{_fmt(100 * summary['median_abs_error'], 3)}%, max {_fmt(100 * summary['max_abs_error'], 3)}%."
+                     "</p>")
+        worst = sorted(prediction["cells"], key=lambda r: -abs(r["error"]))[:200]
+        parts.append(("<details><summary>Per cell (largest errors first"
+                      + (f", 200 of {len(prediction['cells'])}" if len(prediction["cells"]) > 200 else "")
+                      + ")</summary>")
+                     + _table(["cell", "precision", "alpha", "params", "H(X) (bits)", "H(X)/(alpha params)",
+                               "measured (bits)", "predicted (bits)", "error (%)"],
+                              [[r["cell_id"], r["precision"], r["alpha"], r["params"], r["entropy_bits"],
+                                r["capacity_ratio"], r["mem_bits"], r["predicted_mem_bits"], 100 * r["error"]]
+                               for r in worst]) + "</details>")
+    else:
+        parts.append("<p>No finished cells.</p>")
+    return "\n".join(parts)
+
+
+def _problem_cells(cells: pa.Table) -> str:
+    rows = []
+    columns = {c: cells.column(c).to_pylist() for c in ("cell_id", "status", "run_id", "error")}
+    for cell_id, status, run_id, error in zip(*columns.values()):
+        if status != "FINISHED":
+            first = (error or "").strip().splitlines()[0] if error else ""
+            detail = (f"<details><summary>{html.escape(first[:300])}</summary><pre>{html.escape(error)}</pre>"
+                      "</details>") if error else ""
+            rows.append([cell_id, status, run_id, _Raw(detail)])
+    if not rows:
+        return "<h2>Failed and unfinished cells</h2><p>None: every cell FINISHED.</p>"
+    return (f"<h2>Failed and unfinished cells ({len(rows)})</h2>"
+            "<p>PENDING cells never started; `memsweep resume SWEEP` runs them and every unfinished one, "
+            "`--failed` only the failed.</p>" + _table(["cell", "status", "run", "error"], rows, "problems"))
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1150px; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.2em; font-size: 0.85em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; }
+figure { margin: 1.5em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { font-size: 0.9em; color: #444; } code { background: #f5f5f5; padding: 0 0.2em; }
+.problems td:nth-child(2) { font-weight: bold; color: #a00; } pre { white-space: pre-wrap; font-size: 0.8em; }
+"""
+
+
+def render_html(sweep: str, cells: pa.Table, fits: dict, pngs: dict[str, bytes], source: str) -> str:
+    meta = table_metadata(cells)
+    counts = fits["cells"]["by_status"]
+    versions = sorted({v for v in cells.column("code_version").to_pylist() if v})
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in fits.get("notes", []))
+    figures = "".join(
+        f'<figure id="{name}"><img alt="{html.escape(name)}" src="data:image/png;base64,'
+        f'{base64.b64encode(pngs[name]).decode()}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+        for name, caption in FIGURES)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>memsweep report: {html.escape(sweep)}</title>
+<style>{STYLE}</style></head><body>
+<h1>Sweep <code>{html.escape(sweep)}</code></h1>
+<p>{fits['cells']['total']} cells: {html.escape(', '.join(f'{s.lower()} {n}' for s, n in counts.items()))}.
+Source: <code>{html.escape(source)}</code>; aggregated {html.escape(str(meta.get('aggregated_at', '-')))};
+report written {html.escape(time.strftime('%Y-%m-%dT%H:%M:%S%z'))}. Code versions of the cells:
+{html.escape(', '.join(versions) or '-')}.</p>
+{f'<ul class="notes">{notes}</ul>' if notes else ''}
+<h2>Figures</h2>
+{figures}
+{_fits_tables(fits)}
+{_problem_cells(cells)}
+<h2>Configuration</h2>
+{_configuration(cells, meta)}
+<p style="font-size:0.85em;color:#555">Reference points and laws: Morris et al., "How much do language models
+memorize?" (arXiv 2505.24832, v3). Definitions: SCIENCE.md.</p>
+</body></html>
+"""
+
+
+# -- the command ----------------------------------------------------------------------------------------
+@dataclass
+class ReportResult:
+    report_dir: Path
+    html_path: Path
+    figure_paths: dict[str, Path]
+    figure_data: dict[str, dict]
+    aggregate: AggregateResult
+    logged: bool = False
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+
+def report(
+    sweep: str,
+    overrides=(),
+    out: str | Path | None = None,
+    from_path: str | Path | None = None,
+    *,
+    log_to_launch: bool = True,
+    curves: bool = True,
+    plan: bool = True,
+) -> ReportResult:
+    """Aggregate `sweep` (or read `from_path` offline), draw its figures and write report.html under
+    `<out>/report/`; log the report to the sweep's latest launch run when read from the store."""
+    from measure.figures import close
+
+    started = time.perf_counter()
+    if from_path is not None:
+        result = aggregate_from(sweep, from_path, out)
+        source = str(Path(from_path).resolve())
+    else:
+        result = aggregate(sweep, overrides, out, curves=curves, plan=plan, log_to_launch=log_to_launch)
+        source = table_metadata(result.cells).get("tracking_uri", "")
+    report_dir = result.out_dir / "report"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    drawn = draw_figures(result.cells, result.curves, result.fits)
+    pngs, paths, data = {}, {}, {}
+    for name, (fig, plotted) in drawn.items():
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png")
+        close(fig)
+        pngs[name], paths[name], data[name] = buffer.getvalue(), report_dir / f"{name}.png", plotted
+        paths[name].write_bytes(pngs[name])
+    html_path = report_dir / "report.html"
+    html_path.write_text(render_html(sweep, result.cells, result.fits, pngs, source))
+    logged = False
+    if from_path is None and log_to_launch and result.launch_run_id:
+        from orchestrator.aggregate import sweep_settings
+        from orchestrator.tracking import log_to_run
+
+        tracker = sweep_settings(sweep, overrides)[2]
+        log_to_run(tracker, result.launch_run_id, {}, [html_path, *paths.values()], artifact_path="report")
+        logged = True
+    return ReportResult(report_dir, html_path, paths, data, result, logged,
+                        {"total_s": time.perf_counter() - started, **result.timings_s})

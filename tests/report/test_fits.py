@@ -1,0 +1,166 @@
+"""Sweep-level fits: rows grouped and fed to measure.capacity recover planted capacities, alphas per
+precision and the MIA law, with intervals; degenerate sweeps give reasons instead of exceptions.
+
+The tables are built by the same code that builds them from MLflow runs (build_cells_table over
+RunRecords whose params are strings, as MLflow stores them), so grouping sees real column types.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from measure.capacity import mia_law
+from orchestrator.aggregate import build_cells_table, fit_metrics, fit_sweep
+from orchestrator.tracking import RunRecord
+
+V, S = 2048, 64
+BITS_PER_SEQUENCE = S * math.log2(V)  # 704
+SHAPES = {"l1_d32": (1, 32), "l2_d64": (2, 64), "l4_d128": (4, 128)}
+PLANTED_ALPHA = {"fp32": 3.8, "bf16": 3.5}
+C1, C2, C3 = 1.34, -33.14, 33.14 * 0.0337  # the published law in x = N / params
+
+
+def params_of(layers, width):
+    return V * width + S * width + layers * (12 * width * width + 13 * width) + 3 * width
+
+
+def cell(i, model, precision, size, seed, mem, *, status="FINISHED", converged=1.0, extra=None):
+    layers, width = SHAPES[model]
+    p = params_of(layers, width)
+    entropy = size * BITS_PER_SEQUENCE
+    x = size / p
+    metrics = {"params": p, "params_paper": p - width, "entropy_bits": entropy, "mem_bits": mem,
+               "sequences_per_param": x, "converged": converged, "test_nll_bits_per_token": 11.0,
+               "loss_f1": float(mia_law(x, C1, C2, C3)), "loss_auc": 1.0, **(extra or {})}
+    params = {"model.name": model, "model.n_layer": str(layers), "model.n_head": "4", "model.n_embd": str(width),
+              "data.vocab_size": str(V), "data.seq_len": str(S), "data.num_sequences": str(size),
+              "data.num_nonmembers": "512", "data.kind": "synthetic", "precision.name": precision,
+              "seed": str(seed), "train.lr": "0.001", "train.max_steps": "1000"}
+    return RunRecord(f"run{i}", "1", status, i, i + 1, {"cell_id": f"c{i}", "memsweep.kind": "cell"},
+                     params, metrics if status == "FINISHED" else {})
+
+
+def planted_sweep(precisions=("fp32", "bf16"), seeds=(0, 1, 2), noise=0.01, rng_seed=0):
+    """Every shape at sizes from a tenth to four times its capacity; mem = min(alpha P, H) with
+    multiplicative noise, so each shape's plateau is alpha * P."""
+    rng = np.random.default_rng(rng_seed)
+    runs, i = [], 0
+    for precision in precisions:
+        for model, (layers, width) in SHAPES.items():
+            capacity_sequences = PLANTED_ALPHA[precision] * params_of(layers, width) / BITS_PER_SEQUENCE
+            for factor in (0.1, 0.3, 0.7, 1.5, 4.0):
+                size = int(capacity_sequences * factor)
+                for seed in seeds:
+                    cap = PLANTED_ALPHA[precision] * params_of(layers, width)
+                    mem = min(cap, size * BITS_PER_SEQUENCE) * (1 + noise * rng.standard_normal())
+                    runs.append(cell(i, model, precision, size, seed, mem))
+                    i += 1
+    return runs
+
+
+def test_capacity_and_alpha_per_precision_recover_the_plateau():
+    fits = fit_sweep(build_cells_table(planted_sweep()))
+    assert len(fits["capacity"]) == 6  # 3 shapes x 2 precisions, never mixed
+    for c in fits["capacity"]:
+        planted = PLANTED_ALPHA[c["precision"]] * c["params"]
+        # The seed-mean maximum over sizes sits on the plateau, within noise (1% per cell).
+        assert c["capacity_bits"] == pytest.approx(planted, rel=0.03)
+        assert len(c["seed_capacities_bits"]) == 3 and c["seed_std_bits"] > 0
+        assert not c["lower_bound"] and c["plateau_reached"]
+        assert c["bits_per_param"] == pytest.approx(c["capacity_bits"] / c["params"])
+    for precision, planted in PLANTED_ALPHA.items():
+        alpha = fits["alpha"][precision]
+        assert alpha["alpha"] == pytest.approx(planted, rel=0.02)
+        assert alpha["ci_low"] < alpha["alpha"] < alpha["ci_high"]
+        assert alpha["ci_high"] - alpha["ci_low"] < 0.05 * planted  # 1% noise, 3 seeds: a tight interval
+        assert alpha["n_models"] == 3 and alpha["bootstrap"] == "seeds"
+    metrics = fit_metrics(fits)
+    assert metrics["alpha_fp32"] == pytest.approx(fits["alpha"]["fp32"]["alpha"])
+    assert {"alpha_bf16_ci_low", "alpha_bf16_ci_high", "cells_finished"} <= set(metrics)
+
+
+def test_an_unconverged_cell_at_the_maximum_makes_a_lower_bound():
+    runs = planted_sweep(precisions=("fp32",), seeds=(0,), noise=0.0)
+    # Plateau cells all equal alpha*P; the smallest N among them wins the tie: flag that one.
+    fits = fit_sweep(build_cells_table(runs))
+    at_max = {c["model"]: c["num_sequences_at_max"] for c in fits["capacity"]}
+    runs = [cell(i, r.params["model.name"], "fp32", int(r.params["data.num_sequences"]), 0, r.metrics["mem_bits"],
+                 converged=0.0 if int(r.params["data.num_sequences"]) == at_max[r.params["model.name"]]
+                 and r.params["model.name"] == "l2_d64" else 1.0)
+            for i, r in enumerate(runs)]
+    fits = fit_sweep(build_cells_table(runs))
+    flags = {c["model"]: c["lower_bound"] for c in fits["capacity"]}
+    assert flags == {"l1_d32": False, "l2_d64": True, "l4_d128": False}
+    assert fits["alpha"]["fp32"]["lower_bound"] is True
+
+
+def test_mia_law_recovers_a_planted_sigmoid_with_its_uncertainty():
+    rng = np.random.default_rng(1)
+    runs = []
+    for i, size in enumerate(np.geomspace(200, 60000, 24).astype(int)):
+        r = cell(i, "l2_d64", "fp32", int(size), 0, 1000.0)
+        x = r.metrics["sequences_per_param"]
+        r.metrics["loss_f1"] = float(mia_law(x, C1, C2, C3) + 0.005 * rng.standard_normal())
+        r.metrics["reference_f1"] = float(mia_law(x, 1.0, -20.0, 0.5))  # a second attack, exact
+        runs.append(r)
+    fits = fit_sweep(build_cells_table(runs))
+    loss = fits["mia"]["loss"]
+    assert "skipped" not in loss and loss["num_cells"] == 24
+    for name, planted, tolerance in (("c1", C1, 0.05), ("c2", C2, 0.15), ("c3", C3, 0.15)):
+        assert loss[name] == pytest.approx(planted, rel=tolerance), name
+        assert abs(loss[name] - planted) < 4 * loss[f"{name}_std"], name  # the interval covers it
+    assert loss["rmse"] < 0.01
+    # The corrected published form is this very law: it fits as well; the printed form does not.
+    assert loss["published"]["corrected"]["rmse"] < 0.01 < loss["published"]["as_printed"]["rmse"]
+    reference = fits["mia"]["reference"]  # any <attack>_f1 column is fitted the same way
+    assert reference["c1"] == pytest.approx(1.0, rel=1e-3) and reference["c2"] == pytest.approx(-20.0, rel=1e-3)
+    assert fit_metrics(fits)["mia_loss_c2"] == pytest.approx(loss["c2"])
+
+
+def test_one_shape_still_has_alpha_and_a_reason_for_no_mia_law():
+    runs = [cell(i, "l1_d32", "fp32", size, seed, mem)
+            for i, (size, seed, mem) in enumerate([(16, 0, 11000.0), (16, 1, 11200.0), (64, 0, 40000.0), (64, 1, 41000.0)])]
+    fits = fit_sweep(build_cells_table(runs))
+    (c,) = fits["capacity"]
+    assert c["capacity_bits"] == pytest.approx(40500.0) and c["num_sequences_at_max"] == 64
+    assert c["plateau_reached"] is False  # one size beyond the capacity: more data might raise it
+    assert fits["alpha"]["fp32"]["alpha"] == pytest.approx(40500.0 / c["params"])
+    assert fits["alpha"]["fp32"]["ci_low"] <= fits["alpha"]["fp32"]["alpha"] <= fits["alpha"]["fp32"]["ci_high"]
+    assert "2 distinct" in fits["mia"]["loss"]["skipped"] or "at 2" in fits["mia"]["loss"]["skipped"]
+    assert "c1" not in fits["mia"]["loss"]
+
+
+def test_predictions_use_the_fitted_alpha_of_each_cells_precision():
+    fits = fit_sweep(build_cells_table(planted_sweep(seeds=(0,))))
+    cells = fits["prediction"]["cells"]
+    assert len(cells) == 30
+    for c in cells:
+        alpha = fits["alpha"][c["precision"]]["alpha"]
+        assert c["alpha"] == alpha and c["alpha_source"] == "fitted"
+        assert c["predicted_mem_bits"] == pytest.approx(min(alpha * c["params"], c["entropy_bits"]))
+        assert c["error"] == pytest.approx((c["mem_bits"] - c["predicted_mem_bits"]) / c["predicted_mem_bits"])
+    assert fits["prediction"]["summary"]["mean_abs_error"] < 0.03
+
+
+def test_a_sweep_with_nothing_finished_reports_why():
+    runs = [cell(i, "l1_d32", "fp32", 16 * (i + 1), 0, 0.0, status="FAILED") for i in range(3)]
+    fits = fit_sweep(build_cells_table(runs))
+    assert fits["capacity"] == [] and fits["alpha"] == {} and fits["prediction"]["summary"] == {"num_cells": 0}
+    assert fits["cells"] == {"total": 3, "finished": 0, "by_status": {"FAILED": 3}}
+    assert any("no FINISHED cells" in note for note in fits["notes"])
+    assert fit_metrics(fits) == {"cells_total": 3.0, "cells_finished": 0.0}
+
+
+def test_a_plateau_needs_two_sizes_beyond_the_capacity_that_agree():
+    from orchestrator.aggregate import plateau_reached
+
+    sizes = np.array([10, 20, 40, 80])
+    entropy = sizes * 100.0
+    flat = np.array([1000.0, 2000.0, 2500.0, 2520.0])  # stops at ~2,500 bits
+    growing = np.array([1000.0, 2000.0, 2500.0, 2900.0])  # +16% from 40 to 80 sequences
+    assert plateau_reached(sizes, flat, entropy, 2520.0)
+    assert not plateau_reached(sizes, growing, entropy, 2900.0)
+    assert not plateau_reached(sizes[:3], flat[:3], entropy[:3], 2500.0)  # only one size beyond it
