@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 
 from rich.markup import escape
 
@@ -64,6 +65,7 @@ def _run_sweep(plan, cells, force: bool = False) -> int:
         console.print(f"sweep {plan.name}: nothing to run ({_plan_counts(plan)})")
         return 0
     console.print(f"sweep {plan.name}: {len(plan.cells)} cells ({_plan_counts(plan)}); submitting {len(cells)}")
+    started = time.monotonic()
     try:
         outcomes = run_plan(plan, cells, force=force)
     except KeyboardInterrupt:
@@ -71,7 +73,8 @@ def _run_sweep(plan, cells, force: bool = False) -> int:
                       f"`memsweep resume {plan.name}` runs what did not finish")
         return 130
     failed = [o for o in outcomes if o.status != "FINISHED"]
-    console.print(f"sweep {plan.name}: {len(outcomes) - len(failed)} finished, {len(failed)} failed"
+    console.print(f"sweep {plan.name}: {len(outcomes) - len(failed)} finished, {len(failed)} failed "
+                  f"in {time.monotonic() - started:.0f} s"
                   + (f"; `memsweep status {plan.name}` lists them, `memsweep resume {plan.name} --failed` "
                      "retries them" if failed else ""))
     return 1 if failed else 0

@@ -84,14 +84,20 @@ def _missing_config_message(err: MissingConfigException, overrides) -> str:
 
 
 # -- grids --------------------------------------------------------------------------------------------
-def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
-    """(sweep overrides such as `seed=0,1`, fixed overrides such as `train.lr=1e-3`)."""
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> list:
+    """Hydra's parsed overrides. The parser sees the config loader, so `glob(...)` over config
+    groups expands as it does with `--multirun`."""
     with hydra_context():
         parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
         try:
-            parsed = parser.parse_overrides(list(overrides))
+            return parser.parse_overrides(list(overrides))
         except HydraException as err:
             raise ConfigError(" ".join(str(err).split())) from None
+
+
+def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """(sweep overrides such as `seed=0,1`, fixed overrides such as `train.lr=1e-3`)."""
+    parsed = parse_overrides(overrides)
     sweeps = [o.input_line for o in parsed if o.is_sweep_override()]
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     return sweeps, fixed
@@ -99,15 +105,10 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
 
 def expand_grid(axes: list[str]) -> list[tuple[str, ...]]:
     """Override strings (sweep syntax allowed) -> one tuple of plain overrides per cell, in the basic
-    sweeper's order. `glob(...)` over config groups works because the parser sees the config loader."""
-    with hydra_context():
-        parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
-        try:
-            parsed = parser.parse_overrides(list(axes))
-        except HydraException as err:
-            raise ConfigError(" ".join(str(err).split())) from None
-        choices = []
-        for override in parsed:
+    sweeper's order."""
+    choices = []
+    with hydra_context():  # expanding glob(...) reads the config groups
+        for override in parse_overrides(axes):
             key = override.get_key_element()
             if override.is_sweep_override():
                 choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
@@ -169,12 +170,7 @@ class GridComposer:
         self.bases: dict[tuple[str, ...], DictConfig] = {}
 
     def compose(self, overrides: list[str]) -> DictConfig:
-        with hydra_context():
-            parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
-            try:
-                parsed = parser.parse_overrides(list(overrides))
-            except HydraException as err:
-                raise ConfigError(" ".join(str(err).split())) from None
+        parsed = parse_overrides(overrides)
         values = [o for o in parsed if self._is_plain_value(o)]
         structural = tuple(o.input_line for o in parsed if not self._is_plain_value(o))
         if structural not in self.bases:
