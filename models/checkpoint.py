@@ -5,8 +5,11 @@ Layout under the storage root, one folder per cell:
     <root>/<cell_id>/step-000001000/state.pt     model, optimizer, step, RNG states, history, cell id
     <root>/<cell_id>/step-000001000/COMPLETE     written last: only folders holding it count
 
-A checkpoint is written into a temporary folder, moved to `step-N`, then marked COMPLETE. A move is
-atomic on local disks but a copy on object stores, hence the marker. The latest two complete
+On a local disk a checkpoint is written into a temporary folder, moved to `step-N`, then marked
+COMPLETE. Object stores have no directory move (and each object appears whole or not at all), so there
+the state is written straight into `step-N`; either way only the COMPLETE marker, written last, makes
+a checkpoint count. A URI's query (`s3://b/p?endpoint_override=HOST:PORT&scheme=http`) configures the
+filesystem and is not part of the path; credentials come from the environment (AWS_ACCESS_KEY_ID, ...). The latest two complete
 checkpoints are kept. Loading uses torch.load's weights-only mode, and refuses another cell's state.
 """
 
@@ -63,13 +66,20 @@ class CheckpointStore:
         buffer = io.BytesIO()
         torch.save({**state, "cell_id": self.cell_id, "step": step}, buffer)
         final = f"{self.dir}/step-{step:09d}"
-        tmp = f"{self.dir}/.tmp-step-{step:09d}-{uuid.uuid4().hex[:8]}"
-        self.fs.create_dir(tmp, recursive=True)
-        with self.fs.open_output_stream(f"{tmp}/state.pt") as out:
-            out.write(buffer.getvalue())
         if self.fs.get_file_info(final).type != pafs.FileType.NotFound:
             self.fs.delete_dir(final)  # an incomplete leftover of a crashed save of the same step
-        self.fs.move(tmp, final)
+        if self.fs.type_name == "local":
+            tmp = f"{self.dir}/.tmp-step-{step:09d}-{uuid.uuid4().hex[:8]}"
+            self.fs.create_dir(tmp, recursive=True)
+            with self.fs.open_output_stream(f"{tmp}/state.pt") as out:
+                out.write(buffer.getvalue())
+            self.fs.move(tmp, final)
+        else:
+            # Object stores (s3, gcs, ...) cannot move a directory (pyarrow copies single keys only),
+            # but each object is written whole: write in place; the marker below still comes last.
+            self.fs.create_dir(final, recursive=True)
+            with self.fs.open_output_stream(f"{final}/state.pt") as out:
+                out.write(buffer.getvalue())
         with self.fs.open_output_stream(f"{final}/{MARKER}") as out:
             out.write(b"ok\n")
         self._prune()

@@ -221,6 +221,13 @@ class Cell:
         return self.spec.cell_id
 
 
+def pack_key(spec: CellSpec) -> tuple:
+    """Cells with equal keys can train as one pack (models/packed.py): same shape, vocabulary,
+    sequence length, precision and recipe; they may differ in dataset size, non-members and seed."""
+    m, d = spec.model, spec.data
+    return (m.n_layer, m.n_head, m.n_embd, d.vocab_size, d.seq_len, d.kind, spec.precision, spec.train)
+
+
 def to_dict(spec: CellSpec) -> dict:
     """Nested plain dict of a spec (for ids, params and Parquet columns)."""
     return dataclasses.asdict(spec)

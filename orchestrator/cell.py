@@ -101,14 +101,41 @@ def train_and_measure(
         progress=progress,
     )
     metrics, table = measure_cell(spec, result.model, members, nonmembers, options.eval_batch_size)
-    metrics.update({
-        "steps": float(result.steps),
-        "converged": float(result.converged),
-        "resumed_from_step": float(result.resumed_from_step),
-        "wall_s": result.wall_s,
-        "tokens_per_s": result.tokens_per_s,
-    })
+    metrics.update(_train_metrics(result))
     return metrics, table, result
+
+
+def _open_run(cell: Cell, tracker: Tracker, parent_run_id: str | None, tags: dict | None) -> tuple[str, bool]:
+    """The cell's run, found by its cell-id tag (created if new); True when it already FINISHED."""
+    spec, options = cell.spec, cell.options
+    run_id, finished = tracker.open_cell_run(
+        options.experiment, spec.cell_id, run_name=spec.slug,
+        tags={TAG_SWEEP: options.sweep, "precision": spec.precision, **options.tags},
+        parent_run_id=parent_run_id,
+    )
+    if not finished:
+        if tags:  # where this attempt runs (a retry on another node overwrites them)
+            tracker.set_tags(run_id, tags)
+        tracker.log_params(run_id, flatten(cell.config or to_dict(spec)))
+    return run_id, finished
+
+
+def _record(tracker: Tracker, run_id: str, metrics: dict, table: pa.Table, curves: MetricBuffer,
+            started: float) -> None:
+    """Final metrics and the per-sequence artifact, then FINISHED (in that order)."""
+    curves.flush()
+    final_step = int(metrics["steps"])
+    tracker.log_metrics(run_id, [(k, v, final_step) for k, v in metrics.items()])
+    tracker.log_table(run_id, table)
+    tracker.set_tags(run_id, {"cell_wall_s": f"{time.perf_counter() - started:.1f}"})
+    tracker.finish(run_id)
+
+
+def _failed(tracker: Tracker, cell: Cell, run_id: str, err: BaseException) -> CellOutcome:
+    error = f"{type(err).__name__}: {err}"
+    trace = "".join(traceback.format_exception(err, limit=8))
+    tracker.fail(run_id, f"{error}\n{trace}")
+    return CellOutcome(cell.cell_id, run_id, "FAILED", error=error)
 
 
 def run_cell(
@@ -121,33 +148,100 @@ def run_cell(
 ) -> CellOutcome:
     """Train, measure and record one cell into its own MLflow run. Never raises for a failure of the
     cell itself (it is recorded FAILED); re-raises cancellation after marking the run KILLED."""
-    spec, options = cell.spec, cell.options
+    options = cell.options
     tracker = tracker or Tracker(options.tracking_uri, options.artifact_root)
-    run_id, finished = tracker.open_cell_run(
-        options.experiment, spec.cell_id, run_name=spec.slug,
-        tags={TAG_SWEEP: options.sweep, "precision": spec.precision, **options.tags},
-        parent_run_id=parent_run_id,
-    )
+    run_id, finished = _open_run(cell, tracker, parent_run_id, tags)
     if finished:
-        return CellOutcome(spec.cell_id, run_id, "FINISHED", already_finished=True)
+        return CellOutcome(cell.cell_id, run_id, "FINISHED", already_finished=True)
     try:
-        if tags:  # where this attempt runs (a retry on another node overwrites them)
-            tracker.set_tags(run_id, tags)
-        tracker.log_params(run_id, flatten(cell.config or to_dict(spec)))
         curves = MetricBuffer(tracker, run_id)
         started = time.perf_counter()
         metrics, table, _ = train_and_measure(cell, log=curves, progress=progress)
-        curves.flush()
-        final_step = int(metrics["steps"])
-        tracker.log_metrics(run_id, [(k, v, final_step) for k, v in metrics.items()])
-        tracker.log_table(run_id, table)
-        tracker.set_tags(run_id, {"cell_wall_s": f"{time.perf_counter() - started:.1f}"})
-        tracker.finish(run_id)
-        return CellOutcome(spec.cell_id, run_id, "FINISHED", metrics)
+        _record(tracker, run_id, metrics, table, curves, started)
+        return CellOutcome(cell.cell_id, run_id, "FINISHED", metrics)
     except (KeyboardInterrupt, SystemExit) as err:
         tracker.fail(run_id, f"cancelled: {type(err).__name__}", status="KILLED")
         raise
     except Exception as err:  # the cell failed; the sweep goes on
-        error = f"{type(err).__name__}: {err}"
-        tracker.fail(run_id, f"{error}\n{traceback.format_exc(limit=8)}")
-        return CellOutcome(spec.cell_id, run_id, "FAILED", error=error)
+        return _failed(tracker, cell, run_id, err)
+
+
+def run_pack(
+    cells: list[Cell],
+    *,
+    parent_run_id: str | None = None,
+    tracker: Tracker | None = None,
+    tags: dict | None = None,
+) -> list[CellOutcome]:
+    """Train compatible cells as one pack (models.packed), then measure and record each into its own
+    MLflow run, exactly as `run_cell` would: each cell resumes from its own checkpoint, a cell already
+    FINISHED is skipped, and a cell that fails (its storage, its evaluation) is recorded FAILED while
+    the others go on. Re-raises cancellation after marking the unfinished runs KILLED."""
+    from models.packed import train_packed
+
+    if len(cells) == 1:
+        return [run_cell(cells[0], parent_run_id=parent_run_id, tracker=tracker, tags=tags)]
+    options = cells[0].options
+    tracker = tracker or Tracker(options.tracking_uri, options.artifact_root)
+    outcomes: dict[str, CellOutcome] = {}
+    todo, runs = [], {}
+    for cell in cells:
+        run_id, finished = _open_run(cell, tracker, parent_run_id, tags)
+        runs[cell.cell_id] = run_id
+        if finished:
+            outcomes[cell.cell_id] = CellOutcome(cell.cell_id, run_id, "FINISHED", already_finished=True)
+        else:
+            todo.append(cell)
+    try:
+        if todo:
+            device = resolve_device(options.device)
+            for cell in todo:
+                check_supported(cell.spec.precision, device)
+            members = [synthetic_members(c.spec.data, c.spec.seed) for c in todo]
+            curves = [MetricBuffer(tracker, runs[c.cell_id]) for c in todo]
+            started = time.perf_counter()
+            results = train_packed(
+                [c.spec for c in todo], members, device=device,
+                evaluates=[(lambda model, c=c, m=m: memorization_metrics(c.spec, model, m, c.options.eval_batch_size))
+                           for c, m in zip(todo, members)],
+                checkpoints=[CheckpointStore(c.options.storage, c.cell_id) for c in todo],
+                logs=curves, isolate_errors=True,
+            )
+            for cell, m, curve, result in zip(todo, members, curves, results):
+                run_id = runs[cell.cell_id]
+                try:
+                    if isinstance(result, BaseException):
+                        raise result
+                    metrics, table = _measured(cell, result, m)
+                    _record(tracker, run_id, metrics, table, curve, started)
+                    outcomes[cell.cell_id] = CellOutcome(cell.cell_id, run_id, "FINISHED", metrics)
+                except Exception as err:
+                    outcomes[cell.cell_id] = _failed(tracker, cell, run_id, err)
+    except (KeyboardInterrupt, SystemExit) as err:
+        for cell in todo:
+            if cell.cell_id not in outcomes:
+                tracker.fail(runs[cell.cell_id], f"cancelled: {type(err).__name__}", status="KILLED")
+        raise
+    except Exception as err:  # the pack itself failed: every cell not yet recorded fails with it
+        for cell in todo:
+            if cell.cell_id not in outcomes:
+                outcomes[cell.cell_id] = _failed(tracker, cell, runs[cell.cell_id], err)
+    return [outcomes[c.cell_id] for c in cells]
+
+
+def _measured(cell: Cell, result: TrainResult, members: np.ndarray) -> tuple[dict, pa.Table]:
+    spec = cell.spec
+    nonmembers = synthetic_nonmembers(spec.data, spec.seed)
+    metrics, table = measure_cell(spec, result.model, members, nonmembers, cell.options.eval_batch_size)
+    metrics.update(_train_metrics(result))
+    return metrics, table
+
+
+def _train_metrics(result: TrainResult) -> dict:
+    return {
+        "steps": float(result.steps),
+        "converged": float(result.converged),
+        "resumed_from_step": float(result.resumed_from_step),
+        "wall_s": result.wall_s,
+        "tokens_per_s": result.tokens_per_s,
+    }

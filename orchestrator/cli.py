@@ -1,9 +1,9 @@
 """The `memsweep` command.
 
     memsweep run [OVERRIDES...]                       one cell in this process (e.g. model=l1_d32 seed=3)
-    memsweep launch sweep=NAME [OVERRIDES...] [--dry-run] [--force]
+    memsweep launch sweep=NAME [OVERRIDES...] [--dry-run] [--force] [--submit]
     memsweep status SWEEP [OVERRIDES...]              cells by state, with each failure's error
-    memsweep resume SWEEP [--failed] [OVERRIDES...]   run the cells that have not finished
+    memsweep resume SWEEP [--failed] [--submit] [OVERRIDES...]   run the cells that have not finished
     memsweep ui [OVERRIDES...] [--port N]             serve the tracking store on 127.0.0.1
 
 OVERRIDES use Hydra's grammar over conf/ (`train.lr=1e-3`, `precision=bf16`, `seed=0,1,2` in a sweep).
@@ -80,10 +80,43 @@ def _run_sweep(plan, cells, force: bool = False) -> int:
     return 1 if failed else 0
 
 
+def _submit(plan, command: list[str]) -> int:
+    """Send `memsweep <command>` to the cluster as a Ray Job, after the plan was validated here."""
+    import shlex
+
+    from orchestrator.scheduler import job_env, submit_job
+
+    cluster = plan.cluster
+    if cluster.kind != "ray" or not cluster.dashboard_address:
+        raise ConfigError("--submit sends the sweep's driver to a Ray cluster: add cluster=ray "
+                          "(and cluster.dashboard_address=http://HOST:8265 or RAY_DASHBOARD_ADDRESS)")
+    if plan.tracker.uri.startswith(("sqlite:", "file:")) or "://" not in plan.tracker.uri:
+        console.print(f"[yellow]note:[/yellow] the job records into {plan.tracker.uri}, a path on the cluster's "
+                      "head node; use tracking=server to follow it from here")
+    entrypoint = shlex.join(["memsweep", *command])
+    env = job_env(cluster.job_env)
+    try:
+        job_id = submit_job(cluster.dashboard_address, entrypoint, env, plan.name)
+    except Exception as err:  # unreachable dashboard, refused token, ...: nothing was submitted
+        raise ConfigError(f"could not submit to the Ray Jobs API at {cluster.dashboard_address}: "
+                          f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+    fixed = " ".join(shlex.quote(o) for o in plan.overrides if not o.startswith("sweep="))
+    out.print(job_id)
+    console.print(f"submitted sweep {plan.name} to {cluster.dashboard_address} as Ray Job {job_id}"
+                  + (f" (environment: {', '.join(sorted(env))})" if env else ""))
+    console.print(f"  follow it:  ray job logs -f {job_id} --address {cluster.dashboard_address}")
+    console.print(f"  its cells:  memsweep status {plan.name} {fixed}".rstrip())
+    console.print(f"  stop it:    ray job stop {job_id} --address {cluster.dashboard_address}; "
+                  f"later `memsweep resume {plan.name} ...` runs what did not finish")
+    return 0
+
+
 def cmd_launch(args: argparse.Namespace) -> int:
     from orchestrator.launch import make_plan
 
     plan = make_plan(args.overrides)  # every cell composed and validated before anything runs
+    if args.submit and not args.dry_run:
+        return _submit(plan, ["launch", *args.overrides, *(["--force"] if args.force else [])])
     todo = plan.cells if args.force else [c for c in plan.cells if plan.state(c) != "FINISHED"]
     if args.dry_run:
         from measure.memorization import PAPER_ALPHA_BITS_PER_PARAM, predicted_mem_bits
@@ -115,6 +148,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from orchestrator.launch import recorded_plan
 
     plan = recorded_plan(args.sweep, args.overrides)
+    if args.submit:
+        return _submit(plan, ["resume", args.sweep, *args.overrides, *(["--failed"] if args.failed else [])])
     wanted = ("FAILED",) if args.failed else ("FAILED", "KILLED", "RUNNING", "PENDING")
     return _run_sweep(plan, [c for c in plan.cells if plan.state(c) in wanted])
 
@@ -201,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("overrides", nargs="*", help="sweep=NAME plus overrides; sweep syntax (a,b / range()) adds axes")
     launch.add_argument("--dry-run", action="store_true", help="list the cells, their ids, predictions and requests; run nothing")
     launch.add_argument("--force", action="store_true", help="rerun cells that already finished")
+    launch.add_argument("--submit", action="store_true",
+                        help="validate here, then run the sweep's driver on the cluster as a Ray Job (cluster=ray)")
     launch.set_defaults(func=cmd_launch)
 
     status = sub.add_parser("status", help="the cells of a sweep by state, with errors")
@@ -212,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("sweep")
     resume.add_argument("overrides", nargs="*")
     resume.add_argument("--failed", action="store_true", help="only the cells that FAILED")
+    resume.add_argument("--submit", action="store_true", help="run the resumed sweep's driver on the cluster as a Ray Job")
     resume.set_defaults(func=cmd_resume)
 
     for name, what in (("aggregate", "pull every run of a sweep into Parquet tables and fit capacity, alpha, the MIA law"),

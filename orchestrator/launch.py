@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from models.spec import Cell
 from orchestrator.compose import ConfigError, compose_config, experiment_name, load_sweep, split_overrides
-from orchestrator.resources import ClusterOptions
-from orchestrator.tracking import TAG_KIND, CellRecord, Tracker
+from orchestrator.resources import ClusterOptions, PackOptions
+from orchestrator.tracking import TAG_KIND, CellRecord, Tracker, redact
 
 TAG_OVERRIDES = "memsweep.overrides"
 
@@ -31,6 +31,7 @@ class Plan:
     cluster: ClusterOptions
     tracker: Tracker
     overrides: list[str]
+    pack: PackOptions = PackOptions()
 
     def state(self, cell: Cell) -> str:
         record = self.records.get(cell.cell_id)
@@ -48,13 +49,20 @@ def make_plan(overrides: list[str]) -> Plan:
     tracker = Tracker(first.options.tracking_uri, first.options.artifact_root)
     tracker.ensure_store()
     records = tracker.cell_records(first.options.experiment)
-    return Plan(sweep.name, sweep.cells, records, cluster, tracker, list(overrides))
+    return Plan(sweep.name, sweep.cells, records, cluster, tracker, list(overrides), pack_options(first.config))
 
 
 def cluster_options(config: dict) -> ClusterOptions:
     from orchestrator.compose import typed_options
 
     return typed_options(ClusterOptions, config["cluster"], "cluster")
+
+
+def pack_options(config: dict) -> PackOptions:
+    """The `pack` section (a runtime option: never part of a cell id); absent: the defaults."""
+    from orchestrator.compose import typed_options
+
+    return typed_options(PackOptions, config.get("pack") or {}, "pack")
 
 
 def run_plan(plan: Plan, cells: list[Cell], *, force: bool = False, display=None) -> list:
@@ -66,7 +74,7 @@ def run_plan(plan: Plan, cells: list[Cell], *, force: bool = False, display=None
     parent = plan.tracker.start_launch(experiment, plan.name, {"overrides": " ".join(plan.overrides),
                                                                 "num_cells": len(plan.cells),
                                                                 "num_submitted": len(cells)})
-    plan.tracker.set_tags(parent, {TAG_OVERRIDES: json.dumps(plan.overrides)})
+    plan.tracker.set_tags(parent, {TAG_OVERRIDES: json.dumps([redact(o) for o in plan.overrides])})
     if force:
         for cell in cells:
             record = plan.records.get(cell.cell_id)
@@ -76,7 +84,7 @@ def run_plan(plan: Plan, cells: list[Cell], *, force: bool = False, display=None
     try:
         with ray_cluster(plan.cluster), (display or SweepProgress(len(cells))) as shown:
             outcomes = run_cells(cells, cluster=plan.cluster, tracker=plan.tracker,
-                                 parent_run_id=parent, display=shown)
+                                 parent_run_id=parent, display=shown, pack=plan.pack)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"

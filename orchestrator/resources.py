@@ -31,6 +31,8 @@ class ClusterOptions:
     max_cells_per_gpu: int = 16
     max_retries: int = 3  # retries of a cell whose worker or node died (not of a cell that raised)
     use_gpus: bool = True  # False keeps cells on CPUs even where the cluster has GPUs
+    dashboard_address: str | None = None  # the Ray Jobs API (http://HOST:8265) for `launch --submit`
+    job_env: str = ""  # comma-separated names of variables `--submit` copies into the Job's environment
 
     def __post_init__(self) -> None:
         if self.kind not in ("local", "ray"):
@@ -93,3 +95,60 @@ def human_bytes(n: float) -> str:
     units = ["B", "KiB", "MiB", "GiB", "TiB"]
     exponent = min(len(units) - 1, int(math.log(max(n, 1), 1024)))
     return f"{n / 1024 ** exponent:.1f} {units[exponent]}"
+
+
+@dataclass(frozen=True)
+class PackOptions:
+    """How `launch` groups compatible cells into packs trained as one model (conf/config.yaml `pack`)."""
+
+    enabled: bool = True
+    max_cells: int = 8  # cells per pack at most
+    max_memory_gb: float = 16.0  # a pack's summed memory estimate at most
+    fill_workers: bool = True  # split packs while fewer packs than CPU slots (or GPUs) would idle some
+
+    def __post_init__(self) -> None:
+        if self.max_cells < 1:
+            raise SpecError(f"pack.max_cells={self.max_cells} must be >= 1")
+        if not self.max_memory_gb > 0:
+            raise SpecError(f"pack.max_memory_gb={self.max_memory_gb} must be positive")
+
+
+def plan_packs(specs: list[CellSpec], options: PackOptions, slots: int = 1, eval_batch_size: int = 1024) -> list[list[int]]:
+    """Indices of `specs` grouped into packs: compatible cells (models.spec.pack_key) together, at most
+    `max_cells` and `max_memory_gb` per pack; with `fill_workers`, packs are split until there are at
+    least `slots` of them (a pack runs on one worker, so fewer packs than workers would idle some).
+    Order is kept within and across packs. Pure: no torch, no Ray."""
+    from models.spec import pack_key
+
+    if not options.enabled:
+        return [[i] for i in range(len(specs))]
+    groups: dict[tuple, list[int]] = {}
+    for i, spec in enumerate(specs):
+        groups.setdefault(pack_key(spec), []).append(i)
+    packs = []
+    budget = options.max_memory_gb * GiB
+    for members in groups.values():
+        current, used = [], 0
+        for i in members:
+            need = estimate_memory_bytes(specs[i], eval_batch_size)
+            if current and (len(current) >= options.max_cells or used + need > budget):
+                packs.append(current)
+                current, used = [], 0
+            current.append(i)
+            used += need
+        packs.append(current)
+    while options.fill_workers and len(packs) < slots and any(len(p) > 1 for p in packs):
+        largest = max(range(len(packs)), key=lambda j: len(packs[j]))
+        pack = packs.pop(largest)
+        half = (len(pack) + 1) // 2
+        packs[largest:largest] = [pack[:half], pack[half:]]
+    return packs
+
+
+def pack_request(requests: list[dict]) -> dict:
+    """One pack's Ray request: the cells' memory summed, one cell's CPUs, their GPU fractions summed."""
+    request = {"num_cpus": requests[0]["num_cpus"], "memory": sum(r["memory"] for r in requests)}
+    if "num_gpus" in requests[0]:
+        request["num_gpus"] = min(1.0, round(sum(r["num_gpus"] for r in requests), 4))
+        request["memory"] = requests[0]["memory"]
+    return request

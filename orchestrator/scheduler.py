@@ -22,7 +22,7 @@ from ray.exceptions import RayError
 
 from models.spec import Cell
 from orchestrator.cell import CellOutcome
-from orchestrator.resources import ClusterOptions, request_for
+from orchestrator.resources import ClusterOptions, PackOptions, pack_request, plan_packs, request_for
 from orchestrator.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def _is_loopback(address: str | None) -> bool:
     if address == "auto":
         address = os.environ.get("RAY_ADDRESS", "")
     host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
-    return host in LOOPBACK_HOSTS
+    return host in LOOPBACK_HOSTS  # what Ray itself rewrites (other 127.x addresses it leaves alone)
 
 
 def _keep_loopback() -> None:
@@ -90,6 +90,12 @@ def ray_cluster(cluster: ClusterOptions):
         )
     else:
         extra = {"_node_ip_address": "127.0.0.1"} if _is_loopback(cluster.address) else {}
+        # Cells run on other machines, which do not see this shell's environment: hand them the
+        # tracking and storage variables (cluster.job_env) as the job's runtime env, as --submit does.
+        # A driver submitted as a Ray Job already has them in the job's runtime env (Ray refuses both).
+        env_vars = {} if _inside_ray_job() else job_env(cluster.job_env)
+        if env_vars:
+            extra["runtime_env"] = {"env_vars": env_vars}
         ray.init(address=cluster.address, log_to_driver=False, configure_logging=False, **extra)
     try:
         yield
@@ -126,6 +132,28 @@ def _cell_task(cell: Cell, parent_run_id: str | None, num_threads: int) -> CellO
     return run_cell(cell, parent_run_id=parent_run_id, tags=where)
 
 
+@ray.remote
+def _pack_task(cells: list[Cell], parent_run_id: str | None, num_threads: int) -> list[CellOutcome]:
+    """Cells trained as one pack (orchestrator.cell.run_pack); a retry resumes each from its checkpoint."""
+    import torch
+
+    from orchestrator.cell import run_pack
+
+    torch.set_num_threads(max(1, num_threads))
+    context = ray.get_runtime_context()
+    where = {"ray.node_id": context.get_node_id(), "ray.task_attempt": str(context.get_task_id()),
+             "memsweep.pack_size": str(len(cells))}
+    return run_pack(cells, parent_run_id=parent_run_id, tags=where)
+
+
+def _slots(cluster: ClusterOptions, on_gpu: bool) -> int:
+    """How many tasks the cluster runs at once: GPUs on GPU clusters, else CPUs over cpus_per_cell."""
+    resources = ray.cluster_resources()
+    if on_gpu:
+        return max(1, int(resources.get("GPU", 1)))
+    return max(1, int(resources.get("CPU", 1) // cluster.cpus_per_cell))
+
+
 def run_cells(
     cells: Iterable[Cell],
     *,
@@ -133,48 +161,64 @@ def run_cells(
     tracker: Tracker,
     parent_run_id: str | None,
     display: SweepDisplay,
+    pack: PackOptions | None = None,
 ) -> list[CellOutcome]:
-    """Run `cells` on the connected Ray cluster; returns one outcome per cell, in completion order."""
+    """Run `cells` on the connected Ray cluster; returns one outcome per cell, in completion order.
+    Compatible cells are grouped into packs (`pack`); a pack is one task with the summed request."""
     cells = list(cells)
     on_gpu = cluster.use_gpus and cluster_has_gpus()
     requests = {c.cell_id: request_for(c.spec, cluster, on_gpu, c.options.eval_batch_size) for c in cells}
-    check_feasible(requests)
+    packs = [[cells[i] for i in group] for group in plan_packs(
+        [c.spec for c in cells], pack or PackOptions(enabled=False), _slots(cluster, on_gpu),
+        cells[0].options.eval_batch_size if cells else 1024)]
+    pack_requests = {p[0].cell_id: pack_request([requests[c.cell_id] for c in p]) for p in packs}
+    check_feasible(pack_requests)
     cpus_per_cell = cluster.cpus_per_cell
     by_ref = {}
-    for cell in cells:
+    for group in packs:
         # SPREAD: cells are independent and compute-bound, so balance them over nodes rather than
         # packing the first node (Ray's default); fractional GPU requests still pack within a node.
-        options = dict(requests[cell.cell_id], max_retries=cluster.max_retries, retry_exceptions=False,
-                       name=f"cell:{cell.spec.slug}", scheduling_strategy="SPREAD")
-        by_ref[_cell_task.options(**options).remote(cell, parent_run_id, int(cpus_per_cell))] = cell
+        options = dict(pack_requests[group[0].cell_id], max_retries=cluster.max_retries, retry_exceptions=False,
+                       scheduling_strategy="SPREAD")
+        if len(group) == 1:
+            task = _cell_task.options(name=f"cell:{group[0].spec.slug}", **options)
+        else:
+            task = _pack_task.options(name=f"pack:{group[0].spec.slug}+{len(group) - 1}", **options)
+        by_ref[task.remote(group[0] if len(group) == 1 else group, parent_run_id, int(cpus_per_cell))] = group
 
     pending, outcomes, failed, start = list(by_ref), [], 0, time.monotonic()
     try:
         while pending:
             done, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
             for ref in done:
-                outcome = _collect(ref, by_ref[ref], tracker)
-                failed += outcome.status != "FINISHED"
-                outcomes.append(outcome)
-                display.cell_done(outcome, time.monotonic() - start)
-            display.update(len(outcomes) - failed, failed, _running_estimate(len(pending), on_gpu, cpus_per_cell),
-                           len(pending))
+                for outcome in _collect(ref, by_ref[ref], tracker):
+                    failed += outcome.status != "FINISHED"
+                    outcomes.append(outcome)
+                    display.cell_done(outcome, time.monotonic() - start)
+            unfinished = sum(len(by_ref[r]) for r in pending)
+            display.update(len(outcomes) - failed, failed, _running_estimate(unfinished, on_gpu, cpus_per_cell),
+                           unfinished)
     except KeyboardInterrupt:
-        _cancel(pending, [by_ref[r] for r in pending], tracker)
+        _cancel(pending, [c for r in pending for c in by_ref[r]], tracker)
         raise
     return outcomes
 
 
-def _collect(ref, cell: Cell, tracker: Tracker) -> CellOutcome:
-    """The task's outcome; a task lost beyond its retries is recorded FAILED here, by the driver."""
+def _collect(ref, cells: list[Cell], tracker: Tracker) -> list[CellOutcome]:
+    """The task's outcomes; cells of a task lost beyond its retries are recorded FAILED here."""
     try:
-        return ray.get(ref)
+        result = ray.get(ref)
+        return result if isinstance(result, list) else [result]
     except RayError as err:
         error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        record = tracker.cell_records(cell.options.experiment).get(cell.cell_id)
-        if record and record.status == "RUNNING":
-            tracker.fail(record.run_id, error)
-        return CellOutcome(cell.cell_id, record.run_id if record else None, "FAILED", error=error)
+        records = tracker.cell_records(cells[0].options.experiment)
+        outcomes = []
+        for cell in cells:
+            record = records.get(cell.cell_id)
+            if record and record.status == "RUNNING":
+                tracker.fail(record.run_id, error)
+            outcomes.append(CellOutcome(cell.cell_id, record.run_id if record else None, "FAILED", error=error))
+        return outcomes
 
 
 def _running_estimate(unfinished: int, on_gpu: bool, cpus_per_cell: float) -> int:
@@ -198,3 +242,48 @@ def _cancel(refs: list, cells: list[Cell], tracker: Tracker) -> None:
         record = records.get(cell.cell_id)
         if record and record.status == "RUNNING":
             tracker.fail(record.run_id, "cancelled: the driver was interrupted", status="KILLED")
+
+
+# -- Ray Jobs: the sweep's driver on the cluster (`memsweep launch --submit`) ------------------------
+def job_env(names: str, environ: dict | None = None) -> dict[str, str]:
+    """The variables named in `names` (comma-separated) that are set in `environ`: what the Job's
+    driver and its cells need to reach the tracking server and the storage (runtime_env env_vars,
+    which Ray hands to the driver and, through the job's runtime env, to every worker)."""
+    environ = os.environ if environ is None else environ
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    return {n: environ[n] for n in wanted if environ.get(n)}
+
+
+def _inside_ray_job() -> bool:
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    return bool(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR))
+
+
+def submit_job(dashboard_address: str, entrypoint: str, env_vars: dict[str, str], sweep: str) -> str:
+    """Submit `entrypoint` as a Ray Job through the dashboard's Jobs API; returns the job id. Nothing
+    here joins the cluster as a driver, so the submitting machine may disconnect afterwards."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(dashboard_address)
+    job_id = f"memsweep-{sweep}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}"
+    return client.submit_job(
+        entrypoint=entrypoint,
+        submission_id=job_id,
+        runtime_env={"env_vars": dict(env_vars)},
+        metadata={"memsweep.sweep": sweep},
+        entrypoint_num_cpus=0,  # the driver only schedules: it must not take a cell's CPU
+    )
+
+
+def job_status(dashboard_address: str, job_id: str) -> str:
+    """PENDING, RUNNING, STOPPED, SUCCEEDED or FAILED."""
+    from ray.job_submission import JobSubmissionClient
+
+    return str(JobSubmissionClient(dashboard_address).get_job_status(job_id).value)
+
+
+def job_logs(dashboard_address: str, job_id: str) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(dashboard_address).get_job_logs(job_id)

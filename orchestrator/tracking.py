@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -74,6 +75,21 @@ def retrying(fn: Callable[[], T], what: str, timeout_s: float = 300.0) -> T:
             log.warning("tracking: %s failed (%s); retrying in %.1f s", what, err, delay)
             time.sleep(delay)
             delay = min(delay * 2, 15.0)
+
+
+SECRET_WORDS = re.compile(r"secret|passw|token|credential|session|access_key|api_key|private", re.I)
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/?#@\s]*):(?P<password>[^@/?#\s]+)@")
+_QUERY_ITEM = re.compile(r"(?P<key>[A-Za-z0-9_.-]+)=(?P<value>[^&\s]*)")
+REDACTED = "***"
+
+
+def redact(value: str) -> str:
+    """`value` with credentials masked: the password of a URL (`scheme://user:PASSWORD@host`) and the
+    value of every query item or `key=value` word whose key names a secret (`secret_key=...`,
+    `password=...`, `session_token=...`). Applied to everything recorded as a param or override tag;
+    credentials belong in the environment (AWS_*, MLFLOW_TRACKING_PASSWORD), which is never recorded."""
+    value = _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", value)
+    return _QUERY_ITEM.sub(lambda m: f"{m['key']}={REDACTED}" if SECRET_WORDS.search(m["key"]) else m[0], value)
 
 
 @dataclass(frozen=True)
@@ -201,7 +217,7 @@ class Tracker:
     def log_params(self, run_id: str, params: dict) -> None:
         """Params are write-once in MLflow: a resumed run re-logs only what it lacks."""
         present = self._call("read params", lambda: self.client.get_run(run_id).data.params)
-        items = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in present]
+        items = [Param(k, redact(str(v))[:6000]) for k, v in params.items() if k not in present]
         for i in range(0, len(items), 100):
             chunk = items[i : i + 100]
             self._call("log params", lambda: self.client.log_batch(run_id, params=chunk))

@@ -262,3 +262,25 @@ def test_eight_cells_finishing_at_once_lose_nothing(ray_driver, sweep_root):
         assert run.data.metrics["mem_bits"] == pytest.approx(outcome.metrics["mem_bits"], rel=0, abs=0)
         assert len(run.data.metrics) == len(outcome.metrics) + 1  # + the step curve's train loss
         assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["per_sequence.parquet"]
+
+
+def test_a_packed_sweep_records_each_cell_as_the_unpacked_sweep_does(ray_driver, tmp_path, monkeypatch):
+    """Packs of compatible cells run as one Ray task each, yet every cell keeps its own FINISHED run,
+    and the numbers equal those of the same cells trained one per task."""
+    grid = SMOKE + on_cluster(ray_driver) + ["seed=0,1,2", "train.max_steps=120", "train.eval_interval=40"]
+    results = {}
+    for mode, extra in {"packed": ["pack.fill_workers=false", "pack.max_cells=4"],
+                        "unpacked": ["pack.enabled=false"]}.items():
+        root = tmp_path / mode
+        monkeypatch.setenv("MEMSWEEP_ROOT", str(root))
+        plan = make_plan(grid + extra)
+        outcomes = run_plan(plan, plan.cells, display=Quiet())
+        assert [o.status for o in outcomes] == ["FINISHED"] * 6, [o.error for o in outcomes]
+        runs = assert_one_finished_run_each(root, "smoke", [c.cell_id for c in plan.cells])
+        results[mode] = {cell_id: run.data.metrics for cell_id, run in runs.items()}
+        tasks = {run.data.tags["ray.task_attempt"] for run in runs.values()}
+        assert len(tasks) == (2 if mode == "packed" else 6), tasks  # 6 cells in packs of at most 4
+    for cell_id, metrics in results["unpacked"].items():
+        packed = results["packed"][cell_id]
+        for key in ("mem_bits", "loss_auc", "test_nll_bits_per_token", "steps"):
+            assert packed[key] == metrics[key], (cell_id, key)

@@ -1,0 +1,225 @@
+"""Benchmarks of memsweep's layers, each a ratio of two things timed in the same run.
+
+    python -m bench [--quick] [--repeats N] [--out bench/results]
+
+Every figure is measured `--repeats` times (baseline and subject back to back, so machine load hits
+both alike) and reported as median, min and max of the ratio:
+
+1. train_vs_bare: throughput of `models.train.train` over a bare PyTorch loop (same model, same
+   batches, AdamW, clipping) -- target >= 0.95.
+2. packed_k8 / packed_k32: K tiny cells (l1_d16) trained one after another over the same cells
+   trained as one pack by `models.packed.train_packed` -- target >= 2.5 for K=8 on 2 cores.
+4. score_vs_train: scoring throughput (forward only, `nll_bits`, tokens/s) over training throughput.
+5. mfu_single / mfu_packed_k8: achieved training FLOP/s (CellSpec.train_flops_per_step) over the
+   fp32 matrix-multiply peak measured here (torch.mm of large square matrices).
+
+Figure 3 (a sweep on local Ray against sequential and against Ray Tune) is not implemented yet.
+Writes bench/results/<UTC timestamp>.json with the machine's description and load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.data import BatchOrder, synthetic_members
+from models.gpt import GPT
+from models.packed import train_packed
+from models.scoring import nll_bits
+from models.spec import CellSpec, DataSpec, ModelSpec, TrainSpec
+from models.train import train
+
+CPU = torch.device("cpu")
+NO_EVAL = 10**9  # an eval_interval no run reaches: the benchmarks time training alone
+
+
+def tiny_cell(num_sequences: int, seed: int, steps: int, batch_size: int = 64) -> CellSpec:
+    """The l1_d16 cell of conf/ (V=64, S=32, the cpu recipe) without evaluations."""
+    return CellSpec(ModelSpec("l1_d16", 1, 2, 16), DataSpec(64, 32, num_sequences, 256),
+                    TrainSpec(max_steps=steps, batch_size=batch_size, lr=1e-2, eval_interval=NO_EVAL,
+                              checkpoint_interval=NO_EVAL), "fp32", seed)
+
+
+def no_eval(model) -> dict:
+    return {"mem_bits": 0.0}
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+# -- the things measured ---------------------------------------------------------------------------
+def bare_loop(spec: CellSpec, members: np.ndarray) -> None:
+    """The baseline a user would write: model, AdamW, clip, the same batches; nothing else."""
+    hp = spec.train
+    torch.manual_seed(spec.seed)
+    model = GPT.from_spec(spec)
+    opt = torch.optim.AdamW(model.parameters(), lr=hp.lr, betas=(hp.beta1, hp.beta2), foreach=True)
+    order, data = BatchOrder(spec.data, spec.seed, hp.batch_size), torch.as_tensor(members)
+    for step in range(hp.max_steps):
+        targets = data[torch.as_tensor(order.indices(step))]
+        loss = F.cross_entropy(model(model.inputs_for(targets)).flatten(0, 1), targets.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), hp.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def memsweep_train(spec: CellSpec, members: np.ndarray) -> None:
+    train(spec, members, device=CPU, evaluate=no_eval)
+
+
+def sequential(specs, members) -> None:
+    for spec, m in zip(specs, members):
+        train(spec, m, device=CPU, evaluate=no_eval)
+
+
+def packed(specs, members) -> None:
+    train_packed(specs, members, device=CPU, evaluates=[no_eval] * len(specs))
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = min(timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+    return 2.0 * n**3 / best
+
+
+# -- figures ----------------------------------------------------------------------------------------
+def ratio_stats(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
+
+
+def figure_train_vs_bare(steps: int, repeats: int) -> dict:
+    spec = tiny_cell(128, 0, steps)
+    members = synthetic_members(spec.data, spec.seed)
+    bare_loop(dataclass_steps(spec, 5), members)  # warm-up
+    ratios = []
+    for _ in range(repeats):
+        bare = timed(lambda: bare_loop(spec, members))
+        ours = timed(lambda: memsweep_train(spec, members))
+        ratios.append(bare / ours)  # throughput of ours over the bare loop's
+    return {"what": "memsweep train() throughput / bare PyTorch loop throughput", "target": ">= 0.95",
+            "steps": steps, **ratio_stats(ratios)}
+
+
+def dataclass_steps(spec: CellSpec, steps: int) -> CellSpec:
+    import dataclasses
+
+    return dataclasses.replace(spec, train=dataclasses.replace(spec.train, max_steps=steps))
+
+
+def figure_packed(k: int, steps: int, repeats: int) -> dict:
+    specs = [tiny_cell(64 + 16 * (i % 8), i, steps) for i in range(k)]
+    members = [synthetic_members(s.data, s.seed) for s in specs]
+    ratios, seq_s, pack_s = [], [], []
+    for _ in range(repeats):
+        seq = timed(lambda: sequential(specs, members))
+        pack = timed(lambda: packed(specs, members))
+        ratios.append(seq / pack)
+        seq_s.append(seq)
+        pack_s.append(pack)
+    return {"what": f"{k} l1_d16 cells one after another / the same {k} cells as one pack (time ratio)",
+            "target": ">= 2.5 (K=8, 2 CPU cores)" if k == 8 else None, "steps": steps,
+            "sequential_s": seq_s, "packed_s": pack_s, **ratio_stats(ratios)}
+
+
+def figure_score_vs_train(steps: int, repeats: int) -> dict:
+    spec = tiny_cell(1024, 0, steps)
+    members = synthetic_members(spec.data, spec.seed)
+    model = GPT.from_spec(spec)
+    tokens_train = steps * spec.train.batch_size * spec.data.seq_len
+    tokens_score = len(members) * spec.data.seq_len
+    ratios = []
+    for _ in range(repeats):
+        t_train = timed(lambda: memsweep_train(spec, members))
+        t_score = timed(lambda: nll_bits(model, members, 1024))
+        ratios.append((tokens_score / t_score) / (tokens_train / t_train))
+    return {"what": "scoring tokens/s (nll_bits, forward only) / training tokens/s", "steps": steps,
+            **ratio_stats(ratios)}
+
+
+def figure_mfu(steps: int, repeats: int, k: int) -> dict:
+    specs = [tiny_cell(64 + i, i, steps) for i in range(k)]
+    members = [synthetic_members(s.data, s.seed) for s in specs]
+    flops = specs[0].train_flops_per_step * steps * k
+    ratios, peaks = [], []
+    for _ in range(repeats):
+        peak = matmul_peak_flops()
+        run = timed(lambda: packed(specs, members) if k > 1 else memsweep_train(specs[0], members[0]))
+        ratios.append(flops / run / peak)
+        peaks.append(peak)
+    return {"what": f"achieved training FLOP/s ({'pack of %d' % k if k > 1 else 'one cell'}, l1_d16) / "
+                    "torch.mm fp32 peak", "steps": steps, "peak_flops": peaks, **ratio_stats(ratios)}
+
+
+# -- the machine ------------------------------------------------------------------------------------
+def machine() -> dict:
+    model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "gpu": gpu}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short runs (about two minutes)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--only", nargs="*", help="figure names to run (default: all)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: on a shared machine spinning OpenMP threads swamp tiny models)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    steps = 60 if args.quick else 300
+    figures = {
+        "train_vs_bare": lambda: figure_train_vs_bare(3 * steps, args.repeats),
+        "packed_k8": lambda: figure_packed(8, steps, args.repeats),
+        "packed_k32": lambda: figure_packed(32, steps // 2 if args.quick else steps, args.repeats),
+        "score_vs_train": lambda: figure_score_vs_train(steps, args.repeats),
+        "mfu_single": lambda: figure_mfu(steps, args.repeats, 1),
+        "mfu_packed_k8": lambda: figure_mfu(steps, args.repeats, 8),
+    }
+    results = {"machine": machine(), "quick": args.quick, "repeats": args.repeats,
+               "started": datetime.now(timezone.utc).isoformat(), "load_before": os.getloadavg(), "figures": {}}
+    for name, run in figures.items():
+        if args.only and name not in args.only:
+            continue
+        load = os.getloadavg()[0]
+        started = time.perf_counter()
+        figure = run()
+        figure.update({"load_1min": load, "wall_s": time.perf_counter() - started})
+        results["figures"][name] = figure
+        print(f"{name:16s} median {figure['median']:8.3f}  [{figure['min']:.3f}, {figure['max']:.3f}]  "
+              f"load {load:.1f}  {figure['what']}", flush=True)
+    results["load_after"] = os.getloadavg()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
+    path.write_text(json.dumps(results, indent=2))
+    print(f"wrote {path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,469 @@
+"""Packed training: K cells of one shape trained as one model whose every weight has a leading cell
+dimension, so one forward/backward (batched matrix products) trains K models at once.
+
+Cells of a pack share shape, precision, training recipe, vocabulary and sequence length; they differ in
+dataset size and seed. Each cell keeps what `models.train.train` gives it alone: its own data and batch
+order, its mean loss (the pack minimises the sum, so each cell's gradient is its separate gradient), its
+gradient clip (a per-cell global norm), its AdamW state and learning rate (per-cell step counts), its
+convergence test, its checkpoints (in `train()`'s format, so a packed cell resumes alone and vice versa)
+and its callbacks. A cell that stops (converged, or at `max_steps`) is dropped from the pack, so it is
+frozen exactly and costs nothing more.
+
+All weights of the pack live in one (K, P) buffer, row k holding cell k's parameters flattened in
+`GPT.named_parameters()` order; each weight is a (K, ...) view into it. Gradients land in a second
+(K, P) buffer, so per-cell clipping and AdamW are a handful of ops on two (K, P) tensors.
+
+`torch.func.vmap` over the stock GPT is not used: its CPU attention falls back to a per-sample loop.
+Here attention is one `scaled_dot_product_attention` over (K*B, heads, S, head_dim).
+
+Precisions: fp32, bf16 (bfloat16 weights, float32 master copy and AdamW state) and amp_bf16 (autocast).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.checkpoint import CheckpointStore
+from models.data import BatchOrder
+from models.gpt import GPT
+from models.spec import CellSpec, SpecError, pack_key
+from models.train import (
+    EvaluateFn,
+    LogFn,
+    ProgressFn,
+    TrainResult,
+    _rng_state,
+    has_converged,
+    learning_rate,
+)
+
+ADAM_EPS = 1e-8  # torch.optim.AdamW's default, which train() uses
+# Weights and gradients are strided views into (K, P) buffers on purpose; autograd accumulates into
+# them in place and warns that such views are not its preferred layout.
+warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
+
+
+def check_packable(specs: list[CellSpec]) -> None:
+    if not specs:
+        raise SpecError("a pack needs at least one cell")
+    first = pack_key(specs[0])
+    for spec in specs[1:]:
+        if pack_key(spec) != first:
+            raise SpecError(f"cell {spec.cell_id} cannot share a pack with {specs[0].cell_id}: shape, "
+                            "vocabulary, sequence length, precision and recipe must be equal")
+
+
+@dataclass(frozen=True)
+class _Slot:
+    name: str  # GPT parameter name
+    shape: torch.Size
+    offset: int  # into a row of the (K, P) buffer
+    numel: int
+
+
+class _CellLayerNorm(torch.autograd.Function):
+    """Per-cell LayerNorm of (K, R, C) with each cell's own (K, C) scale and shift, bit for bit what
+    nn.LayerNorm computes on each cell alone. The forward and the input gradient are batched over the
+    cells; the backward runs LayerNorm's own kernel per cell, because any other order of its sums
+    differs in the last bit, and Adam amplifies such differences into visibly different weights
+    within a hundred steps."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        y, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), None, None, 1e-5)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        return torch.addcmul(bias.unsqueeze(1), y, weight.unsqueeze(1))
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        shape = (x.shape[-1],)
+        dx, dw, db = zip(*(torch.ops.aten.native_layer_norm_backward(
+            dy[k], x[k], shape, mean[k], rstd[k], weight[k], bias[k], [True, True, True])
+            for k in range(x.shape[0])))
+        return torch.stack(dx), torch.stack(dw), torch.stack(db)
+
+
+class PackedGPT(nn.Module):
+    """K GPTs of one shape; `forward` maps (K, B, T) input ids to (K, B, T, V) logits."""
+
+    def __init__(self, template: GPT, num_cells: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu"):
+        super().__init__()
+        self.vocab_size, self.seq_len = template.vocab_size, template.seq_len
+        self.start_token = template.start_token
+        self.n_layer = len(template.blocks)
+        self.n_head = template.blocks[0].attn.n_head if self.n_layer else 1
+        self.n_embd = template.wte.weight.shape[1]
+        slots, offset = [], 0
+        for name, p in template.named_parameters():
+            slots.append(_Slot(name, p.shape, offset, p.numel()))
+            offset += p.numel()
+        self.slots, self.row_size = slots, offset
+        self.flat = torch.zeros(num_cells, offset, dtype=dtype, device=device)  # (K, P) weights
+        self.grad = torch.zeros_like(self.flat)  # (K, P) gradients, accumulated in place
+        self._rebind()
+
+    @property
+    def num_cells(self) -> int:
+        return self.flat.shape[0]
+
+    def _rebind(self) -> None:
+        """Point every weight (and its .grad) at its columns of the (K, P) buffers."""
+        K = self.flat.shape[0]
+        # Fresh leaves each time: autograd caches a leaf's shape, so resizing `.data` in place breaks it.
+        self.weights = nn.ParameterList(nn.Parameter(torch.empty(0, dtype=self.flat.dtype)) for _ in self.slots)
+        for slot, p in zip(self.slots, self.weights):
+            cols = slice(slot.offset, slot.offset + slot.numel)
+            p.data = self.flat[:, cols].view(K, *slot.shape)
+            p.grad = self.grad[:, cols].view(K, *slot.shape)
+        self.w = {slot.name: p for slot, p in zip(self.slots, self.weights)}
+
+    @torch.no_grad()
+    def keep(self, rows: list[int]) -> None:
+        """Keep only the cells at `rows` (in that order)."""
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.flat.device)
+        self.flat = self.flat.index_select(0, index)
+        self.grad = torch.zeros_like(self.flat)
+        self._rebind()
+
+    # -- conversions between a row and a stock GPT ---------------------------------------------------
+    @staticmethod
+    def flatten_state(state: dict[str, torch.Tensor], slots: list[_Slot]) -> torch.Tensor:
+        return torch.cat([state[s.name].reshape(-1) for s in slots])
+
+    def row_state(self, row: int) -> dict[str, torch.Tensor]:
+        """Cell `row`'s weights as a GPT state dict (copies)."""
+        return {s.name: self.flat[row, s.offset : s.offset + s.numel].view(s.shape).clone() for s in self.slots}
+
+    @torch.no_grad()
+    def load_row(self, row: int, state: dict[str, torch.Tensor]) -> None:
+        self.flat[row].copy_(self.flatten_state(state, self.slots))
+
+    @torch.no_grad()
+    def to_gpt(self, row: int, into: GPT | None = None) -> GPT:
+        """A stock GPT holding cell `row`'s weights (in the pack's dtype); `into` is reused if given."""
+        if into is None:
+            with torch.random.fork_rng(devices=[]):  # GPT's init must not move the global RNG
+                into = GPT(self.vocab_size, self.seq_len, self.n_layer, self.n_head, self.n_embd)
+            into.to(device=self.flat.device, dtype=self.flat.dtype)
+        for name, p in into.named_parameters():
+            slot = next(s for s in self.slots if s.name == name)
+            p.copy_(self.flat[row, slot.offset : slot.offset + slot.numel].view(slot.shape))
+        return into
+
+    # -- forward -------------------------------------------------------------------------------------
+    def inputs_for(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(K, B, S) targets -> (K, B, S) inputs: the start token followed by x_1..x_{S-1}."""
+        start = torch.full_like(tokens[..., :1], self.start_token)
+        return torch.cat([start, tokens[..., :-1]], dim=-1)
+
+    @staticmethod
+    def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """(K, R, in) @ (K, out, in)^T + (K, out) -> (K, R, out)."""
+        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+
+    def _layer_norm(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
+        return _CellLayerNorm.apply(x, self.w[f"{prefix}.weight"], self.w[f"{prefix}.bias"])
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(K, B, T) input ids -> (K, B, T, V) logits over the real vocabulary."""
+        K, B, T = inputs.shape
+        C, H, w = self.n_embd, self.n_head, self.w
+        rows = w["wte.weight"].shape[1]  # V + 1
+        # Each cell reads its own embedding table: offset the ids into the (K*(V+1), C) stack.
+        ids = inputs + (torch.arange(K, device=inputs.device) * rows).view(K, 1, 1)
+        x = F.embedding(ids.view(K, B * T), w["wte.weight"].reshape(K * rows, C))  # (K, B*T, C)
+        x = (x.view(K, B, T, C) + w["wpe.weight"][:, :T].unsqueeze(1)).view(K, B * T, C)
+        for i in range(self.n_layer):
+            p = f"blocks.{i}"
+            h = self._layer_norm(x, f"{p}.ln_1")
+            qkv = self._linear(h, w[f"{p}.attn.c_attn.weight"], w[f"{p}.attn.c_attn.bias"])  # (K, B*T, 3C)
+            q, k, v = (t.reshape(K * B, T, H, C // H).transpose(1, 2) for t in qkv.split(C, dim=2))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (K*B, H, T, hd)
+            y = y.transpose(1, 2).reshape(K, B * T, C)
+            x = x + self._linear(y, w[f"{p}.attn.c_proj.weight"], w[f"{p}.attn.c_proj.bias"])
+            h = self._layer_norm(x, f"{p}.ln_2")
+            h = F.gelu(self._linear(h, w[f"{p}.mlp.c_fc.weight"], w[f"{p}.mlp.c_fc.bias"]))
+            x = x + self._linear(h, w[f"{p}.mlp.c_proj.weight"], w[f"{p}.mlp.c_proj.bias"])
+        x = self._layer_norm(x, "ln_f")
+        logits = torch.bmm(x, w["wte.weight"][:, : self.vocab_size].transpose(1, 2))  # tied head
+        return logits.view(K, B, T, self.vocab_size)
+
+    @classmethod
+    def from_specs(cls, specs: list[CellSpec], device: torch.device | str = "cpu") -> "PackedGPT":
+        """Row k initialised exactly as `train()` initialises cell k alone: seed, then GPT's init."""
+        check_packable(specs)
+        rows = []
+        for spec in specs:
+            torch.manual_seed(spec.seed)
+            rows.append(GPT.from_spec(spec))
+        packed = cls(rows[0], len(specs), device=device)
+        for k, model in enumerate(rows):
+            packed.load_row(k, dict(model.named_parameters()))
+        return packed
+
+
+class PackedAdamW:
+    """K AdamWs over the (K, P) buffers, each with its own step count and learning rate; the same
+    arithmetic as torch.optim.AdamW(foreach=True), so a row's trajectory is the separate cell's."""
+
+    def __init__(self, num_cells: int, row_size: int, betas: tuple[float, float], weight_decay: float,
+                 device: torch.device | str = "cpu"):
+        self.beta1, self.beta2 = betas
+        self.weight_decay = weight_decay
+        self.exp_avg = torch.zeros(num_cells, row_size, device=device)
+        self.exp_avg_sq = torch.zeros(num_cells, row_size, device=device)
+        self.steps = [0] * num_cells
+
+    def keep(self, rows: list[int]) -> None:
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.exp_avg.device)
+        self.exp_avg = self.exp_avg.index_select(0, index)
+        self.exp_avg_sq = self.exp_avg_sq.index_select(0, index)
+        self.steps = [self.steps[r] for r in rows]
+
+    @torch.no_grad()
+    def step(self, params: torch.Tensor, grads: torch.Tensor, lrs: list[float]) -> None:
+        """params, grads: (K, P) float32; lrs: each cell's learning rate for this step."""
+        self.steps = [s + 1 for s in self.steps]
+        column = lambda values: torch.tensor(values, dtype=torch.float32, device=params.device).unsqueeze(1)
+        if self.weight_decay != 0:
+            params.mul_(column([1 - lr * self.weight_decay for lr in lrs]))
+        self.exp_avg.lerp_(grads, 1 - self.beta1)
+        self.exp_avg_sq.mul_(self.beta2).addcmul_(grads, grads, value=1 - self.beta2)
+        step_size = [(lr / (1 - self.beta1**s)) * -1 for lr, s in zip(lrs, self.steps)]
+        bias_correction2_sqrt = [(1 - self.beta2**s) ** 0.5 for s in self.steps]
+        denom = self.exp_avg_sq.sqrt().div_(column(bias_correction2_sqrt)).add_(ADAM_EPS)
+        params.add_(self.exp_avg.mul(column(step_size)).div_(denom))  # addcdiv's order: (s * m) / d
+
+    # -- one row in torch.optim.AdamW's state_dict format -------------------------------------------
+    def row_state(self, row: int, slots: list[_Slot], template: dict) -> dict:
+        state = {}
+        if self.steps[row] > 0:
+            for i, s in enumerate(slots):
+                cols = slice(s.offset, s.offset + s.numel)
+                state[i] = {"step": torch.tensor(float(self.steps[row])),
+                            "exp_avg": self.exp_avg[row, cols].view(s.shape).clone(),
+                            "exp_avg_sq": self.exp_avg_sq[row, cols].view(s.shape).clone()}
+        return {"state": state, "param_groups": template["param_groups"]}
+
+    @torch.no_grad()
+    def load_row(self, row: int, saved: dict, slots: list[_Slot]) -> None:
+        state = saved["state"]
+        if not state:
+            self.exp_avg[row].zero_()
+            self.exp_avg_sq[row].zero_()
+            self.steps[row] = 0
+            return
+        self.exp_avg[row].copy_(torch.cat([state[i]["exp_avg"].reshape(-1).float() for i in range(len(slots))]))
+        self.exp_avg_sq[row].copy_(torch.cat([state[i]["exp_avg_sq"].reshape(-1).float() for i in range(len(slots))]))
+        self.steps[row] = int(float(state[0]["step"]))
+
+
+def _optimizer_template(spec: CellSpec, model: GPT) -> dict:
+    """The param_groups entry train()'s torch.optim.AdamW writes, so packed checkpoints match."""
+    hp = spec.train
+    params = [p.detach().float().clone().requires_grad_(True) for p in model.parameters()]
+    opt = torch.optim.AdamW(params, lr=hp.lr, betas=(hp.beta1, hp.beta2), weight_decay=hp.weight_decay,
+                            foreach=True)
+    return opt.state_dict()
+
+
+def _clip_norms(grads: torch.Tensor, slots: list[_Slot]) -> torch.Tensor:
+    """(K, P) gradients -> (K, 1) global norms, summed in clip_grad_norm_'s order (each weight's norm
+    over its contiguous gradient, then the norm of those): a batched row reduction sums in another
+    order, and one flipped last bit once clipping starts is enough to part the trajectories."""
+    pieces = [grads[k, s.offset : s.offset + s.numel] for k in range(grads.shape[0]) for s in slots]
+    per_weight = torch.stack(torch._foreach_norm(pieces)).view(grads.shape[0], len(slots))  # (K, W)
+    return torch.stack([torch.linalg.vector_norm(row) for row in per_weight]).unsqueeze(1)
+
+
+@dataclass
+class _CellRun:
+    """One cell's bookkeeping inside a pack."""
+
+    index: int  # position in the caller's lists
+    spec: CellSpec
+    order: BatchOrder
+    offset: int  # first row of its members in the concatenated data
+    step: int = 0
+    history: list = field(default_factory=list)
+    prior_wall_s: float = 0.0
+    resumed_from_step: int = 0
+    converged: bool = False
+    stopped_at_s: float | None = None
+    error: BaseException | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.converged or self.step >= self.spec.train.max_steps
+
+
+def train_packed(
+    specs: list[CellSpec],
+    members_list: list[np.ndarray],
+    *,
+    device: torch.device,
+    evaluates: list[EvaluateFn],
+    checkpoints: list[CheckpointStore] | None = None,
+    logs: list[LogFn] | None = None,
+    progresses: list[ProgressFn] | None = None,
+    isolate_errors: bool = False,
+) -> list[TrainResult | BaseException]:
+    """Train the cells of `specs` together; result k equals `train(specs[k], members_list[k], ...)` up
+    to float rounding. With `isolate_errors`, a cell whose checkpoint, evaluation or callback raises
+    leaves the pack and its entry is the exception; the others go on. Otherwise the error propagates."""
+    check_packable(specs)
+    K, hp, precision = len(specs), specs[0].train, specs[0].precision
+    logs = logs or [lambda metrics, step: None] * K
+    progresses = progresses or [lambda step, metrics: None] * K
+    stores = checkpoints or [None] * K
+
+    packed = PackedGPT.from_specs(specs, device=device)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    template = _optimizer_template(specs[0], packed.to_gpt(0))
+    optimizer = PackedAdamW(K, packed.row_size, (hp.beta1, hp.beta2), hp.weight_decay, device=device)
+    offsets = np.cumsum([0] + [len(m) for m in members_list[:-1]])
+    data = torch.as_tensor(np.concatenate(members_list), device=device)  # (sum N, S)
+    cells = [_CellRun(k, s, BatchOrder(s.data, s.seed, hp.batch_size), int(offsets[k])) for k, s in enumerate(specs)]
+
+    def guarded(cell: _CellRun, fn, *args):
+        try:
+            return fn(*args)
+        except Exception as err:
+            if not isolate_errors:
+                raise
+            cell.error = err
+            return None
+
+    saved_masters: dict[int, torch.Tensor] = {}
+    for cell, store in zip(cells, stores):  # resume each cell from its own latest checkpoint
+        saved = guarded(cell, store.load_latest, device) if store is not None else None
+        if saved is None:
+            continue
+        packed.load_row(cell.index, saved["weights"]["model"])
+        if saved["weights"]["master"]:  # bf16: the float32 master is what AdamW updates
+            saved_masters[cell.index] = torch.cat([m.reshape(-1).float() for m in saved["weights"]["master"]])
+        optimizer.load_row(cell.index, saved["optimizer"], packed.slots)
+        cell.step, cell.prior_wall_s = saved["step"], saved["wall_s"]
+        cell.history = [(int(s), float(v)) for s, v in saved["mem_history"]]
+        cell.resumed_from_step = cell.step
+        cell.converged = has_converged(cell.history, hp)
+
+    # bf16: the pack's weights become bfloat16; `master` (float32, (K, P)) is what AdamW updates.
+    master = packed.flat
+    if dtype != torch.float32:
+        packed.flat = packed.flat.to(dtype)
+        master = packed.flat.float()  # a fresh cell's master starts from its rounded weights ...
+        for row, saved_master in saved_masters.items():
+            master[row].copy_(saved_master)  # ... a resumed cell's from its saved master
+        packed.grad = torch.zeros_like(packed.flat)
+        packed._rebind()
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "amp_bf16"
+                else contextlib.nullcontext())
+    scratch = packed.to_gpt(0)  # a stock GPT that evaluation callbacks receive, refilled per cell
+
+    start = time.perf_counter()
+
+    def save(cell: _CellRun, row: int) -> None:
+        store = stores[cell.index]
+        if store is None:
+            return
+        weights = {"model": packed.row_state(row),
+                   "master": [] if dtype == torch.float32 else
+                   [master[row, s.offset : s.offset + s.numel].view(s.shape).clone() for s in packed.slots]}
+        store.save(cell.step, {
+            "weights": weights,
+            "optimizer": optimizer.row_state(row, packed.slots, template),
+            "rng": _rng_state(),
+            "wall_s": cell.prior_wall_s + time.perf_counter() - start,
+            "mem_history": [[s, v] for s, v in cell.history],
+        })
+
+    finals: dict[int, GPT] = {}
+    active = [c for c in cells]
+
+    def drop_finished() -> None:
+        """Take stopped (or failed) cells out of the pack, keeping their final weights."""
+        nonlocal active, master
+        keep = []
+        for row, cell in enumerate(active):
+            if cell.error is not None or cell.done:
+                if cell.error is None:
+                    finals[cell.index] = packed.to_gpt(row)
+                cell.stopped_at_s = time.perf_counter()
+            else:
+                keep.append(row)
+        if len(keep) < len(active):
+            active = [active[r] for r in keep]
+            packed.keep(keep)
+            optimizer.keep(keep)
+            master = packed.flat if dtype == torch.float32 else master.index_select(
+                0, torch.as_tensor(keep, dtype=torch.long, device=master.device))
+
+    drop_finished()
+    packed.train()
+    while active:
+        lrs = [learning_rate(hp, c.step) for c in active]
+        index = np.concatenate([c.order.indices(c.step) + c.offset for c in active])
+        targets = data[torch.as_tensor(index, device=device)].view(len(active), hp.batch_size, -1)  # (K, B, S)
+        with autocast:
+            logits = packed(packed.inputs_for(targets))  # (K, B, S, V)
+        losses = F.cross_entropy(logits.float().flatten(0, 2), targets.flatten(), reduction="none")
+        losses = losses.view(len(active), -1).mean(dim=1)  # (K,) nats per token, each cell's mean
+        losses.sum().backward()  # cells share no weights: each row's gradient is its own
+        grads = packed.grad if dtype == torch.float32 else packed.grad.float()
+        if hp.grad_clip > 0:  # clip_grad_norm_ per cell: each row's global norm
+            norms = _clip_norms(grads, packed.slots)  # (K, 1)
+            grads.mul_(torch.clamp(hp.grad_clip / (norms + 1e-6), max=1.0))
+        optimizer.step(master, grads, lrs)
+        packed.grad.zero_()
+        if dtype != torch.float32:
+            packed.flat.copy_(master)  # rounds float32 -> bfloat16
+
+        for row, (cell, loss) in enumerate(zip(active, losses.tolist())):
+            cell.step += 1
+            metrics = {"train_loss_bits_per_token": loss / math.log(2)}
+            if cell.step % hp.eval_interval == 0 or cell.step == hp.max_steps:
+                result = guarded(cell, evaluates[cell.index], packed.to_gpt(row, scratch))
+                if result is None:
+                    continue
+                metrics.update(result)
+                cell.history.append((cell.step, metrics["mem_bits"]))
+                cell.converged = has_converged(cell.history, hp)
+                guarded(cell, logs[cell.index], metrics, cell.step)
+            guarded(cell, progresses[cell.index], cell.step, metrics)
+            if cell.error is None and cell.step % hp.checkpoint_interval == 0 and not cell.done:
+                guarded(cell, save, cell, row)
+            if cell.error is None and cell.done and cell.step > cell.resumed_from_step:
+                guarded(cell, save, cell, row)  # the final state, as train() saves it
+        drop_finished()
+
+    results: list[TrainResult | BaseException] = []
+    for cell in cells:
+        if cell.error is not None:
+            results.append(cell.error)
+            continue
+        session_s = (cell.stopped_at_s or time.perf_counter()) - start
+        tokens = (cell.step - cell.resumed_from_step) * hp.batch_size * cell.spec.data.seq_len
+        model = finals[cell.index]
+        model.train()
+        results.append(TrainResult(
+            model=model,
+            steps=cell.step,
+            converged=cell.converged,
+            resumed_from_step=cell.resumed_from_step,
+            wall_s=cell.prior_wall_s + session_s,
+            tokens_per_s=tokens / session_s if session_s > 0 else 0.0,
+            mem_history=cell.history,
+        ))
+    return results

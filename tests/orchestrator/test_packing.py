@@ -1,0 +1,48 @@
+"""launch's packing plan: compatible cells share a pack, up to pack.max_cells and the memory budget;
+incompatible cells never share one; packs are split to keep every worker slot busy."""
+
+from orchestrator.compose import load_sweep
+from orchestrator.resources import PackOptions, pack_request, plan_packs
+
+
+def specs(*overrides):
+    return [c.spec for c in load_sweep(["sweep=smoke", *overrides]).cells]
+
+
+def test_compatible_cells_share_packs_up_to_max_cells():
+    cells = specs("seed=0,1,2,3,4", "data.num_sequences=16,64")  # 10 compatible cells
+    packs = plan_packs(cells, PackOptions(max_cells=4, fill_workers=False))
+    assert [len(p) for p in packs] == [4, 4, 2]
+    assert sorted(i for p in packs for i in p) == list(range(10))
+
+
+def test_incompatible_cells_are_kept_apart():
+    cells = specs("model=l1_d16,l2_d16", "precision=fp32,bf16", "seed=0,1")
+    packs = plan_packs(cells, PackOptions(max_cells=8, fill_workers=False))
+    assert len(packs) == 4
+    for pack in packs:
+        first = cells[pack[0]]
+        assert all((cells[i].model, cells[i].precision) == (first.model, first.precision) for i in pack)
+
+
+def test_memory_budget_and_disabled_and_fill_workers():
+    cells = specs("seed=0,1,2,3", "data.num_sequences=16")
+    assert plan_packs(cells, PackOptions(max_memory_gb=1e-6, fill_workers=False)) == [[0], [1], [2], [3]]
+    assert plan_packs(cells, PackOptions(enabled=False)) == [[0], [1], [2], [3]]
+    assert len(plan_packs(cells, PackOptions(), slots=1)) == 1
+    assert sorted(map(len, plan_packs(cells, PackOptions(), slots=2))) == [2, 2]
+    assert len(plan_packs(cells, PackOptions(), slots=64)) == 4  # as many packs as slots allow
+
+
+def test_pack_request_sums_memory_and_gpu_fractions():
+    cpu = pack_request([{"num_cpus": 1.0, "memory": 10}, {"num_cpus": 1.0, "memory": 20}])
+    assert cpu == {"num_cpus": 1.0, "memory": 30}
+    gpu = pack_request([{"num_cpus": 1.0, "memory": 5, "num_gpus": 0.25}] * 3)
+    assert gpu["num_gpus"] == 0.75 and gpu["memory"] == 5
+
+
+def test_pack_options_stay_out_of_cell_ids():
+    base = load_sweep(["sweep=smoke", "seed=0", "data.num_sequences=16"]).cells[0]
+    other = load_sweep(["sweep=smoke", "seed=0", "data.num_sequences=16", "pack.max_cells=2",
+                        "pack.enabled=false"]).cells[0]
+    assert base.cell_id == other.cell_id
