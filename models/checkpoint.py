@@ -16,12 +16,13 @@ checkpoints are kept. Loading uses torch.load's weights-only mode, and refuses a
 from __future__ import annotations
 
 import io
-import os
 import re
 import uuid
 
 import pyarrow.fs as pafs
 import torch
+
+from models.storage import open_storage
 
 STEP_DIR = re.compile(r"^step-(\d{9})$")
 MARKER = "COMPLETE"
@@ -30,13 +31,6 @@ KEEP = 2
 
 class CheckpointError(RuntimeError):
     pass
-
-
-def open_storage(uri: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and the path inside it. Plain paths are local (made absolute)."""
-    if "://" not in uri:
-        uri = os.path.abspath(uri)
-    return pafs.FileSystem.from_uri(uri)
 
 
 class CheckpointStore:

@@ -38,6 +38,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from models.spec import SpecError
+from models.storage import open_storage
 
 FORMATS = ("text", "jsonl", "parquet")
 TOKENIZERS = ("bytes", "bpe")
@@ -67,14 +68,6 @@ def _error(uri: str, problem: str) -> TextDataError:
 # Documents
 
 
-def _open_storage(uri: str) -> tuple[pafs.FileSystem, str]:
-    # The same resolution as models.checkpoint.open_storage, kept here because that module imports
-    # torch at load time and the driver must check a corpus without torch.
-    if "://" not in uri:
-        uri = os.path.abspath(uri)
-    return pafs.FileSystem.from_uri(uri)
-
-
 def detect_format(path: str) -> str:
     """'text', 'jsonl' or 'parquet' from a file's extension (a compression suffix is looked through)."""
     name = path.lower()
@@ -97,7 +90,7 @@ def corpus_files(uri: str, format: str | None = None) -> tuple[pafs.FileSystem, 
     if format is not None and format not in FORMATS:
         raise _error(uri, f"format={format!r} is not one of {FORMATS}")
     try:
-        fs, path = _open_storage(uri)
+        fs, path = open_storage(uri)
         if _is_glob(path):
             base = path[: min(path.find(c) for c in "*?[" if c in path)].rpartition("/")[0] or "/"
             infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
@@ -343,7 +336,7 @@ def tokenizer_from_json(text: str) -> Tokenizer:
 
 def save_tokenizer(tokenizer: Tokenizer, uri: str) -> None:
     """Write the tokenizer's JSON to `uri` (a path or pyarrow URI); atomically on a local disk."""
-    fs, path = _open_storage(uri)
+    fs, path = open_storage(uri)
     fs.create_dir(path.rpartition("/")[0], recursive=True)
     data = tokenizer.to_json().encode()
     target = path
@@ -356,7 +349,7 @@ def save_tokenizer(tokenizer: Tokenizer, uri: str) -> None:
 
 
 def load_tokenizer(uri: str) -> Tokenizer:
-    fs, path = _open_storage(uri)
+    fs, path = open_storage(uri)
     with fs.open_input_stream(path, compression=None) as f:
         return tokenizer_from_json(f.read().decode())
 

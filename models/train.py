@@ -109,6 +109,8 @@ def train(
     resumed_from_step = step
     converged = has_converged(history, hp)
 
+    start = time.perf_counter()  # wall time of this session, added to the checkpointed total
+
     def save() -> None:
         if checkpoints is not None:
             checkpoints.save(step, {
@@ -120,7 +122,6 @@ def train(
             })
 
     model.train()
-    start = time.perf_counter()
     while step < hp.max_steps and not converged:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(hp, step)

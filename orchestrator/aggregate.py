@@ -37,7 +37,7 @@ from measure.capacity import (
 )
 from measure.memorization import PAPER_ALPHA_BITS_PER_PARAM, predicted_mem_bits
 from models.spec import DataSpec, ModelSpec, TrainSpec
-from orchestrator.compose import ConfigError
+from orchestrator.compose import ConfigError, load_sweep, sweep_config
 
 log = logging.getLogger(__name__)
 
@@ -562,13 +562,9 @@ class AggregateResult:
 def sweep_settings(sweep: str, overrides) -> tuple[str, Path, object]:
     """(tracking URI, root_dir, tracker) for `sweep=NAME` plus the command line's fixed overrides.
     A local store that does not exist is an error, not created (opening one creates it)."""
-    from orchestrator.compose import compose_config, experiment_name, split_overrides
-    from orchestrator.tracking import Tracker
+    from orchestrator.tracking import Tracker  # MLflow loads only when a store is read, never for --from
 
-    _, fixed = split_overrides(list(overrides))
-    cfg = compose_config([f"sweep={sweep}", *fixed])
-    if experiment_name(cfg) != sweep:
-        raise ConfigError(f"sweep={sweep}: the sweep file names itself {experiment_name(cfg)!r}")
+    cfg = sweep_config(sweep, overrides)
     uri = str(cfg.tracking.uri)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
         raise ConfigError(f"sweep {sweep!r}: no tracking store at {uri}: launch it first "
@@ -578,10 +574,9 @@ def sweep_settings(sweep: str, overrides) -> tuple[str, Path, object]:
 
 def planned_cells(launch_overrides: list[str], overrides) -> list[PlannedCell]:
     """The grid of the sweep's latest launch, as `recorded_plan` rebuilds it (its recorded overrides,
-    then the command line's), without re-reading the tracker: Hydra composes every cell, about
-    0.1 s each, so a 10,000-cell grid takes minutes (`--no-plan` skips it)."""
+    then the command line's), without re-reading the tracker: composing costs about 12 ms a cell,
+    so a 10,000-cell grid takes a couple of minutes (`--no-plan` skips it)."""
     from models.spec import flatten, to_dict
-    from orchestrator.compose import load_sweep
 
     cells = load_sweep(list(launch_overrides) + list(overrides)).cells
     return [PlannedCell(c.cell_id, {k: str(v)[:6000] for k, v in flatten(c.config or to_dict(c.spec)).items()})

@@ -261,6 +261,16 @@ def spec_from_config(cfg: DictConfig) -> CellSpec:
     )
 
 
+def sweep_config(sweep: str, overrides: list[str]) -> DictConfig:
+    """The configuration `sweep=NAME` plus the command line's fixed overrides compose to: where a
+    sweep that already ran is recorded (status, resume, aggregate, report read it from here)."""
+    _, fixed = split_overrides(list(overrides))
+    cfg = compose_config([f"sweep={sweep}", *fixed])
+    if experiment_name(cfg) != sweep:
+        raise ConfigError(f"sweep={sweep}: the sweep file names itself {experiment_name(cfg)!r}")
+    return cfg
+
+
 def experiment_name(cfg: DictConfig) -> str:
     """One MLflow experiment per sweep; single `memsweep run` cells go to "adhoc"."""
     return str(cfg.sweep.name) if cfg.get("sweep") is not None else "adhoc"

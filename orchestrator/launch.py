@@ -16,9 +16,9 @@ import json
 from dataclasses import dataclass
 
 from models.spec import Cell
-from orchestrator.compose import ConfigError, compose_config, experiment_name, load_sweep, split_overrides
+from orchestrator.compose import ConfigError, load_sweep, sweep_config, typed_options
 from orchestrator.resources import ClusterOptions, PackOptions
-from orchestrator.tracking import TAG_KIND, CellRecord, Tracker, redact
+from orchestrator.tracking import CellRecord, Tracker, latest_launch_run, redact
 
 TAG_OVERRIDES = "memsweep.overrides"
 
@@ -53,15 +53,11 @@ def make_plan(overrides: list[str]) -> Plan:
 
 
 def cluster_options(config: dict) -> ClusterOptions:
-    from orchestrator.compose import typed_options
-
     return typed_options(ClusterOptions, config["cluster"], "cluster")
 
 
 def pack_options(config: dict) -> PackOptions:
     """The `pack` section (a runtime option: never part of a cell id); absent: the defaults."""
-    from orchestrator.compose import typed_options
-
     return typed_options(PackOptions, config.get("pack") or {}, "pack")
 
 
@@ -99,23 +95,16 @@ def run_plan(plan: Plan, cells: list[Cell], *, force: bool = False, display=None
 
 def latest_launch_overrides(tracker: Tracker, sweep: str) -> list[str]:
     """The overrides recorded by the sweep's most recent launch."""
-    exp_id = tracker.experiment_id(sweep, create=False)
-    runs = [] if exp_id is None else tracker.client.search_runs(
-        [exp_id], filter_string=f"tags.`{TAG_KIND}` = 'launch'", order_by=["attributes.start_time DESC"],
-        max_results=1)
-    if not runs:
+    launch = latest_launch_run(tracker, sweep)
+    if launch is None:
         raise ConfigError(f"sweep {sweep!r} has never been launched in {tracker.uri}")
-    return json.loads(runs[0].data.tags[TAG_OVERRIDES])
+    return json.loads(launch.tags[TAG_OVERRIDES])
 
 
 def tracker_for(sweep: str, overrides: list[str]) -> Tracker:
     """The tracker that `sweep=NAME` plus the command line's fixed overrides points at."""
-    _, fixed = split_overrides(overrides)
-    cfg = compose_config([f"sweep={sweep}", *fixed])
-    if experiment_name(cfg) != sweep:
-        raise ConfigError(f"sweep={sweep}: the sweep file names itself {experiment_name(cfg)!r}")
-    tracker = Tracker(str(cfg.tracking.uri), cfg.tracking.artifact_root)
-    return tracker
+    cfg = sweep_config(sweep, overrides)
+    return Tracker(str(cfg.tracking.uri), cfg.tracking.artifact_root)
 
 
 def recorded_plan(sweep: str, overrides: list[str]) -> Plan:
