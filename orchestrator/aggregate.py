@@ -9,6 +9,11 @@ and `<out>/fits.json`, and logs the fits to the sweep's latest launch run. `<out
 only groups rows and feeds them in, and only FINISHED rows: an unfinished run's metric columns hold
 what MLflow holds for it, the latest logged value (a failed cell's last evaluation of mem_bits), never
 a final measurement.
+
+Capacity, alpha, the MIA law and the predictions are fits over synthetic cells only (`data.kind` is
+"synthetic", or absent in an older table): a text cell's mem_bits is unintended memorization against a
+reference model, not information stored out of H(X). Text cells are summarised on their own in the
+fits' `text` section (seed means per model, precision and pool size N).
 """
 
 from __future__ import annotations
@@ -51,6 +56,16 @@ FINAL_METRICS = (
     "test_nll_bits_per_token", "loss_auc", "loss_tpr_at_1pct_fpr", "loss_tpr_at_0p1pct_fpr", "loss_f1",
     "steps", "converged", "resumed_from_step", "wall_s", "tokens_per_s",
 )
+# Final metrics a text cell logs beyond those (it logs no mem_bits_unclipped, mem_fraction or
+# predicted_mem_bits); they are extra float64 columns, null in synthetic rows. The prefixes of the
+# extraction rates are 8, 16 and 32 tokens; a prefix of at least seq_len tokens is not logged.
+TEXT_METRICS = (
+    "mem_bits_per_sequence", "capacity_ratio", "nonmember_nll_bits_per_token",
+    "reference_train_nll_bits_per_token", "reference_test_nll_bits_per_token",
+    "reference_auc", "reference_tpr_at_1pct_fpr", "reference_tpr_at_0p1pct_fpr", "reference_f1",
+    *(f"extract_{split}_p{prefix}" for split in ("train", "test") for prefix in (8, 16, 32)),
+)
+SYNTHETIC, TEXT = "synthetic", "text"  # the values of data.kind
 CURVE_KEYS = ("mem_bits", "train_loss_bits_per_token")  # step metrics, logged at evaluation steps
 PENDING = "PENDING"  # a cell of the latest launch's grid with no run at all
 
@@ -257,6 +272,10 @@ def table_metadata(table: pa.Table) -> dict:
 # data shape (V, S) and one training recipe.
 _NOT_IN_CAPACITY_GROUP = {"data.num_sequences", "seed", "data.num_nonmembers"}
 CAPACITY_GROUP_KEYS = tuple(k for k in SPEC_COLUMNS if k not in _NOT_IN_CAPACITY_GROUP)
+# A text summary groups like a capacity, and never averages across corpora, tokenizers or reference
+# models either (columns a table may lack: grouping uses those it has).
+TEXT_GROUP_KEYS = tuple(dict.fromkeys((*CAPACITY_GROUP_KEYS, "data.corpus_uri", "data.tokenizer",
+                                       "reference.model.name")))
 PRECISION_ORDER = ("fp32", "bf16", "amp_bf16")
 N_BOOT = 1000
 MIN_MIA_CELLS = 3  # the law has three constants
@@ -291,15 +310,32 @@ def _clean(value):
     return value
 
 
+def data_kinds(cols: dict[str, np.ndarray]) -> np.ndarray:
+    """Each row's `data.kind` as an object array; a null, or a table without the column (one
+    aggregated before text cells existed), is synthetic."""
+    n = len(cols["status"])
+    kinds = cols.get("data.kind", np.full(n, None, dtype=object))
+    return np.array([SYNTHETIC if k is None else k for k in kinds], dtype=object)
+
+
+def select_rows(cols: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]:
+    return {name: values[mask] for name, values in cols.items()}
+
+
 def _finished(table: pa.Table) -> dict[str, np.ndarray]:
-    """Columns of the FINISHED cells that carry the numbers every fit needs."""
-    names = ["cell_id", "status", *CAPACITY_GROUP_KEYS, "data.num_sequences", "seed", *FINAL_METRICS]
+    """Columns of the FINISHED cells that carry the numbers every fit needs: mem_bits, params and N,
+    and for a synthetic cell H(X) (`entropy_bits`). A text cell without mem_bits (a reference model,
+    which has nothing to be measured against) is left out."""
+    names = ["cell_id", "status", *CAPACITY_GROUP_KEYS, *TEXT_GROUP_KEYS, "data.num_sequences", "seed",
+             *FINAL_METRICS, *TEXT_METRICS]
     names += [n for n in table.column_names if n.endswith("_f1") or n.endswith("_auc")]
     cols = column_arrays(table, dict.fromkeys(names))
     keep = cols["status"] == "FINISHED"
-    for name in ("mem_bits", "params", "entropy_bits", "data.num_sequences"):
+    for name in ("mem_bits", "params", "data.num_sequences"):
         keep &= np.isfinite(cols[name]) if name in cols else False
-    return {name: values[keep] for name, values in cols.items()}
+    entropy = cols.get("entropy_bits", np.full(len(keep), np.nan))
+    keep &= np.isfinite(entropy) | (data_kinds(cols) != SYNTHETIC)
+    return select_rows(cols, keep)
 
 
 def _plain(value):
@@ -327,10 +363,10 @@ class CapacityGroup:
     varying: dict  # the grouping keys beyond shape and precision that vary, with this group's values
 
 
-def capacity_groups(cols: dict[str, np.ndarray]) -> list[CapacityGroup]:
-    """The capacity groups of the cells in `cols`, in table order."""
+def capacity_groups(cols: dict[str, np.ndarray], keys=CAPACITY_GROUP_KEYS) -> list[CapacityGroup]:
+    """The capacity groups of the cells in `cols` (or the groups over other `keys`), in table order."""
     n = len(cols.get("cell_id", []))
-    group_keys = [k for k in CAPACITY_GROUP_KEYS if k in cols]
+    group_keys = [k for k in keys if k in cols]
     keys = [tuple(_plain(cols[k][i]) for k in group_keys) for i in range(n)]
     varying = [k for j, k in enumerate(group_keys)
                if not k.startswith("model.") and k != "precision.name" and len({key[j] for key in keys}) > 1]
@@ -442,9 +478,10 @@ def published_constants() -> dict:
     }
 
 
-def fit_mia(cols: dict[str, np.ndarray], alphas: dict) -> dict[str, dict]:
+def fit_mia(cols: dict[str, np.ndarray], alphas: dict, why_none: str | None = None) -> dict[str, dict]:
     """The MIA law per attack (every `<attack>_f1` column) against x = N / params, beside both
-    published forms evaluated on the same cells."""
+    published forms evaluated on the same cells. `why_none`: the reason to give for an attack that
+    no cell in `cols` measured (the law is fitted on synthetic cells only)."""
     results = {}
     for attack in mia_attacks(cols):
         f1 = cols[f"{attack}_f1"]
@@ -464,7 +501,9 @@ def fit_mia(cols: dict[str, np.ndarray], alphas: dict) -> dict[str, dict]:
                                "capacity": "alpha * params with the sweep's alpha of each cell's precision"},
             }
         distinct = int(np.unique(x).size)
-        if ok.sum() < MIN_MIA_CELLS or distinct < MIN_MIA_CELLS:
+        if not ok.any() and why_none:
+            entry["skipped"] = why_none.format(metric=f"{attack}_f1")
+        elif ok.sum() < MIN_MIA_CELLS or distinct < MIN_MIA_CELLS:
             entry["skipped"] = (f"the law's 3 constants need at least {MIN_MIA_CELLS} cells at "
                                 f"{MIN_MIA_CELLS} distinct sequences-per-parameter values; "
                                 f"have {int(ok.sum())} cells at {distinct}")
@@ -506,24 +545,104 @@ def predict_cells(cols: dict[str, np.ndarray], alphas: dict) -> dict:
             "error": "(measured - predicted) / predicted, a signed fraction"}
 
 
+# The text section: seed means (and seed spreads) of these final metrics of text cells, per group and
+# pool size N. A metric the table lacks (an extraction prefix >= seq_len, never logged) is left out.
+TEXT_SUMMARY_METRICS = (
+    "mem_bits_per_sequence", "loss_f1", "reference_f1",
+    *(f"extract_{split}_p{prefix}" for split in ("train", "test") for prefix in (8, 16, 32)),
+    "test_nll_bits_per_token", "capacity_ratio",
+)
+
+
+def seed_stats(sizes: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(levels, means, stds, counts) of `values` over the cells of each distinct size, ignoring NaN:
+    the mean and sample std (ddof=1; 0 for one value) of the seeds at each size, NaN where none
+    has a value. Levels ascend."""
+    levels = np.unique(sizes)
+    means, stds, counts = [], [], []
+    for level in levels:
+        seeds = values[(sizes == level) & np.isfinite(values)]
+        counts.append(seeds.size)
+        means.append(seeds.mean() if seeds.size else np.nan)
+        stds.append(seeds.std(ddof=1) if seeds.size > 1 else (0.0 if seeds.size else np.nan))
+    return levels, np.array(means), np.array(stds), np.array(counts, dtype=np.int64)
+
+
+def summarise_text(cols: dict[str, np.ndarray]) -> dict:
+    """The FINISHED text cells in `cols`, per (model shape, precision) group (also split by any
+    other configuration that varies: corpus, tokenizer, reference model, recipe): for each pool size
+    N ascending, the number of seeds and the seed mean and seed std of TEXT_SUMMARY_METRICS."""
+    metrics = [m for m in TEXT_SUMMARY_METRICS if m in cols]
+    groups = []
+    for group in capacity_groups(cols, TEXT_GROUP_KEYS):
+        rows = group.rows
+        sizes = cols["data.num_sequences"][rows].astype(np.int64)
+        entry = {
+            "label": group.label, "model": group.key.get("model.name"),
+            "precision": group.key.get("precision.name"), "group": group.varying,
+            "vocab_size": group.key.get("data.vocab_size"), "seq_len": group.key.get("data.seq_len"),
+            "params": float(cols["params"][rows][0]), "num_cells": int(rows.sum()),
+            "num_sequences": [int(n) for n in np.unique(sizes)], "num_seeds": [], "mean": {}, "std": {},
+        }
+        for metric in metrics:
+            _, means, stds, counts = seed_stats(sizes, cols[metric][rows])
+            entry["mean"][metric], entry["std"][metric] = list(means), list(stds)
+        entry["num_seeds"] = [int(c) for c in seed_stats(sizes, cols["mem_bits"][rows])[3]]
+        groups.append(entry)
+    return {
+        "num_cells": int(len(cols["cell_id"])),
+        "metrics": metrics,
+        "statistics": "per group and pool size N (num_sequences, ascending): the mean over seeds (mean) and "
+                      "the sample std over seeds (std, 0 for one seed) of each metric; null where no seed has it",
+        "groups": groups,
+    }
+
+
 def fit_sweep(table: pa.Table, n_boot: int = N_BOOT) -> dict:
     """Every sweep-level fit of SCIENCE.md from a cells table; degenerate sweeps give partial results
-    with the reason for what was skipped, never an exception."""
+    with the reason for what was skipped, never an exception. Capacity, alpha, the MIA law and the
+    predictions use synthetic cells only; `skipped` gives the reason for each that could not be
+    fitted, and `text` summarises the text cells."""
     statuses = table.column("status").to_pylist() if table.num_rows else []
-    cols = _finished(table)
-    notes = []
+    finished = _finished(table)
+    kinds = data_kinds(finished)
+    cols, text = select_rows(finished, kinds == SYNTHETIC), select_rows(finished, kinds == TEXT)
+    num_text = len(text["cell_id"])
+    notes, skipped, why_none = [], {}, None
     capacities = fit_capacities(cols)
     if not capacities:
-        notes.append("no FINISHED cells with mem_bits: no capacity, alpha or prediction")
+        if num_text:
+            reason = (f"no FINISHED synthetic cells (the sweep has {num_text} FINISHED text cells): capacity, "
+                      "alpha, the MIA law and predictions are fitted on synthetic cells only (SCIENCE.md); "
+                      "the text cells are summarised under `text`")
+            notes.append(reason)
+        else:
+            reason = "no FINISHED cells with mem_bits"
+            notes.append(f"{reason}: no capacity, alpha or prediction")
+        skipped = {"capacity": reason, "alpha": reason, "prediction": reason}
+    elif num_text:
+        notes.append(f"{num_text} FINISHED text cells are left out of capacity, alpha, the MIA law and predictions "
+                     "(synthetic cells only) and summarised under `text`")
+    if num_text:
+        why_none = "no FINISHED synthetic cell has {metric}: the law is fitted on synthetic cells only"
+    others = sorted(set(kinds) - {SYNTHETIC, TEXT})
+    if others:
+        notes.append(f"{int(np.isin(kinds, others).sum())} FINISHED cells of data.kind {', '.join(others)} "
+                     "are in no fit")
     alphas = fit_alphas(capacities, n_boot=n_boot)
+    prediction = predict_cells(cols, alphas)
+    if "prediction" in skipped:
+        prediction["skipped"] = skipped["prediction"]
     return _clean({
-        "cells": {"total": len(statuses), "finished": int(len(cols.get("cell_id", []))),
+        "cells": {"total": len(statuses), "finished": int(len(finished["cell_id"])),
                   "by_status": {s: statuses.count(s) for s in sorted(set(statuses))}},
         "capacity": capacities,
         "alpha": alphas,
-        "mia": fit_mia(cols, alphas),
+        "mia": fit_mia(cols, alphas, why_none),
         "mia_published": published_constants(),
-        "prediction": predict_cells(cols, alphas),
+        "prediction": prediction,
+        "skipped": skipped,
+        "text": summarise_text(text),
         "notes": notes,
     })
 
