@@ -1,4 +1,5 @@
-"""The report's five figures (matplotlib, Agg backend), drawn from plain arrays and records.
+"""The report's figures (matplotlib, Agg backend), drawn from plain arrays and records: five for
+synthetic cells and three for text cells (`text_*`).
 
 Each function takes numbers already taken from a sweep's table (orchestrator/report.py does that),
 returns the matplotlib Figure and the data it plotted (a dict of float lists), so a test can check
@@ -322,4 +323,125 @@ def mem_curves(cells: list[dict], max_curves: int = MAX_CURVES) -> tuple[Figure,
     ax.grid(True, alpha=0.3)
     if 0 < len(shown) <= 12:
         ax.legend(fontsize=6)
+    return _finish(fig), data
+
+
+# -- text cells: seed means per pool size N, one line per (model shape, precision) group ------------------
+# Each text figure takes `groups`: one dict per group with `label`, `num_sequences` (the pool sizes N,
+# ascending) and dicts `mean` and `std` mapping a metric name to one value per N (NaN or None where no
+# seed has it): the `text` section of fits.json (orchestrator/aggregate.summarise_text).
+TEXT_PREFIXES = (8, 16, 32)  # tokens of the greedy-extraction prefixes
+
+
+def _series(group: dict, metric: str) -> tuple[list[float], list[float], list[float]] | None:
+    """(N, seed means, seed stds) of a metric over the pool sizes that have it; None when none does."""
+    if metric not in group["mean"]:
+        return None
+    sizes, means = _floats(group["num_sequences"]), _floats(group["mean"][metric])
+    stds = _floats(group["std"].get(metric, [np.nan] * len(means)))
+    keep = [i for i, m in enumerate(means) if np.isfinite(m)]
+    if not keep:
+        return None
+    return [sizes[i] for i in keep], [means[i] for i in keep], [stds[i] if np.isfinite(stds[i]) else 0.0 for i in keep]
+
+
+def _errorbar(ax, series, **style) -> None:
+    sizes, means, stds = series
+    ax.errorbar(sizes, means, yerr=stds, capsize=2, ms=4, lw=1.2, **style)
+
+
+def text_mem_vs_num_sequences(groups: list[dict]) -> tuple[Figure, dict]:
+    """Unintended memorization per training sequence (mem_bits_per_sequence, bits) against the pool
+    size N, log x; seed means with the seed std as error bars."""
+    fig, (ax,) = _new("Text: unintended memorization per sequence against dataset size")
+    data = {"groups": []}
+    colors = _colors(len(groups))
+    for i, group in enumerate(groups):
+        series = _series(group, "mem_bits_per_sequence")
+        if series is None:
+            continue
+        _errorbar(ax, series, color=colors[i], marker="o", label=group["label"])
+        data["groups"].append({"label": group["label"], "num_sequences": series[0],
+                               "mean_mem_bits_per_sequence": series[1], "std_mem_bits_per_sequence": series[2]})
+    if not data["groups"]:
+        _empty_note(ax, "no finished text cells")
+    ax.set_xscale("log")
+    ax.set_xlabel("training sequences N (count)")
+    ax.set_ylabel("unintended memorization per sequence (bits/sequence);\nseed means, bars: seed std")
+    ax.grid(True, which="major", alpha=0.3)
+    _legend(fig, ax, len(data["groups"]), loc="best")
+    return _finish(fig), data
+
+
+def text_mia_extraction(groups: list[dict]) -> tuple[Figure, dict]:
+    """Two panels against the pool size N, log x, seed means with seed-std bars. Left: balanced F1
+    of the loss attack (solid) and the reference attack (dashed). Right: the greedy extraction rate
+    from 8, 16 and 32-token prefixes (marker) on training (solid) and test (dotted) sequences."""
+    fig, (ax_f1, ax_ex) = _new("Text: membership inference and extraction against dataset size",
+                               figsize=(12.0, 5.0), ncols=2)
+    data = {"groups": []}
+    colors = _colors(len(groups))
+    f1_entries = ex_entries = 0
+    for i, group in enumerate(groups):
+        entry = {"label": group["label"], "f1": {}, "extraction": {}}
+        for attack, ls in (("loss", "-"), ("reference", "--")):
+            series = _series(group, f"{attack}_f1")
+            if series is not None:
+                _errorbar(ax_f1, series, color=colors[i], ls=ls, marker="o", label=f"{group['label']}, {attack} attack")
+                entry["f1"][attack] = {"num_sequences": series[0], "mean": series[1], "std": series[2]}
+                f1_entries += 1
+        for split, ls in (("train", "-"), ("test", ":")):
+            for prefix, marker in zip(TEXT_PREFIXES, ("o", "s", "^")):
+                series = _series(group, f"extract_{split}_p{prefix}")
+                if series is not None:
+                    _errorbar(ax_ex, series, color=colors[i], ls=ls, marker=marker,
+                              label=f"{group['label']}, {split}, {prefix}-token prefix")
+                    entry["extraction"][f"{split}_p{prefix}"] = {"num_sequences": series[0], "mean": series[1],
+                                                                 "std": series[2]}
+                    ex_entries += 1
+        data["groups"].append(entry)
+    ax_f1.axhline(0.5, color="0.7", lw=0.8)
+    ax_f1.set_ylim(0.4, 1.05)
+    ax_f1.set_ylabel("balanced F1 (fraction; 0.5 = chance)")
+    ax_f1.set_title("MIA: loss attack (solid), reference attack (dashed)", fontsize=10)
+    ax_ex.set_ylim(-0.03, 1.03)
+    ax_ex.set_ylabel("exact greedy extraction rate (fraction of sequences)")
+    ax_ex.set_title("extraction: train (solid), test (dotted); marker: prefix length", fontsize=10)
+    for ax, entries in ((ax_f1, f1_entries), (ax_ex, ex_entries)):
+        ax.set_xscale("log")
+        ax.set_xlabel("training sequences N (count)")
+        ax.grid(True, which="major", alpha=0.3)
+        if entries:
+            ax.legend(fontsize=6 if entries > 6 else 7, loc="best")
+        else:
+            _empty_note(ax, "no finished text cells")
+    return _finish(fig), data
+
+
+def text_test_loss_vs_capacity_ratio(groups: list[dict]) -> tuple[Figure, dict]:
+    """Test loss on the held-out test split (bits per token) against the capacity ratio
+    H(X) / (alpha * params) (H(X): the training set's code length under the reference model), log x,
+    at the seed means of each pool size, with a line where the ratio is 1."""
+    fig, (ax,) = _new("Text: test loss against capacity ratio")
+    data = {"groups": [], "ratio_line": 1.0}
+    colors = _colors(len(groups))
+    for i, group in enumerate(groups):
+        ratio, loss = _series(group, "capacity_ratio"), _series(group, "test_nll_bits_per_token")
+        if ratio is None or loss is None:
+            continue
+        both = sorted(set(ratio[0]) & set(loss[0]))
+        points = sorted((ratio[1][ratio[0].index(n)], loss[1][loss[0].index(n)], loss[2][loss[0].index(n)], n)
+                        for n in both)
+        x, y, err, sizes = ([p[k] for p in points] for k in range(4))
+        ax.errorbar(x, y, yerr=err, color=colors[i], marker="o", ms=4, lw=1.2, capsize=2, label=group["label"])
+        data["groups"].append({"label": group["label"], "num_sequences": sizes, "mean_capacity_ratio": x,
+                               "mean_test_nll_bits_per_token": y, "std_test_nll_bits_per_token": err})
+    ax.axvline(1.0, color="k", lw=1.0, ls="--", label="H(X) = alpha * params")
+    if not data["groups"]:
+        _empty_note(ax, "no finished text cells")
+    ax.set_xscale("log")
+    ax.set_xlabel("capacity ratio H(X) / (alpha * params) (dimensionless; H(X) under the reference model)")
+    ax.set_ylabel("test loss (bits/token); seed means, bars: seed std")
+    ax.grid(True, which="major", alpha=0.3)
+    _legend(fig, ax, len(data["groups"]) + 1, loc="best")
     return _finish(fig), data
