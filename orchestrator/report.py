@@ -3,9 +3,10 @@
     memsweep report SWEEP [OVERRIDES...] [--out DIR] [--from PATH]
 
 Aggregates the sweep from its tracking store (or reads a saved cells.parquet with `--from`, no store
-needed), draws the five figures of measure/figures.py as PNGs, and writes `<out>/report/report.html`
-with the figures embedded as data URIs, the fit tables, the sweep's configuration and its failed and
-unfinished cells. The report is also logged to the sweep's latest launch run (not with `--from`).
+needed), draws the figures of measure/figures.py as PNGs (the five synthetic ones when the sweep has
+synthetic cells, the three text ones when it has text cells), and writes `<out>/report/report.html`
+with the figures embedded as data URIs, the fit tables, the text cells' table, the sweep's
+configuration and its failed and unfinished cells. The report is also logged to the sweep's latest launch run (not with `--from`).
 Published figures: Morris et al., "How much do language models memorize?" (arXiv 2505.24832).
 """
 
@@ -28,6 +29,9 @@ from orchestrator.aggregate import (
     IDENTITY_SCHEMA,
     PRECISION_ORDER,
     SPEC_COLUMNS,
+    SYNTHETIC,
+    TEXT,
+    TEXT_METRICS,
     AggregateResult,
     aggregate,
     aggregate_from,
@@ -54,6 +58,19 @@ FIGURES = (
     ("double_descent", "Test loss on non-members against the capacity ratio H(X) / (alpha * params); the paper "
                        "finds double descent starts where the ratio crosses 1."),
     ("mem_curves", "Memorized bits at each evaluation step, per cell; dotted lines mark each cell's H(X)."),
+)
+# Drawn when the sweep has text cells; seed means per pool size N of fits.json's `text` section.
+TEXT_FIGURES = (
+    ("text_mem_vs_num_sequences", "Text cells: unintended memorization per training sequence (bits), the mean "
+                                  "over sequences of max(0, nll under the reference model - nll), against the "
+                                  "pool size N; seed means, bars: seed std."),
+    ("text_mia_extraction", "Text cells: membership-inference balanced F1 of the loss and reference attacks "
+                            "(left), and the exact greedy extraction rate from 8, 16 and 32-token prefixes on "
+                            "training and test sequences (right), against the pool size N; seed means."),
+    ("text_test_loss_vs_capacity_ratio", "Text cells: test loss against the capacity ratio H(X) / (alpha * params), "
+                                         "with H(X) the training set's code length under the reference model; "
+                                         "seed means per pool size. The paper finds double descent starts where "
+                                         "the ratio crosses 1."),
 )
 
 
@@ -88,11 +105,26 @@ def reference_rows(name: str) -> list[dict]:
 
 
 # -- figure inputs from the tables ------------------------------------------------------------------------
+def row_kinds(cells: pa.Table) -> list[str]:
+    """Each row's data.kind; null, or no column (a table from before text cells), is synthetic."""
+    if "data.kind" not in cells.column_names:
+        return [SYNTHETIC] * cells.num_rows
+    return [SYNTHETIC if k is None else k for k in cells.column("data.kind").to_pylist()]
+
+
+def figure_kinds(cells: pa.Table) -> tuple[bool, bool]:
+    """(draw the synthetic figures, draw the text figures): each when the sweep has a cell of that
+    kind, whatever its state; a sweep with no cell of either (an empty one) gets the synthetic ones."""
+    kinds = set(row_kinds(cells))
+    return SYNTHETIC in kinds or TEXT not in kinds, TEXT in kinds
+
+
 def _finished_columns(cells: pa.Table) -> dict[str, np.ndarray]:
+    """The FINISHED synthetic cells' columns (the synthetic figures' cells)."""
     names = ["cell_id", "status", *SPEC_COLUMNS, *FINAL_METRICS]
     names += [n for n in cells.column_names if n.endswith("_f1") or n.endswith("_auc")]
     cols = column_arrays(cells, dict.fromkeys(names))
-    keep = cols["status"] == "FINISHED"
+    keep = (cols["status"] == "FINISHED") & (np.array(row_kinds(cells), dtype=object) == SYNTHETIC)
     for name in ("mem_bits", "params", "entropy_bits"):
         keep &= np.isfinite(cols[name])
     return {name: values[keep] for name, values in cols.items()}
@@ -150,9 +182,10 @@ def figure_inputs(cells: pa.Table, curves: pa.Table | None, fits: dict) -> dict[
 
 
 def curve_inputs(cells: pa.Table, curves: pa.Table | None) -> list[dict]:
-    """One record per cell with a mem_bits curve, in the cells table's order."""
+    """One record per synthetic cell with a mem_bits curve, in the cells table's order."""
     if curves is None or curves.num_rows == 0:
         return []
+    cells = cells.filter(pa.array([k == SYNTHETIC for k in row_kinds(cells)], type=pa.bool_()))
     entropy = dict(zip(cells.column("cell_id").to_pylist(), cells.column("entropy_bits").to_pylist()))
     status = dict(zip(cells.column("cell_id").to_pylist(), cells.column("status").to_pylist()))
     by_cell: dict[str, tuple[list, list]] = {}
@@ -173,17 +206,30 @@ def curve_inputs(cells: pa.Table, curves: pa.Table | None) -> list[dict]:
 
 
 def draw_figures(cells: pa.Table, curves: pa.Table | None, fits: dict) -> dict[str, tuple]:
-    """Every figure as name -> (Figure, plotted data)."""
+    """Every figure the sweep's cells call for, as name -> (Figure, plotted data): the synthetic
+    figures (FIGURES) when it has synthetic cells, the text figures (TEXT_FIGURES) when it has text
+    cells."""
     from measure import figures
 
-    inputs = figure_inputs(cells, curves, fits)
-    return {
-        "mem_vs_entropy": figures.mem_vs_entropy(**inputs["mem_vs_entropy"]),
-        "capacity_vs_params": figures.capacity_vs_params(**inputs["capacity_vs_params"]),
-        "mia": figures.mia_vs_sequences_per_param(**inputs["mia"]),
-        "double_descent": figures.double_descent(**inputs["double_descent"]),
-        "mem_curves": figures.mem_curves(**inputs["mem_curves"]),
-    }
+    synthetic, text = figure_kinds(cells)
+    drawn = {}
+    if synthetic:
+        inputs = figure_inputs(cells, curves, fits)
+        drawn.update({
+            "mem_vs_entropy": figures.mem_vs_entropy(**inputs["mem_vs_entropy"]),
+            "capacity_vs_params": figures.capacity_vs_params(**inputs["capacity_vs_params"]),
+            "mia": figures.mia_vs_sequences_per_param(**inputs["mia"]),
+            "double_descent": figures.double_descent(**inputs["double_descent"]),
+            "mem_curves": figures.mem_curves(**inputs["mem_curves"]),
+        })
+    if text:
+        groups = fits.get("text", {}).get("groups", [])
+        drawn.update({
+            "text_mem_vs_num_sequences": figures.text_mem_vs_num_sequences(groups),
+            "text_mia_extraction": figures.text_mia_extraction(groups),
+            "text_test_loss_vs_capacity_ratio": figures.text_test_loss_vs_capacity_ratio(groups),
+        })
+    return drawn
 
 
 # -- HTML ---------------------------------------------------------------------------------------------
@@ -221,7 +267,8 @@ def _configuration(cells: pa.Table, meta: dict) -> str:
         parts.append(f"<p>Latest launch: <code>memsweep launch {html.escape(' '.join(overrides))}</code>"
                      f" (run <code>{html.escape(str(meta.get('launch_run_id')))}</code>)</p>")
     varying, constant = [], []
-    not_config = set(IDENTITY_SCHEMA.names) | set(FINAL_METRICS) | set(meta.get("metric_columns", []))
+    not_config = (set(IDENTITY_SCHEMA.names) | set(FINAL_METRICS) | set(TEXT_METRICS)
+                  | set(meta.get("metric_columns", [])))
     for name in cells.column_names:
         if name in not_config:
             continue
@@ -301,6 +348,40 @@ def _fits_tables(fits: dict) -> str:
     return "\n".join(parts)
 
 
+TEXT_COLUMNS = (  # the text table's metric columns: (fits.json metric, header)
+    ("mem_bits_per_sequence", "unintended mem (bits/seq)"), ("loss_f1", "loss-attack F1"),
+    ("reference_f1", "reference-attack F1"),
+    *((f"extract_{split}_p{prefix}", f"extract {split}, {prefix}-token prefix")
+      for split in ("train", "test") for prefix in (8, 16, 32)),
+    ("test_nll_bits_per_token", "test loss (bits/token)"), ("capacity_ratio", "H(X)/(alpha params)"),
+)
+
+
+def _text_tables(fits: dict) -> str:
+    text = fits.get("text") or {"groups": [], "metrics": []}
+    parts = ["<h2>Text cells</h2>",
+             "<p>Seed means per model shape, precision and pool size N (fits.json's <code>text</code> section "
+             "also holds the seed std). Unintended memorization is measured against the reference model; "
+             "H(X) is the training set's code length under it; extraction is the fraction of sequences whose "
+             "greedy continuation from the prefix matches exactly. The capacity, alpha and MIA-law fits use "
+             "synthetic cells only.</p>"]
+    columns = [(m, h) for m, h in TEXT_COLUMNS if m in text["metrics"]]
+    rows = []
+    for group in text["groups"]:
+        for j, size in enumerate(group["num_sequences"]):
+            rows.append([group["label"], size, group["num_seeds"][j],
+                         *(group["mean"][m][j] for m, _ in columns)])
+    parts.append(_table(["group", "N (sequences)", "seeds", *(h for _, h in columns)], rows)
+                 if rows else "<p>No finished text cells.</p>")
+    return "\n".join(parts)
+
+
+def _skipped_fits(fits: dict) -> str:
+    reasons = dict.fromkeys((fits.get("skipped") or {}).values())
+    return ("<h2>Capacity, alpha and the membership-inference law</h2><p>Skipped: "
+            + html.escape("; ".join(reasons) or "no synthetic cells") + ".</p>")
+
+
 def _problem_cells(cells: pa.Table) -> str:
     rows = []
     columns = {c: cells.column(c).to_pylist() for c in ("cell_id", "status", "run_id", "error")}
@@ -336,7 +417,8 @@ def render_html(sweep: str, cells: pa.Table, fits: dict, pngs: dict[str, bytes],
     figures = "".join(
         f'<figure id="{name}"><img alt="{html.escape(name)}" src="data:image/png;base64,'
         f'{base64.b64encode(pngs[name]).decode()}"><figcaption>{html.escape(caption)}</figcaption></figure>'
-        for name, caption in FIGURES)
+        for name, caption in FIGURES + TEXT_FIGURES if name in pngs)
+    synthetic, text = figure_kinds(cells)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>memsweep report: {html.escape(sweep)}</title>
 <style>{STYLE}</style></head><body>
@@ -348,7 +430,8 @@ report written {html.escape(time.strftime('%Y-%m-%dT%H:%M:%S%z'))}. Code version
 {f'<ul class="notes">{notes}</ul>' if notes else ''}
 <h2>Figures</h2>
 {figures}
-{_fits_tables(fits)}
+{_fits_tables(fits) if synthetic else _skipped_fits(fits)}
+{_text_tables(fits) if text else ''}
 {_problem_cells(cells)}
 <h2>Configuration</h2>
 {_configuration(cells, meta)}
