@@ -272,10 +272,14 @@ def table_metadata(table: pa.Table) -> dict:
 # data shape (V, S) and one training recipe.
 _NOT_IN_CAPACITY_GROUP = {"data.num_sequences", "seed", "data.num_nonmembers"}
 CAPACITY_GROUP_KEYS = tuple(k for k in SPEC_COLUMNS if k not in _NOT_IN_CAPACITY_GROUP)
-# A text summary groups like a capacity, and never averages across corpora, tokenizers or reference
-# models either (columns a table may lack: grouping uses those it has).
-TEXT_GROUP_KEYS = tuple(dict.fromkeys((*CAPACITY_GROUP_KEYS, "data.corpus_uri", "data.tokenizer",
-                                       "reference.model.name")))
+# A text summary groups like a capacity, and never averages across corpora, tokenizers, splits or
+# reference models either (text params, which a table may lack: grouping uses those it has). A text
+# cell without a reference (data.reference.enabled false) measures against the uniform code instead.
+TEXT_GROUP_KEYS = tuple(dict.fromkeys((
+    *CAPACITY_GROUP_KEYS, "data.corpus_uri", "data.tokenizer", "data.tokenizer_hash", "data.split_seed",
+    "data.num_test", "data.max_sequences", "data.reference.enabled", "data.reference.num_sequences",
+    "data.reference.n_layer", "data.reference.n_head", "data.reference.n_embd", "data.reference.seed",
+)))
 PRECISION_ORDER = ("fp32", "bf16", "amp_bf16")
 N_BOOT = 1000
 MIN_MIA_CELLS = 3  # the law has three constants

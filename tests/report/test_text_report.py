@@ -209,6 +209,22 @@ def test_the_text_section_holds_the_tables_seed_means(text_table):
                 assert group["std"][metric][j] == pytest.approx(std, rel=1e-9, abs=1e-15), metric
 
 
+def test_text_cells_of_another_corpus_or_without_a_reference_are_never_averaged_together():
+    rng = np.random.default_rng(2)
+    runs = []
+    for k, (corpus, with_reference) in enumerate([("/corpora/tiny.jsonl", "True"), ("/corpora/other.jsonl", "True"),
+                                                  ("/corpora/tiny.jsonl", "False")]):  # False: the uniform code
+        for j, size in enumerate(TEXT_SIZES):
+            run = text_cell(10 * k + j, "l1_d32", "fp32", size, 0, rng)
+            run.params.update({"data.corpus_uri": corpus, "data.reference.enabled": with_reference})
+            runs.append(run)
+    groups = fit_sweep(build_cells_table(runs), n_boot=10)["text"]["groups"]
+    assert len(groups) == 3 and all(g["num_seeds"] == [1] * 4 for g in groups)
+    labels = [g["label"] for g in groups]
+    assert any("data.corpus_uri=/corpora/other.jsonl" in label for label in labels)
+    assert any("data.reference.enabled=False" in label for label in labels)
+
+
 def test_a_mixed_sweep_fits_only_its_synthetic_rows(mixed_table):
     synthetic_only = build_cells_table(synthetic_runs())
     alone, mixed = fit_sweep(synthetic_only, n_boot=200), fit_sweep(mixed_table, n_boot=200)
