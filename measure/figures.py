@@ -376,29 +376,36 @@ def text_mem_vs_num_sequences(groups: list[dict]) -> tuple[Figure, dict]:
 def text_mia_extraction(groups: list[dict]) -> tuple[Figure, dict]:
     """Two panels against the pool size N, log x, seed means with seed-std bars. Left: balanced F1
     of the loss attack (solid) and the reference attack (dashed). Right: the greedy extraction rate
-    from 8, 16 and 32-token prefixes (marker) on training (solid) and test (dotted) sequences."""
+    from 8, 16 and 32-token prefixes (marker) on training (solid) and test (dotted) sequences.
+    Colour is the group; the legends name each group once, then the line styles and markers."""
     fig, (ax_f1, ax_ex) = _new("Text: membership inference and extraction against dataset size",
                                figsize=(12.0, 5.0), ncols=2)
     data = {"groups": []}
     colors = _colors(len(groups))
-    f1_entries = ex_entries = 0
+    styles = {ax_f1: {}, ax_ex: {}}  # legend entries for line styles and markers, in order of use
+    labelled = {ax_f1: set(), ax_ex: set()}
     for i, group in enumerate(groups):
         entry = {"label": group["label"], "f1": {}, "extraction": {}}
-        for attack, ls in (("loss", "-"), ("reference", "--")):
-            series = _series(group, f"{attack}_f1")
-            if series is not None:
-                _errorbar(ax_f1, series, color=colors[i], ls=ls, marker="o", label=f"{group['label']}, {attack} attack")
-                entry["f1"][attack] = {"num_sequences": series[0], "mean": series[1], "std": series[2]}
-                f1_entries += 1
-        for split, ls in (("train", "-"), ("test", ":")):
-            for prefix, marker in zip(TEXT_PREFIXES, ("o", "s", "^")):
-                series = _series(group, f"extract_{split}_p{prefix}")
-                if series is not None:
-                    _errorbar(ax_ex, series, color=colors[i], ls=ls, marker=marker,
-                              label=f"{group['label']}, {split}, {prefix}-token prefix")
-                    entry["extraction"][f"{split}_p{prefix}"] = {"num_sequences": series[0], "mean": series[1],
-                                                                 "std": series[2]}
-                    ex_entries += 1
+        curves = [(ax_f1, f"{attack}_f1", attack, ls, "o", f"{attack} attack")
+                  for attack, ls in (("loss", "-"), ("reference", "--"))]
+        curves += [(ax_ex, f"extract_{split}_p{prefix}", f"{split}_p{prefix}", ls, marker, None)
+                   for split, ls in (("train", "-"), ("test", ":"))
+                   for prefix, marker in zip(TEXT_PREFIXES, ("o", "s", "^"))]
+        for ax, metric, key, ls, marker, style_label in curves:
+            series = _series(group, metric)
+            if series is None:
+                continue
+            label = group["label"] if i not in labelled[ax] else None
+            labelled[ax].add(i)
+            _errorbar(ax, series, color=colors[i], ls=ls, marker=marker, label=label)
+            target = entry["f1"] if ax is ax_f1 else entry["extraction"]
+            target[key] = {"num_sequences": series[0], "mean": series[1], "std": series[2]}
+            if ax is ax_f1:
+                styles[ax].setdefault(style_label, dict(color="0.3", ls=ls))
+            else:
+                split, prefix = key.split("_p")
+                styles[ax].setdefault(split, dict(color="0.3", ls=ls))
+                styles[ax].setdefault(f"{prefix}-token prefix", dict(color="0.3", ls="none", marker=marker))
         data["groups"].append(entry)
     ax_f1.axhline(0.5, color="0.7", lw=0.8)
     ax_f1.set_ylim(0.4, 1.05)
@@ -407,12 +414,15 @@ def text_mia_extraction(groups: list[dict]) -> tuple[Figure, dict]:
     ax_ex.set_ylim(-0.03, 1.03)
     ax_ex.set_ylabel("exact greedy extraction rate (fraction of sequences)")
     ax_ex.set_title("extraction: train (solid), test (dotted); marker: prefix length", fontsize=10)
-    for ax, entries in ((ax_f1, f1_entries), (ax_ex, ex_entries)):
+    for ax in (ax_f1, ax_ex):
         ax.set_xscale("log")
         ax.set_xlabel("training sequences N (count)")
         ax.grid(True, which="major", alpha=0.3)
-        if entries:
-            ax.legend(fontsize=6 if entries > 6 else 7, loc="best")
+        if labelled[ax]:
+            for style_label, style in styles[ax].items():
+                ax.plot([], [], label=style_label, **style)
+            entries = len(labelled[ax]) + len(styles[ax])
+            ax.legend(fontsize=6 if entries > 8 else 7, loc="best", ncol=1 + entries // 16)
         else:
             _empty_note(ax, "no finished text cells")
     return _finish(fig), data

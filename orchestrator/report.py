@@ -6,7 +6,8 @@ Aggregates the sweep from its tracking store (or reads a saved cells.parquet wit
 needed), draws the figures of measure/figures.py as PNGs (the five synthetic ones when the sweep has
 synthetic cells, the three text ones when it has text cells), and writes `<out>/report/report.html`
 with the figures embedded as data URIs, the fit tables, the text cells' table, the sweep's
-configuration and its failed and unfinished cells. The report is also logged to the sweep's latest launch run (not with `--from`).
+configuration and its failed and unfinished cells. The report is also logged to the sweep's latest
+launch run (not with `--from`).
 Published figures: Morris et al., "How much do language models memorize?" (arXiv 2505.24832).
 """
 
