@@ -369,7 +369,8 @@ def text_mem_vs_num_sequences(groups: list[dict]) -> tuple[Figure, dict]:
     ax.set_xlabel("training sequences N (count)")
     ax.set_ylabel("unintended memorization per sequence (bits/sequence);\nseed means, bars: seed std")
     ax.grid(True, which="major", alpha=0.3)
-    _legend(fig, ax, len(data["groups"]), loc="best")
+    if data["groups"]:
+        _legend(fig, ax, len(data["groups"]), loc="best")
     return _finish(fig), data
 
 

@@ -318,3 +318,19 @@ def test_a_mixed_report_draws_both_kinds_each_from_its_own_rows(mixed_table, tmp
     assert sorted(plotted) == sorted(r["mem_bits"] for r in synthetic)  # no text cell on the synthetic axes
     assert len(result.figure_data["text_mem_vs_num_sequences"]["groups"]) == 4
     assert aggregate_from("mixed", saved).fits["alpha"] == result.aggregate.fits["alpha"]
+
+
+def test_text_figures_of_a_text_sweep_with_nothing_finished_still_render(recwarn):
+    from measure import figures
+    from orchestrator.report import draw_figures
+
+    rng = np.random.default_rng(3)
+    cells = build_cells_table([text_cell(i, "l1_d32", "fp32", 64, i, rng, status="FAILED") for i in range(2)])
+    fits = fit_sweep(cells, n_boot=10)
+    assert fits["text"]["groups"] == [] and fits["skipped"]["alpha"] == "no FINISHED cells with mem_bits"
+    drawn = draw_figures(cells, None, fits)
+    assert list(drawn) == TEXT_FIGURE_NAMES
+    for name, (fig, data) in drawn.items():
+        assert fig.axes and data["groups"] == [], name
+        figures.close(fig)
+    assert not [w for w in recwarn if "legend" in str(w.message)]
