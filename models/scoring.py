@@ -35,3 +35,32 @@ def nll_bits(model: GPT, tokens: np.ndarray, batch_size: int = 1024) -> np.ndarr
     finally:
         model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def greedy_correct(model: GPT, tokens: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """(N, S) tokens -> (N, S) bool: does the model's most likely next token, given the start token and
+    the true x_<t, equal x_t?
+
+    Greedy decoding from a prefix of k true tokens reproduces the rest of a sequence exactly if and only
+    if every position t >= k is correct here: by induction, while the continuation matches, the model
+    sees the true prefix. So `correct[:, k:].all(1)` is the exact-extraction test of SCIENCE.md, from one
+    forward pass instead of S - k decoding steps (ties go to the lowest id, as torch.argmax does)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = np.empty(tokens.shape, dtype=bool)
+    try:
+        for start in range(0, len(tokens), batch_size):
+            targets = torch.as_tensor(tokens[start : start + batch_size], device=device)
+            predicted = model(model.inputs_for(targets)).float().argmax(dim=-1)  # (B, S)
+            out[start : start + len(targets)] = (predicted == targets).cpu().numpy()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def extraction_rates(correct: np.ndarray, prefixes: tuple[int, ...]) -> dict[int, float]:
+    """The fraction of sequences whose greedy continuation from each prefix length matches exactly
+    (prefix lengths of at least S are left out: nothing would remain to extract)."""
+    return {k: float(correct[:, k:].all(axis=1).mean()) for k in prefixes if k < correct.shape[1]}

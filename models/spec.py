@@ -16,6 +16,10 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # models.text imports this module; a spec only needs the name
+    from models.text import TextDataSpec
 
 PRECISIONS = ("fp32", "bf16", "amp_bf16")
 SCHEDULES = ("cosine", "constant")
@@ -67,7 +71,7 @@ class DataSpec:
         if self.vocab_size < 2:
             raise SpecError(f"data.vocab_size={self.vocab_size} must be at least 2")
         if self.kind != "synthetic":
-            raise SpecError(f"data.kind={self.kind!r} is not supported (only 'synthetic')")
+            raise SpecError(f"data.kind={self.kind!r} is not one of ('synthetic', 'text')")
 
     @property
     def sequence_bits(self) -> float:
@@ -130,19 +134,42 @@ class TrainSpec:
 
 @dataclass(frozen=True)
 class CellSpec:
-    """Everything that determines one cell's numbers."""
+    """Everything that determines one cell's numbers.
+
+    `data` is a DataSpec (synthetic) or a models.text.TextDataSpec (a corpus). A text cell may name a
+    `reference`: the cell whose model its unintended memorization is measured against (SCIENCE.md). The
+    reference is a whole CellSpec, so it is part of this cell's id, and it is itself a cell (without a
+    reference) that trains once and serves every cell naming it."""
 
     model: ModelSpec
-    data: DataSpec
+    data: DataSpec | TextDataSpec
     train: TrainSpec
     precision: str
     seed: int
+    reference: CellSpec | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise SpecError(f"precision={self.precision!r} is not one of {PRECISIONS}")
         if self.seed < 0:
             raise SpecError(f"seed={self.seed} must be >= 0")
+        if self.reference is not None:
+            ref = self.reference
+            if self.data.kind != "text":
+                raise SpecError("reference: only text cells are measured against a reference model")
+            if ref.reference is not None:
+                raise SpecError("reference: a reference cell cannot itself have a reference")
+            same = ("corpus_uri", "seq_len", "vocab_size", "tokenizer", "tokenizer_hash", "split_seed",
+                    "num_nonmembers", "num_test")
+            for name in same:
+                if getattr(ref.data, name, None) != getattr(self.data, name):
+                    raise SpecError(f"reference.data.{name}={getattr(ref.data, name, None)!r} differs from "
+                                    f"data.{name}={getattr(self.data, name)!r}: a reference must score the "
+                                    "same sequences with the same tokenizer")
+
+    @property
+    def is_text(self) -> bool:
+        return self.data.kind == "text"
 
     # -- sizes, all derivable without torch -------------------------------------------------------
     @property
@@ -168,8 +195,9 @@ class CellSpec:
     def slug(self) -> str:
         """A readable prefix of the cell id: shape, data size, precision, seed."""
         d = self.data
+        kind = "" if d.kind == "synthetic" else f"-{d.kind}"
         return (
-            f"{self.model.name}-v{d.vocab_size}-s{d.seq_len}-n{d.num_sequences}"
+            f"{self.model.name}{kind}-v{d.vocab_size}-s{d.seq_len}-n{d.num_sequences}"
             f"-{self.precision}-seed{self.seed}"
         )
 
@@ -181,8 +209,7 @@ class CellSpec:
         0.001) give one id. The model's name is part of the slug but not of the hash: two names for one
         shape are one experiment.
         """
-        payload = to_dict(self)
-        payload["model"] = {k: v for k, v in payload["model"].items() if k != "name"}
+        payload = _identity(to_dict(self))
         canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return f"{self.slug}-{hashlib.sha256(canonical.encode()).hexdigest()[:10]}"
 
@@ -221,16 +248,31 @@ class Cell:
         return self.spec.cell_id
 
 
-def pack_key(spec: CellSpec) -> tuple:
+def pack_key(spec: CellSpec) -> tuple | None:
     """Cells with equal keys can train as one pack (models/packed.py): same shape, vocabulary,
-    sequence length, precision and recipe; they may differ in dataset size, non-members and seed."""
+    sequence length, precision and recipe; they may differ in dataset size, non-members and seed.
+    None for text cells, which train alone (packing covers the synthetic path only)."""
     m, d = spec.model, spec.data
+    if d.kind != "synthetic":
+        return None
     return (m.n_layer, m.n_head, m.n_embd, d.vocab_size, d.seq_len, d.kind, spec.precision, spec.train)
 
 
 def to_dict(spec: CellSpec) -> dict:
-    """Nested plain dict of a spec (for ids, params and Parquet columns)."""
-    return dataclasses.asdict(spec)
+    """Nested plain dict of a spec (for ids, params and Parquet columns). A synthetic cell's dict has
+    no `reference` key, so its id is what it was before text cells existed."""
+    out = dataclasses.asdict(spec)
+    if spec.reference is None and not spec.is_text:
+        out.pop("reference")
+    return out
+
+
+def _identity(payload: dict) -> dict:
+    """What a cell id hashes: the spec without model names (at any depth: a reference's too)."""
+    payload = dict(payload, model={k: v for k, v in payload["model"].items() if k != "name"})
+    if payload.get("reference"):
+        payload["reference"] = _identity(payload["reference"])
+    return payload
 
 
 def flatten(nested: dict, prefix: str = "") -> dict:

@@ -47,7 +47,11 @@ EXTENSIONS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".json": "json
 # pyarrow's input streams decompress these transparently (compression="detect").
 COMPRESSIONS = (".gz", ".bz2", ".zst", ".lz4", ".br")
 EOS_TEXT = "<|endoftext|>"
-SAMPLE_CORPUS = Path(__file__).resolve().parent / "corpora" / "shakespeare_sample.txt"
+CORPORA = Path(__file__).resolve().parent / "corpora"  # corpora shipped with the package
+SAMPLE_CORPUS = CORPORA / "shakespeare_sample.txt"
+# `memsweep:NAME` names a shipped corpus (models/corpora/NAME): a URI that is the same on every
+# machine and install, so cell ids do not depend on where the package lives.
+PACKAGE_SCHEME = "memsweep:"
 CHUNK_BYTES = 1 << 20  # read size for text and JSONL files
 BATCH_ROWS = 1024  # Parquet rows per record batch, and documents per tokenizer call
 SPLIT_STREAM = 4  # the SeedSequence stream of the split (models/data.py uses 0-3)
@@ -85,12 +89,23 @@ def _is_glob(path: str) -> bool:
     return any(c in path for c in "*?[")
 
 
+def resolve_uri(uri: str) -> str:
+    """A corpus URI as pyarrow opens it: `memsweep:NAME` becomes the shipped file's path."""
+    if uri.startswith(PACKAGE_SCHEME):
+        name = uri[len(PACKAGE_SCHEME):]
+        shipped = sorted(p.name for p in CORPORA.iterdir() if not p.name.startswith("."))
+        if name not in shipped:
+            raise _error(uri, f"no such shipped corpus; memsweep ships {', '.join(shipped)}")
+        return str(CORPORA / name)
+    return uri
+
+
 def corpus_files(uri: str, format: str | None = None) -> tuple[pafs.FileSystem, list[tuple[str, str]]]:
     """The filesystem and the (path, format) of each file of a corpus, in reading order."""
     if format is not None and format not in FORMATS:
         raise _error(uri, f"format={format!r} is not one of {FORMATS}")
     try:
-        fs, path = open_storage(uri)
+        fs, path = open_storage(resolve_uri(uri))
         if _is_glob(path):
             base = path[: min(path.find(c) for c in "*?[" if c in path)].rpartition("/")[0] or "/"
             infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
@@ -354,6 +369,26 @@ def load_tokenizer(uri: str) -> Tokenizer:
         return tokenizer_from_json(f.read().decode())
 
 
+def tokenizer_uri(storage: str, content_hash: str) -> str:
+    """Where a sweep's tokenizer lives: beside the checkpoints, named by its content hash."""
+    fs_root, _, query = storage.partition("?")
+    return f"{fs_root.rstrip('/')}/tokenizers/{content_hash}.json" + (f"?{query}" if query else "")
+
+
+def stored_tokenizer(storage: str, content_hash: str) -> Tokenizer:
+    """The tokenizer the driver stored for a sweep, checked against the hash its cells carry."""
+    uri = tokenizer_uri(storage, content_hash)
+    try:
+        tokenizer = load_tokenizer(uri)
+    except (OSError, pa.ArrowException) as e:
+        raise TextDataError(f"tokenizer {uri!r} cannot be read ({type(e).__name__}: {e}); "
+                            "relaunch the sweep so the driver stores it again") from e
+    if tokenizer.content_hash != content_hash:
+        raise TextDataError(f"tokenizer {uri!r} has hash {tokenizer.content_hash[:12]}, "
+                            f"not the {content_hash[:12]} its cells were planned with")
+    return tokenizer
+
+
 # ---------------------------------------------------------------------------------------------------
 # Sequences and splits
 
@@ -450,6 +485,9 @@ class TextDataSpec:
     dedupe_documents: bool = True
     max_sequences: int | None = None  # read only the corpus's first unique sequences (huge corpora)
     tokenizer_train_documents: int | None = None  # BPE trained on the first documents (None: all)
+    # sha256 of the tokenizer's JSON, set when the sweep's tokenizer is built (orchestrator/corpus.py):
+    # part of the cell id, and how a worker finds the stored tokenizer (tokenizer_uri).
+    tokenizer_hash: str | None = None
     kind: str = "text"
 
     def __post_init__(self) -> None:
@@ -489,6 +527,32 @@ class TextDataSpec:
     @property
     def num_required(self) -> int:
         return self.num_sequences + self.num_nonmembers + self.num_test
+
+
+@dataclass(frozen=True)
+class ReferenceOptions:
+    """How a text cell's reference model is made (config `data.reference`): the same shape as the cell
+    unless all of n_layer, n_head, n_embd are given (a larger "oracle"), trained with the cell's recipe
+    and precision on `num_sequences` pool sequences (None: the whole pool, every sequence of the corpus
+    outside the non-member and test sets) with its own `seed`, shared by all seeds of the sweep."""
+
+    enabled: bool = True
+    num_sequences: int | None = None
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_embd: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        shape = (self.n_layer, self.n_head, self.n_embd)
+        if any(v is not None for v in shape) and any(v is None for v in shape):
+            raise SpecError("data.reference: give all of n_layer, n_head and n_embd for an oracle shape, "
+                            "or none for the cell's own shape")
+        if self.num_sequences is not None and self.num_sequences < 1:
+            raise SpecError(f"data.reference.num_sequences={self.num_sequences} must be positive "
+                            "(or null for the whole pool)")
+        if self.seed < 0:
+            raise SpecError(f"data.reference.seed={self.seed} must be >= 0")
 
 
 def split_sequences(sequences: np.ndarray, num_sequences: int, num_nonmembers: int, num_test: int,

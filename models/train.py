@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.checkpoint import CheckpointStore
+from models.checkpoint import CheckpointError, CheckpointStore
 from models.data import BatchOrder
 from models.gpt import GPT
 from models.precision import WeightPrecision
@@ -58,6 +58,18 @@ def has_converged(history: list[tuple[int, float]], train: TrainSpec) -> bool:
     recent = [value for _, value in history[-train.converge_window :]]
     top = max(recent)
     return top > 0 and (top - min(recent)) / top < train.converge_tol
+
+
+def load_trained(spec: CellSpec, checkpoints: CheckpointStore, device: torch.device) -> GPT:
+    """A trained cell's model from its latest complete checkpoint (its final state once it finished),
+    in eval mode and in the cell's precision; used to score with a reference model."""
+    saved = checkpoints.load_latest(map_location=device)
+    if saved is None:
+        raise CheckpointError(f"cell {spec.cell_id} has no checkpoint under {checkpoints.dir}: "
+                              "it has not been trained with this storage")
+    model = GPT.from_spec(spec).to(device)
+    WeightPrecision(spec.precision, model, device).load_state_dict(saved["weights"])
+    return model.eval()
 
 
 def _rng_state() -> dict:
