@@ -8,6 +8,7 @@ recorded. A cell that raises is marked FAILED with its error; one that is cancel
 
 from __future__ import annotations
 
+import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -15,15 +16,24 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from measure.memorization import PAPER_ALPHA_BITS_PER_PARAM, predicted_mem_bits, summarize_synthetic
+from measure.memorization import (
+    PAPER_ALPHA_BITS_PER_PARAM,
+    mem_bits_against_reference,
+    mem_bits_per_sequence,
+    predicted_mem_bits,
+    summarize_synthetic,
+)
 from measure.mia import mia_metrics
 from models.checkpoint import CheckpointStore
 from models.data import mia_member_subset, synthetic_members, synthetic_nonmembers
 from models.gpt import GPT
 from models.precision import check_supported, resolve_device
-from models.scoring import nll_bits
+from models.scoring import extraction_rates, greedy_correct, nll_bits
 from models.spec import Cell, CellSpec, flatten, to_dict
-from models.train import ProgressFn, TrainResult, train
+from models.text import TextData, load_text_data, stored_tokenizer
+from models.train import ProgressFn, TrainResult, load_trained, train
+
+EXTRACTION_PREFIXES = (8, 16, 32)  # tokens of a sequence given before greedy decoding (SCIENCE.md)
 from orchestrator.tracking import TAG_SWEEP, MetricBuffer, Tracker
 
 
@@ -82,6 +92,140 @@ def measure_cell(
     return metrics, per_sequence
 
 
+# -- text cells ----------------------------------------------------------------------------------------
+@dataclass
+class ReferenceScores:
+    """A text cell's sequences scored by its reference model: nll_bits of the pool, the non-members
+    and the test set (the reference is trained once, in its own cell, and only read here)."""
+
+    members: np.ndarray
+    nonmembers: np.ndarray
+    test: np.ndarray
+
+
+def load_text_cell_data(cell: Cell) -> TextData:
+    """The cell's three splits, tokenized with the tokenizer the driver stored for the sweep."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # Ray workers fork; keep tokenizers serial
+    data = cell.spec.data
+    tokenizer = stored_tokenizer(cell.options.storage, data.tokenizer_hash) if data.tokenizer_hash else None
+    return load_text_data(data, tokenizer)
+
+
+def reference_scores(cell: Cell, data: TextData, device) -> ReferenceScores | None:
+    reference = cell.spec.reference
+    if reference is None:
+        return None
+    model = load_trained(reference, CheckpointStore(cell.options.storage, reference.cell_id), device)
+    batch = cell.options.eval_batch_size
+    return ReferenceScores(nll_bits(model, data.pool, batch), nll_bits(model, data.nonmembers, batch),
+                           nll_bits(model, data.test, batch))
+
+
+def text_mem_bits(spec: CellSpec, member_nll: np.ndarray, ref: ReferenceScores | None) -> np.ndarray:
+    """Memorized bits per training sequence: unintended memorization against the reference, or, for a
+    cell without one (a reference itself), against the uniform code of S*log2(V) bits."""
+    if ref is None:
+        return mem_bits_per_sequence(member_nll, spec.data.seq_len, spec.data.vocab_size)
+    return mem_bits_against_reference(member_nll, ref.members)
+
+
+def measure_text_cell(spec: CellSpec, model: GPT, data: TextData, ref: ReferenceScores | None,
+                      batch_size: int) -> tuple[dict[str, float], pa.Table]:
+    """Every final number of SCIENCE.md for a text cell, and the per-sequence table behind them.
+
+    The loss attack (and, with a reference, the reference attack) scores min(N, M) members against as
+    many non-members; extraction is measured on those members and on the test set. Test loss is on the
+    test set (on the non-members when the split has no test set)."""
+    S, N = spec.data.seq_len, spec.data.num_sequences
+    member_nll = nll_bits(model, data.pool, batch_size)
+    nonmember_nll = nll_bits(model, data.nonmembers, batch_size)
+    test_nll = nll_bits(model, data.test, batch_size) if len(data.test) else nonmember_nll
+    per_sequence_mem = text_mem_bits(spec, member_nll, ref)
+    mem_bits = float(per_sequence_mem.sum())
+    entropy_bits = float(ref.members.sum()) if ref else N * spec.data.seq_len * float(np.log2(spec.data.vocab_size))
+    subset = mia_member_subset(spec.data, spec.seed)
+    k = len(subset)
+    metrics = {
+        "params": float(spec.params),
+        "params_paper": float(spec.params_paper),
+        "entropy_bits": entropy_bits,
+        "capacity_ratio": entropy_bits / (PAPER_ALPHA_BITS_PER_PARAM[spec.precision] * spec.params),
+        "mem_bits": mem_bits,
+        "mem_bits_per_sequence": mem_bits / N,
+        "bits_per_param": mem_bits / spec.params,
+        "sequences_per_param": N / spec.params,
+        "train_nll_bits_per_token": float(member_nll.mean() / S),
+        "test_nll_bits_per_token": float(test_nll.mean() / S),
+        "nonmember_nll_bits_per_token": float(nonmember_nll.mean() / S),
+        **mia_metrics(-member_nll[subset], -nonmember_nll[:k]).as_dict("loss"),
+    }
+    if ref is not None:
+        metrics.update({
+            "reference_train_nll_bits_per_token": float(ref.members.mean() / S),
+            "reference_test_nll_bits_per_token": float((ref.test if len(data.test) else ref.nonmembers).mean() / S),
+            **mia_metrics((ref.members - member_nll)[subset],
+                          (ref.nonmembers - nonmember_nll)[:k]).as_dict("reference"),
+        })
+    train_correct = greedy_correct(model, data.pool[subset], batch_size)
+    test_correct = greedy_correct(model, data.test, batch_size) if len(data.test) else None
+    for prefix, rate in extraction_rates(train_correct, EXTRACTION_PREFIXES).items():
+        metrics[f"extract_train_p{prefix}"] = rate
+    if test_correct is not None:
+        for prefix, rate in extraction_rates(test_correct, EXTRACTION_PREFIXES).items():
+            metrics[f"extract_test_p{prefix}"] = rate
+    return metrics, _text_table(spec, data, member_nll, nonmember_nll, test_nll, per_sequence_mem, ref,
+                                subset, train_correct, test_correct)
+
+
+def _correct_tail(correct: np.ndarray) -> np.ndarray:
+    """Per sequence, how many final positions the model predicts greedily: a prefix of k tokens
+    extracts the sequence exactly when S - correct_tail <= k."""
+    wrong = ~correct[:, ::-1]
+    return np.where(wrong.any(axis=1), wrong.argmax(axis=1), correct.shape[1]).astype(np.int64)
+
+
+def _text_table(spec, data, member_nll, nonmember_nll, test_nll, per_sequence_mem, ref, subset,
+                train_correct, test_correct) -> pa.Table:
+    """One row per sequence: split (member, nonmember, test), index in its split, nll_bits, the
+    reference's nll_bits (null without a reference), mem_bits (members only), in_mia, and
+    correct_tail (members scored for extraction and test rows; -1 elsewhere)."""
+    N, M, T = len(data.pool), len(data.nonmembers), len(data.test)
+    k = len(subset)
+    in_mia = np.zeros(N, dtype=bool)
+    in_mia[subset] = True
+    member_tail = np.full(N, -1, dtype=np.int64)
+    member_tail[subset] = _correct_tail(train_correct)
+    test_tail = _correct_tail(test_correct) if test_correct is not None else np.empty(0, dtype=np.int64)
+    ref_nll = (np.concatenate([ref.members, ref.nonmembers, ref.test]) if ref is not None
+               else np.full(N + M + T, np.nan))
+    return pa.table({
+        "split": pa.array(["member"] * N + ["nonmember"] * M + ["test"] * T),
+        "index": pa.array(np.concatenate([np.arange(N), np.arange(M), np.arange(T)]).astype(np.int64)),
+        "nll_bits": pa.array(np.concatenate([member_nll, nonmember_nll, test_nll[:T] if T else test_nll[:0]])),
+        "reference_nll_bits": pa.array(ref_nll, from_pandas=True),
+        "mem_bits": pa.array(np.concatenate([per_sequence_mem, np.full(M + T, np.nan)]), from_pandas=True),
+        "in_mia": pa.array(np.concatenate([in_mia, np.arange(M) < k, np.zeros(T, dtype=bool)])),
+        "correct_tail": pa.array(np.concatenate([member_tail, np.full(M, -1, dtype=np.int64), test_tail])),
+    })
+
+
+def _train_and_measure_text(cell: Cell, device, log, progress) -> tuple[dict[str, float], pa.Table, TrainResult]:
+    spec, options = cell.spec, cell.options
+    data = load_text_cell_data(cell)
+    ref = reference_scores(cell, data, device)
+
+    def evaluate(model: GPT) -> dict:
+        member_nll = nll_bits(model, data.pool, options.eval_batch_size)
+        return {"mem_bits": float(text_mem_bits(spec, member_nll, ref).sum())}
+
+    result = train(spec, data.pool, device=device, evaluate=evaluate,
+                   checkpoints=CheckpointStore(options.storage, spec.cell_id), log=log, progress=progress)
+    metrics, table = measure_text_cell(spec, result.model, data, ref, options.eval_batch_size)
+    metrics.update(_train_metrics(result))
+    return metrics, table, result
+
+
+# -- one cell ------------------------------------------------------------------------------------------
 def train_and_measure(
     cell: Cell, log=lambda metrics, step: None, progress: ProgressFn = lambda step, metrics: None
 ) -> tuple[dict[str, float], pa.Table, TrainResult]:
@@ -89,6 +233,8 @@ def train_and_measure(
     spec, options = cell.spec, cell.options
     device = resolve_device(options.device)
     check_supported(spec.precision, device)
+    if spec.is_text:
+        return _train_and_measure_text(cell, device, log, progress)
     members = synthetic_members(spec.data, spec.seed)
     nonmembers = synthetic_nonmembers(spec.data, spec.seed)
     result = train(
@@ -145,15 +291,20 @@ def run_cell(
     progress: ProgressFn = lambda step, metrics: None,
     tracker: Tracker | None = None,
     tags: dict | None = None,
+    reference: CellOutcome | None = None,
 ) -> CellOutcome:
     """Train, measure and record one cell into its own MLflow run. Never raises for a failure of the
-    cell itself (it is recorded FAILED); re-raises cancellation after marking the run KILLED."""
+    cell itself (it is recorded FAILED); re-raises cancellation after marking the run KILLED.
+    `reference` is the outcome of the cell's reference when this process waited for it: a reference
+    that did not finish fails the cell without training it."""
     options = cell.options
     tracker = tracker or Tracker(options.tracking_uri, options.artifact_root)
     run_id, finished = _open_run(cell, tracker, parent_run_id, tags)
     if finished:
         return CellOutcome(cell.cell_id, run_id, "FINISHED", already_finished=True)
     try:
+        if reference is not None and reference.status != "FINISHED":
+            raise RuntimeError(f"reference cell {reference.cell_id} {reference.status}: {reference.error}")
         curves = MetricBuffer(tracker, run_id)
         started = time.perf_counter()
         metrics, table, _ = train_and_measure(cell, log=curves, progress=progress)

@@ -24,9 +24,9 @@ from orchestrator.console import console, out
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from orchestrator.compose import compose_cell
+    from orchestrator.compose import compose_cell, prepared
 
-    cell = compose_cell(args.overrides)  # validates before anything is trained or recorded
+    cell = prepared([compose_cell(args.overrides)])[0]  # validates before anything is trained or recorded
     from models.precision import check_supported, resolve_device  # imports torch: config is good
     from models.spec import SpecError
     from orchestrator.cell import run_cell
@@ -39,9 +39,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(str(err)) from None
     tracker = Tracker(cell.options.tracking_uri, cell.options.artifact_root)
     tracker.ensure_store()
-    console.print(f"cell {cell.cell_id}: {cell.spec.params:,} params, H(X) = {cell.spec.data.entropy_bits:,.0f} bits")
+    data = cell.spec.data
+    console.print(f"cell {cell.cell_id}: {cell.spec.params:,} params, "
+                  + (f"H(X) = {data.entropy_bits:,.0f} bits" if not cell.spec.is_text else
+                     f"{data.num_sequences:,} sequences of {data.corpus_uri}"))
+    reference = None
+    if cell.spec.reference is not None:  # trained first, here, unless a sweep of this store has it
+        from orchestrator.corpus import reference_cell
+
+        ref_cell = reference_cell(cell)
+        console.print(f"reference {ref_cell.cell_id}: {ref_cell.spec.data.num_sequences:,} sequences")
+        with training_progress(ref_cell.spec, enabled=not args.quiet) as progress:
+            reference = run_cell(ref_cell, progress=progress, tracker=tracker)
     with training_progress(cell.spec, enabled=not args.quiet) as progress:
-        outcome = run_cell(cell, progress=progress, tracker=tracker)
+        outcome = run_cell(cell, progress=progress, tracker=tracker, reference=reference)
     if outcome.already_finished:
         console.print(f"cell {cell.cell_id} already FINISHED in run {outcome.run_id}; nothing to do")
         return 0
@@ -65,6 +76,7 @@ def _run_sweep(plan, cells, force: bool = False) -> int:
         console.print(f"sweep {plan.name}: nothing to run ({_plan_counts(plan)})")
         return 0
     console.print(f"sweep {plan.name}: {len(plan.cells)} cells ({_plan_counts(plan)}); submitting {len(cells)}")
+    _print_references(plan, cells)
     started = time.monotonic()
     try:
         outcomes = run_plan(plan, cells, force=force)
@@ -126,12 +138,26 @@ def cmd_launch(args: argparse.Namespace) -> int:
         on_gpu = plan.cluster.use_gpus and bool(plan.cluster.num_gpus)
         requests = {c.cell_id: request_for(c.spec, plan.cluster, on_gpu, c.options.eval_batch_size) for c in plan.cells}
         predictions = {c.cell_id: predicted_mem_bits(PAPER_ALPHA_BITS_PER_PARAM[c.spec.precision], c.spec.params,
-                                                     c.spec.data.entropy_bits) for c in plan.cells}
+                                                     c.spec.data.entropy_bits)
+                       for c in plan.cells if not c.spec.is_text}  # a text corpus's H(X) is unknown
         out.print(plan_table(plan, requests, predictions))
         console.print(f"would run {len(todo)} of {len(plan.cells)} cells"
                       + ("" if args.force else " (finished cells are skipped; --force reruns them)"))
+        _print_references(plan, todo)
         return 0
     return _run_sweep(plan, todo, force=args.force)
+
+
+def _print_references(plan, cells) -> None:
+    """The reference models `cells` need: which will train first and which a sweep already trained."""
+    from orchestrator.corpus import reference_cells
+    from orchestrator.launch import pending_references
+
+    needed = reference_cells(cells)
+    pending = {c.cell_id for c in pending_references(plan, cells)}
+    for ref in needed:
+        state = "trains first" if ref.cell_id in pending else "FINISHED, reused"
+        console.print(f"reference {ref.cell_id} ({ref.spec.data.num_sequences:,} sequences): {state}")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -141,6 +167,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     plan = recorded_plan(args.sweep, args.overrides)
     out.print(status_table(plan))
     console.print(f"{len(plan.cells)} cells: {_plan_counts(plan)}")
+    _print_references(plan, plan.cells)
     return 0
 
 

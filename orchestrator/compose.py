@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from models.spec import Cell, CellSpec, DataSpec, ModelSpec, RunOptions, SpecError, TrainSpec
+from models.text import ReferenceOptions, TextDataSpec
 
 OmegaConf.register_new_resolver("abspath", lambda path: os.path.abspath(path), replace=True)
 
@@ -117,6 +118,16 @@ def expand_grid(axes: list[str]) -> list[tuple[str, ...]]:
     return list(itertools.product(*choices))
 
 
+CELL_KEYS = ("model", "data", "precision", "train", "seed")  # what a cell's grid may choose
+
+
+def sweep_level(fixed: list[str]) -> list[str]:
+    """The fixed overrides that matter to the sweep as a whole (its file, tracking, storage, cluster),
+    without those of the cells' own config (`data.corpus_uri=...`): a grid axis such as `data: text`
+    may be what gives such a key its meaning, so they are applied per cell, after the grid's choices."""
+    return [o for o in fixed if o.split("=", 1)[0].lstrip("+~").split(".")[0] not in CELL_KEYS]
+
+
 @dataclass(frozen=True)
 class Sweep:
     name: str
@@ -128,7 +139,7 @@ class Sweep:
 def load_sweep(overrides: list[str]) -> Sweep:
     """Expand, compose and validate every cell of `sweep=NAME [overrides]` before anything runs."""
     sweep_axes, fixed = split_overrides(overrides)
-    base = compose_config(fixed)  # the sweep file itself, with fixed overrides applied
+    base = compose_config(sweep_level(fixed))  # the sweep file itself, with where-to-record overrides
     if base.get("sweep") is None:
         raise ConfigError("sweep: no sweep chosen; pass sweep=NAME (see conf/sweep/)")
     name = str(base.sweep.name)
@@ -150,8 +161,20 @@ def load_sweep(overrides: list[str]) -> Sweep:
         cells.append(dataclasses.replace(cell, overrides=tuple(cell_overrides)))
     if not cells:
         raise ConfigError(f"sweep={name}: the grid has no cells")
+    cells = prepared(cells)
     record = {"sweep": OmegaConf.to_container(base.sweep, resolve=True), "overrides": list(overrides)}
     return Sweep(name=name, cells=cells, config=record, fixed_overrides=tuple(fixed))
+
+
+def prepared(cells: list[Cell]) -> list[Cell]:
+    """Cells with their text corpora checked, tokenizers stored and references attached
+    (orchestrator.corpus); a corpus problem becomes a ConfigError naming the cell and the field."""
+    from orchestrator.corpus import CorpusError, prepare_text_cells
+
+    try:
+        return prepare_text_cells(cells)
+    except CorpusError as err:
+        raise ConfigError(str(err)) from None
 
 
 class GridComposer:
@@ -250,22 +273,37 @@ def _coerce(value, kind, where: str):
 
 
 def spec_from_config(cfg: DictConfig) -> CellSpec:
+    """The cell's frozen spec. A text cell's tokenizer hash and reference are attached afterwards by
+    orchestrator.corpus.prepare_text_cells, which reads the corpus; here `data.reference` is only
+    type-checked."""
     if "precision" not in cfg or "name" not in cfg.precision:
         raise SpecError("precision: choose one of fp32, bf16, amp_bf16")
     return CellSpec(
         model=typed_options(ModelSpec, cfg.model, "model"),
-        data=typed_options(DataSpec, cfg.data, "data"),
+        data=data_spec(cfg.data),
         train=typed_options(TrainSpec, cfg.train, "train"),
         precision=_coerce(cfg.precision.name, str, "precision"),
         seed=_coerce(cfg.seed, int, "seed"),
     )
 
 
+def data_spec(node: DictConfig) -> DataSpec | TextDataSpec:
+    kind = node.get("kind", "synthetic")
+    if kind == "text":
+        values = OmegaConf.to_container(node, resolve=True)
+        typed_options(ReferenceOptions, values.pop("reference", None) or {}, "data.reference")
+        if "tokenizer_hash" in values:
+            raise SpecError("data.tokenizer_hash is set by memsweep from the tokenizer it builds; "
+                            "do not set it")
+        return typed_options(TextDataSpec, values, "data")
+    return typed_options(DataSpec, node, "data")
+
+
 def sweep_config(sweep: str, overrides: list[str]) -> DictConfig:
     """The configuration `sweep=NAME` plus the command line's fixed overrides compose to: where a
     sweep that already ran is recorded (status, resume, aggregate, report read it from here)."""
     _, fixed = split_overrides(list(overrides))
-    cfg = compose_config([f"sweep={sweep}", *fixed])
+    cfg = compose_config([f"sweep={sweep}", *sweep_level(fixed)])
     if experiment_name(cfg) != sweep:
         raise ConfigError(f"sweep={sweep}: the sweep file names itself {experiment_name(cfg)!r}")
     return cfg

@@ -56,15 +56,11 @@ def cell_summary(spec: CellSpec, metrics: dict, run_id: str | None, cell_id: str
     table.add_column(style="bold")
     table.add_column(justify="right")
     table.add_column(style="dim")
-    h = metrics.get("entropy_bits", spec.data.entropy_bits)
-    rows = [
-        ("params", _si(metrics.get("params", spec.params)), f"paper count {_si(spec.params_paper)}"),
-        ("H(X)", f"{_si(h)} bits", f"{spec.data.num_sequences} x {spec.data.seq_len} tokens, V={spec.data.vocab_size}"),
-        ("mem_bits", f"{_si(metrics['mem_bits'])} bits", f"predicted {_si(metrics['predicted_mem_bits'])} (paper alpha)"),
-        ("mem_fraction", f"{metrics['mem_fraction']:.3f}", "of H(X)"),
-        ("bits per parameter", f"{metrics['bits_per_param']:.3f}", "mem_bits / params"),
-        ("MIA AUC (loss)", f"{metrics['loss_auc']:.3f}", f"balanced F1 {metrics['loss_f1']:.3f}"),
-        ("test loss", f"{metrics['test_nll_bits_per_token']:.3f} bits/token", f"log2 V = {math.log2(spec.data.vocab_size):.3f}"),
+    if spec.is_text:
+        rows = _text_summary_rows(spec, metrics)
+    else:
+        rows = _synthetic_summary_rows(spec, metrics)
+    rows += [
         ("converged", "yes" if metrics["converged"] else "no", "capacity is a lower bound" if not metrics["converged"] else ""),
         ("steps", f"{int(metrics['steps'])}", f"resumed from {int(metrics['resumed_from_step'])}" if metrics["resumed_from_step"] else ""),
         ("wall time", f"{metrics['wall_s']:.1f} s", f"{_si(metrics['tokens_per_s'])} tokens/s"),
@@ -73,6 +69,39 @@ def cell_summary(spec: CellSpec, metrics: dict, run_id: str | None, cell_id: str
     for row in rows:
         table.add_row(*row)
     return table
+
+
+def _text_summary_rows(spec: CellSpec, metrics: dict) -> list[tuple]:
+    d = spec.data
+    against = "against the reference" if spec.reference is not None else "against the uniform code"
+    rows = [
+        ("params", _si(metrics.get("params", spec.params)), f"paper count {_si(spec.params_paper)}"),
+        ("data", f"{d.num_sequences} x {d.seq_len} tokens", f"{d.corpus_uri}, {d.tokenizer} V={d.vocab_size}"),
+        ("mem_bits", f"{_si(metrics['mem_bits'])} bits", f"{metrics['mem_bits_per_sequence']:.2f} per sequence, {against}"),
+        ("MIA AUC (loss)", f"{metrics['loss_auc']:.3f}", f"balanced F1 {metrics['loss_f1']:.3f}"),
+    ]
+    if "reference_auc" in metrics:
+        rows.append(("MIA AUC (reference)", f"{metrics['reference_auc']:.3f}", f"balanced F1 {metrics['reference_f1']:.3f}"))
+    rows.append(("test loss", f"{metrics['test_nll_bits_per_token']:.3f} bits/token",
+                 f"train {metrics['train_nll_bits_per_token']:.3f}"))
+    for k in (8, 16, 32):
+        if f"extract_train_p{k}" in metrics:
+            rows.append((f"extraction, {k}-token prefix", f"{metrics[f'extract_train_p{k}']:.3f}",
+                         f"test {metrics.get(f'extract_test_p{k}', float('nan')):.3f}"))
+    return rows
+
+
+def _synthetic_summary_rows(spec: CellSpec, metrics: dict) -> list[tuple]:
+    h = metrics.get("entropy_bits", spec.data.entropy_bits)
+    return [
+        ("params", _si(metrics.get("params", spec.params)), f"paper count {_si(spec.params_paper)}"),
+        ("H(X)", f"{_si(h)} bits", f"{spec.data.num_sequences} x {spec.data.seq_len} tokens, V={spec.data.vocab_size}"),
+        ("mem_bits", f"{_si(metrics['mem_bits'])} bits", f"predicted {_si(metrics['predicted_mem_bits'])} (paper alpha)"),
+        ("mem_fraction", f"{metrics['mem_fraction']:.3f}", "of H(X)"),
+        ("bits per parameter", f"{metrics['bits_per_param']:.3f}", "mem_bits / params"),
+        ("MIA AUC (loss)", f"{metrics['loss_auc']:.3f}", f"balanced F1 {metrics['loss_f1']:.3f}"),
+        ("test loss", f"{metrics['test_nll_bits_per_token']:.3f} bits/token", f"log2 V = {math.log2(spec.data.vocab_size):.3f}"),
+    ]
 
 
 class SweepProgress:
@@ -107,8 +136,10 @@ class SweepProgress:
             line = f"[dim]= {outcome.cell_id} already finished"
         elif outcome.status == "FINISHED":
             m = outcome.metrics
+            share = (f"({m['mem_fraction']:.2f} of H(X))" if "mem_fraction" in m  # synthetic
+                     else f"({m['mem_bits_per_sequence']:.1f} per sequence)")  # text
             line = (f"[green]✓[/green] {outcome.cell_id}  mem {_si(m['mem_bits'])} bits "
-                    f"({m['mem_fraction']:.2f} of H(X))  AUC {m['loss_auc']:.3f}  "
+                    f"{share}  AUC {m['loss_auc']:.3f}  "
                     f"{int(m['steps'])} steps{'' if m['converged'] else ' (not converged)'}")
         else:
             line = f"[red]✗ {outcome.cell_id} {outcome.status}:[/red] {escape(outcome.error or '')}"
@@ -127,8 +158,9 @@ def plan_table(plan, requests: dict, predictions: dict) -> Table:
         shown = ", ".join(f"{k.replace('num_', '')}={human_bytes(v) if k == 'memory' else f'{v:g}'}"
                           for k, v in request.items())
         table.add_row(
-            cell.cell_id, plan.state(cell), _si(cell.spec.params), _si(cell.spec.data.entropy_bits),
-            _si(predictions[cell.cell_id]), human_bytes(estimate_memory_bytes(cell.spec, cell.options.eval_batch_size)),
+            cell.cell_id, plan.state(cell), _si(cell.spec.params),
+            "-" if cell.spec.is_text else _si(cell.spec.data.entropy_bits),
+            _si(predictions[cell.cell_id]) if cell.cell_id in predictions else "-", human_bytes(estimate_memory_bytes(cell.spec, cell.options.eval_batch_size)),
             _si(train_flops(cell.spec)), shown,
         )
     return table

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from models.spec import Cell
 from orchestrator.compose import ConfigError, load_sweep, sweep_config, typed_options
+from orchestrator.corpus import REFERENCE_EXPERIMENT, reference_cells
 from orchestrator.resources import ClusterOptions, PackOptions
 from orchestrator.tracking import CellRecord, Tracker, latest_launch_run, redact
 
@@ -61,8 +62,19 @@ def pack_options(config: dict) -> PackOptions:
     return typed_options(PackOptions, config.get("pack") or {}, "pack")
 
 
+def pending_references(plan: Plan, cells: list[Cell]) -> list[Cell]:
+    """The reference cells that `cells` need and that have not FINISHED in the store (any sweep of
+    the store may have trained one: references live in their own experiment)."""
+    needed = reference_cells(cells)
+    if not needed:
+        return []
+    finished = plan.tracker.finished_cells(REFERENCE_EXPERIMENT)
+    return [r for r in needed if r.cell_id not in finished]
+
+
 def run_plan(plan: Plan, cells: list[Cell], *, force: bool = False, display=None) -> list:
-    """Run `cells` of `plan` on Ray under a new parent run; returns their outcomes."""
+    """Run `cells` of `plan`, and the reference cells they need that have not finished, on Ray under a
+    new parent run; returns their outcomes (references included)."""
     from orchestrator.console import SweepProgress
     from orchestrator.scheduler import ray_cluster, run_cells
 
@@ -76,10 +88,11 @@ def run_plan(plan: Plan, cells: list[Cell], *, force: bool = False, display=None
             record = plan.records.get(cell.cell_id)
             if record and record.status == "FINISHED":
                 plan.tracker.supersede(record.run_id, f"rerun with --force under launch {parent}")
+    to_run = pending_references(plan, cells) + list(cells)
     outcomes, status = [], "FAILED"
     try:
-        with ray_cluster(plan.cluster), (display or SweepProgress(len(cells))) as shown:
-            outcomes = run_cells(cells, cluster=plan.cluster, tracker=plan.tracker,
+        with ray_cluster(plan.cluster), (display or SweepProgress(len(to_run))) as shown:
+            outcomes = run_cells(to_run, cluster=plan.cluster, tracker=plan.tracker,
                                  parent_run_id=parent, display=shown, pack=plan.pack)
         status = "FINISHED"
     except KeyboardInterrupt:

@@ -124,7 +124,8 @@ def plan_packs(specs: list[CellSpec], options: PackOptions, slots: int = 1, eval
         return [[i] for i in range(len(specs))]
     groups: dict[tuple, list[int]] = {}
     for i, spec in enumerate(specs):
-        groups.setdefault(pack_key(spec), []).append(i)
+        key = pack_key(spec)  # None: a cell that trains alone (text cells)
+        groups.setdefault(key if key is not None else ("alone", i), []).append(i)
     packs = []
     budget = options.max_memory_gb * GiB
     for members in groups.values():

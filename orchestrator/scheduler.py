@@ -22,6 +22,7 @@ from ray.exceptions import RayError
 
 from models.spec import Cell
 from orchestrator.cell import CellOutcome
+from orchestrator.corpus import REFERENCE_EXPERIMENT
 from orchestrator.resources import ClusterOptions, PackOptions, pack_request, plan_packs, request_for
 from orchestrator.tracking import Tracker
 
@@ -121,15 +122,19 @@ def check_feasible(requests: dict[str, dict]) -> None:
 
 
 @ray.remote
-def _cell_task(cell: Cell, parent_run_id: str | None, num_threads: int) -> CellOutcome:
+def _cell_task(cell: Cell, parent_run_id: str | None, num_threads: int,
+               reference: CellOutcome | None = None) -> CellOutcome:
+    """One cell. `reference` is passed as the ObjectRef of the reference cell's task: Ray starts this
+    task only once that one has finished (or failed for good), and hands over its outcome."""
     import torch
 
     from orchestrator.cell import run_cell
 
     torch.set_num_threads(max(1, num_threads))  # as many threads as CPUs this task reserved
     context = ray.get_runtime_context()
-    where = {"ray.node_id": context.get_node_id(), "ray.task_attempt": str(context.get_task_id())}
-    return run_cell(cell, parent_run_id=parent_run_id, tags=where)
+    where = {"ray.node_id": context.get_node_id(), "ray.task_attempt": str(context.get_task_id()),
+             "ray.worker_pid": str(os.getpid())}
+    return run_cell(cell, parent_run_id=parent_run_id, tags=where, reference=reference)
 
 
 @ray.remote
@@ -142,7 +147,7 @@ def _pack_task(cells: list[Cell], parent_run_id: str | None, num_threads: int) -
     torch.set_num_threads(max(1, num_threads))
     context = ray.get_runtime_context()
     where = {"ray.node_id": context.get_node_id(), "ray.task_attempt": str(context.get_task_id()),
-             "memsweep.pack_size": str(len(cells))}
+             "ray.worker_pid": str(os.getpid()), "memsweep.pack_size": str(len(cells))}
     return run_pack(cells, parent_run_id=parent_run_id, tags=where)
 
 
@@ -164,8 +169,13 @@ def run_cells(
     pack: PackOptions | None = None,
 ) -> list[CellOutcome]:
     """Run `cells` on the connected Ray cluster; returns one outcome per cell, in completion order.
-    Compatible cells are grouped into packs (`pack`); a pack is one task with the summed request."""
-    cells = list(cells)
+    Compatible cells are grouped into packs (`pack`); a pack is one task with the summed request.
+
+    A text cell whose reference cell is among `cells` depends on it through Ray: the reference's task is
+    submitted first and its ObjectRef is an argument of each dependent task, so Ray starts dependents
+    only after the reference finished (no polling). A reference not among `cells` has finished before;
+    dependents load it from its checkpoint."""
+    cells = _references_first(list(cells))
     on_gpu = cluster.use_gpus and cluster_has_gpus()
     requests = {c.cell_id: request_for(c.spec, cluster, on_gpu, c.options.eval_batch_size) for c in cells}
     packs = [[cells[i] for i in group] for group in plan_packs(
@@ -174,7 +184,7 @@ def run_cells(
     pack_requests = {p[0].cell_id: pack_request([requests[c.cell_id] for c in p]) for p in packs}
     check_feasible(pack_requests)
     cpus_per_cell = cluster.cpus_per_cell
-    by_ref = {}
+    by_ref, task_of = {}, {}  # ObjectRef -> its cells; cell id -> ObjectRef of its task
     for group in packs:
         # SPREAD: cells are independent and compute-bound, so balance them over nodes rather than
         # packing the first node (Ray's default); fractional GPU requests still pack within a node.
@@ -184,7 +194,16 @@ def run_cells(
             task = _cell_task.options(name=f"cell:{group[0].spec.slug}", **options)
         else:
             task = _pack_task.options(name=f"pack:{group[0].spec.slug}+{len(group) - 1}", **options)
-        by_ref[task.remote(group[0] if len(group) == 1 else group, parent_run_id, int(cpus_per_cell))] = group
+        if len(group) == 1:
+            reference = group[0].spec.reference
+            # A reference cell lives in its own experiment (shared by sweeps): not a child of this launch.
+            parent = None if group[0].options.experiment == REFERENCE_EXPERIMENT else parent_run_id
+            ref = task.remote(group[0], parent, int(cpus_per_cell),
+                              task_of.get(reference.cell_id) if reference is not None else None)
+        else:
+            ref = task.remote(group, parent_run_id, int(cpus_per_cell))
+        by_ref[ref] = group
+        task_of.update({c.cell_id: ref for c in group})
 
     pending, outcomes, failed, start = list(by_ref), [], 0, time.monotonic()
     try:
@@ -202,6 +221,13 @@ def run_cells(
         _cancel(pending, [c for r in pending for c in by_ref[r]], tracker)
         raise
     return outcomes
+
+
+def _references_first(cells: list[Cell]) -> list[Cell]:
+    """Cells that others name as their reference go first, so their tasks exist when dependents are
+    submitted (and start first on a busy cluster)."""
+    needed = {c.spec.reference.cell_id for c in cells if c.spec.reference is not None}
+    return [c for c in cells if c.cell_id in needed] + [c for c in cells if c.cell_id not in needed]
 
 
 def _collect(ref, cells: list[Cell], tracker: Tracker) -> list[CellOutcome]:

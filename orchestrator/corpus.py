@@ -1,0 +1,155 @@
+"""The driver's work on text corpora, done once per sweep before anything is submitted.
+
+    cells = prepare_text_cells(cells)   # after composing, before ids are used
+
+For every distinct tokenizer the grid asks for, the driver builds it (bytes, or a BPE trained on the
+corpus) and stores it beside the checkpoints as `<storage>/tokenizers/<sha256>.json`; every cell carries
+the hash (`data.tokenizer_hash`, part of its id) and its worker loads exactly that file. For every
+distinct split of a corpus the driver reads the corpus once and checks it can give what each cell asks
+(readable, not empty, at least one S-token sequence, enough distinct sequences for pool + non-members +
+test), so a bad corpus stops the launch with a message naming the cell and the field, before any cell
+trains. Finally each text cell gets its reference model (SCIENCE.md): a CellSpec of its own, the same
+shape (or the configured oracle shape) trained on the whole pool or `data.reference.num_sequences`.
+
+Reading a corpus here costs one pass over it (bounded by `data.max_sequences` for huge corpora).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+from models.spec import Cell, CellSpec, ModelSpec, SpecError
+from models.text import (
+    ReferenceOptions,
+    TextDataError,
+    TextDataSpec,
+    build_tokenizer,
+    load_text_data,
+    save_tokenizer,
+    tokenizer_uri,
+)
+
+REFERENCE_EXPERIMENT = "memsweep-references"  # every reference cell, shared by all sweeps of a store
+
+
+class CorpusError(ValueError):
+    """A text cell's corpus cannot give what the cell asks; the message names the cell and the field."""
+
+
+def _tokenizer_key(data: TextDataSpec) -> tuple:
+    return (data.corpus_uri, data.format, data.tokenizer, data.vocab_size, data.tokenizer_train_documents)
+
+
+def _split_key(data: TextDataSpec) -> tuple:
+    """What fixes the sequences and their split: everything but the pool size."""
+    return dataclasses.replace(data, num_sequences=1)
+
+
+def _label(cell: Cell) -> str:
+    return f"cell [{' '.join(cell.overrides)}]: " if cell.overrides else ""
+
+
+def reference_options(cell: Cell) -> ReferenceOptions:
+    """The cell's `data.reference` section (validated by compose when the cell was composed)."""
+    section = dict((cell.config.get("data") or {}).get("reference") or {})
+    return ReferenceOptions(**section) if section else ReferenceOptions()
+
+
+def prepare_text_cells(cells: list[Cell]) -> list[Cell]:
+    """`cells` with every text cell's tokenizer built and stored, its corpus checked, and its reference
+    attached (synthetic cells pass through unchanged). Raises CorpusError before anything trains."""
+    if not any(c.spec.is_text for c in cells):
+        return cells
+    hashes: dict[tuple, str] = {}  # (tokenizer key, storage) -> content hash
+    tokenizers: dict[tuple, object] = {}
+    available: dict[TextDataSpec, int] = {}  # split key -> distinct sequences the corpus holds
+    prepared = []
+    for cell in cells:
+        if not cell.spec.is_text:
+            prepared.append(cell)
+            continue
+        data = cell.spec.data
+        try:
+            key = _tokenizer_key(data)
+            if key not in tokenizers:
+                tokenizers[key] = build_tokenizer(data)
+            tokenizer = tokenizers[key]
+            stored = (key, cell.options.storage)
+            if stored not in hashes:
+                hashes[stored] = tokenizer.content_hash
+                save_tokenizer(tokenizer, tokenizer_uri(cell.options.storage, hashes[stored]))
+            data = dataclasses.replace(data, tokenizer_hash=hashes[stored])
+            split = _split_key(data)
+            if split not in available:
+                available[split] = _count_available(data, tokenizer)
+        except TextDataError as err:
+            raise CorpusError(f"{_label(cell)}data.corpus_uri: {err}") from None
+        except OSError as err:  # storing the tokenizer
+            raise CorpusError(f"{_label(cell)}storage={cell.options.storage!r}: cannot store the "
+                              f"tokenizer ({type(err).__name__}: {err})") from None
+        whole_pool = available[split] - data.num_nonmembers - data.num_test
+        if data.num_sequences > whole_pool:
+            raise CorpusError(
+                f"{_label(cell)}data.num_sequences={data.num_sequences}: corpus {data.corpus_uri!r} holds "
+                f"{available[split]} distinct {data.seq_len}-token sequences, so the pool has at most "
+                f"{whole_pool} beside {data.num_nonmembers} non-members and {data.num_test} test sequences")
+        try:
+            spec = dataclasses.replace(cell.spec, data=data)
+            options = reference_options(cell)
+            if options.enabled:
+                spec = dataclasses.replace(spec, reference=_reference_spec(spec, options, whole_pool))
+        except SpecError as err:
+            raise CorpusError(f"{_label(cell)}{err}") from None
+        prepared.append(dataclasses.replace(cell, spec=spec, config=_recorded(cell.config, spec)))
+    return prepared
+
+
+def _count_available(data: TextDataSpec, tokenizer) -> int:
+    """Distinct S-token sequences of the corpus (load_text_data checks it is readable, not empty,
+    long enough for one sequence and large enough for this cell's pool, non-members and test set)."""
+    return load_text_data(data, tokenizer).num_available
+
+
+def _reference_spec(spec: CellSpec, options: ReferenceOptions, whole_pool: int) -> CellSpec:
+    size = whole_pool if options.num_sequences is None else options.num_sequences
+    if size > whole_pool:
+        raise SpecError(f"data.reference.num_sequences={size}: the pool has at most {whole_pool} sequences")
+    model = spec.model
+    if options.n_layer is not None:
+        model = ModelSpec(f"oracle_l{options.n_layer}_d{options.n_embd}", options.n_layer, options.n_head,
+                          options.n_embd)
+    data = dataclasses.replace(spec.data, num_sequences=size)
+    return CellSpec(model=model, data=data, train=spec.train, precision=spec.precision, seed=options.seed)
+
+
+def _recorded(config: dict, spec: CellSpec) -> dict:
+    """The cell's configuration as recorded (MLflow params): with the tokenizer hash and the
+    reference's resolved pool size and id, which the composed config could not know."""
+    config = copy.deepcopy(config)
+    data = config.setdefault("data", {})
+    data["tokenizer_hash"] = spec.data.tokenizer_hash
+    if spec.reference is not None:
+        reference = data.setdefault("reference", {})
+        reference["num_sequences"] = spec.reference.data.num_sequences
+        reference["cell_id"] = spec.reference.cell_id
+    return config
+
+
+def reference_cell(cell: Cell) -> Cell:
+    """The cell that trains `cell`'s reference model: recorded in REFERENCE_EXPERIMENT, so any sweep of
+    the same store that asks for the same reference finds it FINISHED and reuses it."""
+    reference = cell.spec.reference
+    if reference is None:
+        raise ValueError(f"cell {cell.cell_id} has no reference")
+    options = dataclasses.replace(cell.options, experiment=REFERENCE_EXPERIMENT, parent_run_id=None)
+    return Cell(spec=reference, options=options, overrides=(f"reference of {cell.spec.slug}",))
+
+
+def reference_cells(cells: list[Cell]) -> list[Cell]:
+    """The distinct reference cells that `cells` need, in first-use order."""
+    seen: dict[str, Cell] = {}
+    for cell in cells:
+        if cell.spec.reference is not None and cell.spec.reference.cell_id not in seen:
+            seen[cell.spec.reference.cell_id] = reference_cell(cell)
+    return list(seen.values())
