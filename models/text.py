@@ -620,6 +620,22 @@ def load_text_data(spec: TextDataSpec, tokenizer: Tokenizer | None = None) -> Te
     too few sequences for the splits) before anything trains."""
     uri = spec.corpus_uri
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(spec)
+    sequences, stats = read_sequences(spec, tokenizer)
+    if len(sequences) < spec.num_required:
+        raise _error(uri, f"has {len(sequences)} distinct complete {spec.seq_len}-token sequences "
+                          f"({stats.num_duplicate_sequences} repeats dropped), fewer than the "
+                          f"{spec.num_required} requested (pool {spec.num_sequences} + non-members "
+                          f"{spec.num_nonmembers} + test {spec.num_test})")
+    pool, nonmembers, test = split_sequences(sequences, spec.num_sequences, spec.num_nonmembers,
+                                             spec.num_test, spec.split_seed)
+    assert_disjoint(pool, nonmembers, test)
+    return TextData(pool, nonmembers, test, tokenizer, stats)
+
+
+def read_sequences(spec: TextDataSpec, tokenizer: Tokenizer) -> tuple[np.ndarray, SequenceStats]:
+    """Every distinct S-token sequence of the corpus, in corpus order, and the counts; raises
+    TextDataError when the corpus is unreadable, empty, or shorter than one sequence."""
+    uri = spec.corpus_uri
     if tokenizer.kind != spec.tokenizer or tokenizer.vocab_size > spec.vocab_size:
         raise _error(uri, f"the tokenizer ({tokenizer.kind}, vocab {tokenizer.vocab_size}) does not "
                           f"match data.tokenizer={spec.tokenizer!r}, data.vocab_size={spec.vocab_size}")
@@ -634,12 +650,4 @@ def load_text_data(spec: TextDataSpec, tokenizer: Tokenizer | None = None) -> Te
         raise _error(uri, f"its whole token stream ({stats.num_tokens} tokens in {stats.num_documents} "
                           f"documents, with EOS) is shorter than data.seq_len={spec.seq_len}: "
                           "no complete sequence")
-    if len(sequences) < spec.num_required:
-        raise _error(uri, f"has {len(sequences)} distinct complete {spec.seq_len}-token sequences "
-                          f"({stats.num_duplicate_sequences} repeats dropped), fewer than the "
-                          f"{spec.num_required} requested (pool {spec.num_sequences} + non-members "
-                          f"{spec.num_nonmembers} + test {spec.num_test})")
-    pool, nonmembers, test = split_sequences(sequences, spec.num_sequences, spec.num_nonmembers,
-                                             spec.num_test, spec.split_seed)
-    assert_disjoint(pool, nonmembers, test)
-    return TextData(pool, nonmembers, test, tokenizer, stats)
+    return sequences, stats

@@ -25,7 +25,7 @@ from models.text import (
     TextDataError,
     TextDataSpec,
     build_tokenizer,
-    load_text_data,
+    read_sequences,
     save_tokenizer,
     tokenizer_uri,
 )
@@ -89,6 +89,11 @@ def prepare_text_cells(cells: list[Cell]) -> list[Cell]:
             raise CorpusError(f"{_label(cell)}storage={cell.options.storage!r}: cannot store the "
                               f"tokenizer ({type(err).__name__}: {err})") from None
         whole_pool = available[split] - data.num_nonmembers - data.num_test
+        if whole_pool < 1:
+            raise CorpusError(
+                f"{_label(cell)}data.num_nonmembers={data.num_nonmembers}, data.num_test={data.num_test}: "
+                f"corpus {data.corpus_uri!r} holds {available[split]} distinct {data.seq_len}-token "
+                "sequences, which leaves no training pool")
         if data.num_sequences > whole_pool:
             raise CorpusError(
                 f"{_label(cell)}data.num_sequences={data.num_sequences}: corpus {data.corpus_uri!r} holds "
@@ -106,9 +111,9 @@ def prepare_text_cells(cells: list[Cell]) -> list[Cell]:
 
 
 def _count_available(data: TextDataSpec, tokenizer) -> int:
-    """Distinct S-token sequences of the corpus (load_text_data checks it is readable, not empty,
-    long enough for one sequence and large enough for this cell's pool, non-members and test set)."""
-    return load_text_data(data, tokenizer).num_available
+    """Distinct S-token sequences of the corpus (read_sequences checks it is readable, not empty and
+    long enough for one sequence)."""
+    return len(read_sequences(data, tokenizer)[0])
 
 
 def _reference_spec(spec: CellSpec, options: ReferenceOptions, whole_pool: int) -> CellSpec:

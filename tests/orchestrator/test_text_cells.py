@@ -22,6 +22,7 @@ from measure.mia import mia_metrics
 from orchestrator.compose import ConfigError, load_sweep
 from orchestrator.corpus import REFERENCE_EXPERIMENT
 from orchestrator.launch import make_plan, pending_references
+from orchestrator.report import report
 from tests.orchestrator.conftest import finish, memsweep, wait_until
 from tests.orchestrator.test_sweeps import assert_one_finished_run_each, cell_runs, on_cluster
 
@@ -87,6 +88,13 @@ def test_reference_first_survives_a_killed_worker_and_text_metrics_behave(ray_cl
     extracted = (members[members.in_mia].correct_tail >= 40 - 8).mean()
     assert extracted == pytest.approx(tiny["extract_train_p8"])
 
+    # The report draws the text figures from the real runs.
+    result = report("text_small", [], None)
+    assert {"text_mem_vs_num_sequences", "text_mia_extraction", "text_test_loss_vs_capacity_ratio"} <= set(result.figure_paths)
+    assert all(result.figure_paths[name].stat().st_size > 10_000 for name in result.figure_paths)
+    html = result.html_path.read_text()
+    assert html.count('id="text_') == 3
+
     # Another sweep of this store asking for the same reference reuses it.
     plan = make_plan(TEXT + on_cluster(ray_cluster) + ["data.num_sequences=64", "seed=3"])
     assert plan.cells[0].spec.reference == reference
@@ -108,6 +116,7 @@ def test_corpus_problems_stop_the_launch_before_anything_runs(tmp_path, sweep_ro
         "data.num_sequences=5000": "data.num_sequences=5000",
         "data.reference.num_sequences=5000": "data.reference.num_sequences=5000",
         "data.reference.n_layer=2": "give all of n_layer, n_head and n_embd",
+        "data.num_test=2000": "data.num_nonmembers=256, data.num_test=2000",
     }
     for override, message in cases.items():
         with pytest.raises(ConfigError) as err:

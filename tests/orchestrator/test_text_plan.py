@@ -78,5 +78,5 @@ def test_the_paper_text_grid(sweep_root):
             "seed=0,1,2"]
     assert len(expand_grid(axes)) == 4 * 7 * 3
     # Its sizes need a web-scale corpus: on the shipped sample the launch stops, naming the field.
-    with pytest.raises(ConfigError, match=r"data.corpus_uri: .* has \d+ distinct complete 64-token sequences .* fewer than the 8448 requested"):
+    with pytest.raises(ConfigError, match=r"data.num_nonmembers=4096, data.num_test=4096: .* holds \d+ distinct 64-token sequences"):
         load_sweep(["sweep=paper_text", "data.tokenizer_train_documents=50"])
