@@ -13,7 +13,11 @@ both alike) and reported as median, min and max of the ratio:
 5. mfu_single / mfu_packed_k8: achieved training FLOP/s (CellSpec.train_flops_per_step) over the
    fp32 matrix-multiply peak measured here (torch.mm of large square matrices).
 
-Figure 3 (a sweep on local Ray against sequential and against Ray Tune) is not implemented yet.
+3. sweep_*: a grid of l1_d16 cells through memsweep on an embedded local Ray cluster (packing off,
+   then on) over the ideal (the cells' time run one after another, over the workers), over the same
+   cells run sequentially in one process, and over the same grid through Ray Tune's grid_search
+   (bench/sweep_bench.py; needs the `bench` extra) -- targets <= 1.10 over ideal, <= 1.0 over Tune.
+   Cells of ~3 s with --quick, ~20 s otherwise; --sweep-repeats times (1 with --quick, 2 otherwise).
 Writes bench/results/<UTC timestamp>.json with the machine's description and load.
 """
 
@@ -38,6 +42,12 @@ from models.packed import train_packed
 from models.scoring import nll_bits
 from models.spec import CellSpec, DataSpec, ModelSpec, TrainSpec
 from models.train import train
+
+
+def figure_sweep(*args, **kwargs) -> dict:
+    from bench.sweep_bench import figure_sweep  # Ray and Ray Tune load only when figure 3 runs
+
+    return figure_sweep(*args, **kwargs)
 
 CPU = torch.device("cpu")
 NO_EVAL = 10**9  # an eval_interval no run reaches: the benchmarks time training alone
@@ -187,6 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--only", nargs="*", help="figure names to run (default: all)")
+    parser.add_argument("--sweep-repeats", type=int, help="repeats of figure 3 (default: 1 quick, 2 full)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared machine spinning OpenMP threads swamp tiny models)")
     args = parser.parse_args(argv)
@@ -196,6 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
         "train_vs_bare": lambda: figure_train_vs_bare(3 * steps, args.repeats),
         "packed_k8": lambda: figure_packed(8, steps, args.repeats),
         "packed_k32": lambda: figure_packed(32, steps // 2 if args.quick else steps, args.repeats),
+        "sweep": lambda: figure_sweep(args.quick, args.sweep_repeats or (1 if args.quick else 2), workers=2),
         "score_vs_train": lambda: figure_score_vs_train(steps, args.repeats),
         "mfu_single": lambda: figure_mfu(steps, args.repeats, 1),
         "mfu_packed_k8": lambda: figure_mfu(steps, args.repeats, 8),
@@ -210,8 +222,9 @@ def main(argv: list[str] | None = None) -> dict:
         figure = run()
         figure.update({"load_1min": load, "wall_s": time.perf_counter() - started})
         results["figures"][name] = figure
-        print(f"{name:16s} median {figure['median']:8.3f}  [{figure['min']:.3f}, {figure['max']:.3f}]  "
-              f"load {load:.1f}  {figure['what']}", flush=True)
+        for label, r in ({name: figure} if "median" in figure else figure["ratios"]).items():
+            print(f"{label:30s} median {r['median']:8.3f}  [{r['min']:.3f}, {r['max']:.3f}]  "
+                  f"load {load:.1f}  {r.get('what', figure['what'])}", flush=True)
     results["load_after"] = os.getloadavg()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
