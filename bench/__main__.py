@@ -193,7 +193,7 @@ def machine() -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="short runs (about two minutes)")
+    parser.add_argument("--quick", action="store_true", help="short runs (about four minutes on 2 cores)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--only", nargs="*", help="figure names to run (default: all)")
