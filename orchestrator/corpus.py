@@ -11,22 +11,32 @@ test), so a bad corpus stops the launch with a message naming the cell and the f
 trains. Finally each text cell gets its reference model (SCIENCE.md): a CellSpec of its own, the same
 shape (or the configured oracle shape) trained on the whole pool or `data.reference.num_sequences`.
 
-Reading a corpus here costs one pass over it (bounded by `data.max_sequences` for huge corpora).
+Reading a corpus costs one pass over it (bounded by `data.max_sequences` for huge corpora), once per
+corpus version: an index beside the stored tokenizers remembers what was found, keyed by the files'
+paths, sizes and modification times, so status, resume and relaunches only list the corpus's files.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
+import uuid
+
+import pyarrow.fs as pafs
 
 from models.spec import Cell, CellSpec, ModelSpec, SpecError
+from models.storage import open_storage
 from models.text import (
     ReferenceOptions,
     TextDataError,
     TextDataSpec,
     build_tokenizer,
+    corpus_files,
     read_sequences,
     save_tokenizer,
+    stored_tokenizer,
     tokenizer_uri,
 )
 
@@ -61,43 +71,31 @@ def prepare_text_cells(cells: list[Cell]) -> list[Cell]:
     attached (synthetic cells pass through unchanged). Raises CorpusError before anything trains."""
     if not any(c.spec.is_text for c in cells):
         return cells
-    hashes: dict[tuple, str] = {}  # (tokenizer key, storage) -> content hash
-    tokenizers: dict[tuple, object] = {}
-    available: dict[TextDataSpec, int] = {}  # split key -> distinct sequences the corpus holds
+    survey = _Survey()
     prepared = []
     for cell in cells:
         if not cell.spec.is_text:
             prepared.append(cell)
             continue
-        data = cell.spec.data
+        storage = cell.options.storage
         try:
-            key = _tokenizer_key(data)
-            if key not in tokenizers:
-                tokenizers[key] = build_tokenizer(data)
-            tokenizer = tokenizers[key]
-            stored = (key, cell.options.storage)
-            if stored not in hashes:
-                hashes[stored] = tokenizer.content_hash
-                save_tokenizer(tokenizer, tokenizer_uri(cell.options.storage, hashes[stored]))
-            data = dataclasses.replace(data, tokenizer_hash=hashes[stored])
-            split = _split_key(data)
-            if split not in available:
-                available[split] = _count_available(data, tokenizer)
+            data = dataclasses.replace(cell.spec.data, tokenizer_hash=survey.tokenizer_hash(cell.spec.data, storage))
+            available = survey.available(data, storage)
         except TextDataError as err:
             raise CorpusError(f"{_label(cell)}data.corpus_uri: {err}") from None
-        except OSError as err:  # storing the tokenizer
-            raise CorpusError(f"{_label(cell)}storage={cell.options.storage!r}: cannot store the "
-                              f"tokenizer ({type(err).__name__}: {err})") from None
-        whole_pool = available[split] - data.num_nonmembers - data.num_test
+        except OSError as err:  # writing beside the checkpoints
+            raise CorpusError(f"{_label(cell)}storage={storage!r}: cannot store the tokenizer "
+                              f"({type(err).__name__}: {err})") from None
+        whole_pool = available - data.num_nonmembers - data.num_test
         if whole_pool < 1:
             raise CorpusError(
                 f"{_label(cell)}data.num_nonmembers={data.num_nonmembers}, data.num_test={data.num_test}: "
-                f"corpus {data.corpus_uri!r} holds {available[split]} distinct {data.seq_len}-token "
+                f"corpus {data.corpus_uri!r} holds {available} distinct {data.seq_len}-token "
                 "sequences, which leaves no training pool")
         if data.num_sequences > whole_pool:
             raise CorpusError(
                 f"{_label(cell)}data.num_sequences={data.num_sequences}: corpus {data.corpus_uri!r} holds "
-                f"{available[split]} distinct {data.seq_len}-token sequences, so the pool has at most "
+                f"{available} distinct {data.seq_len}-token sequences, so the pool has at most "
                 f"{whole_pool} beside {data.num_nonmembers} non-members and {data.num_test} test sequences")
         try:
             spec = dataclasses.replace(cell.spec, data=data)
@@ -110,10 +108,95 @@ def prepare_text_cells(cells: list[Cell]) -> list[Cell]:
     return prepared
 
 
-def _count_available(data: TextDataSpec, tokenizer) -> int:
-    """Distinct S-token sequences of the corpus (read_sequences checks it is readable, not empty and
-    long enough for one sequence)."""
-    return len(read_sequences(data, tokenizer)[0])
+class _Survey:
+    """What the driver learns about the corpora of one plan: each tokenizer's hash and each split's
+    number of distinct sequences, each found once per plan.
+
+    Both are also kept in an index beside the stored tokenizers, `<storage>/tokenizers/index/`, keyed
+    by the settings and by the corpus's fingerprint (every file's path, size and modification time):
+    a later plan of the same corpus (status, resume, aggregate, a relaunch) lists its files instead of
+    reading and tokenizing it again, and a changed corpus is read afresh."""
+
+    def __init__(self):
+        self.hashes: dict[tuple, str] = {}
+        self.counts: dict[tuple, int] = {}
+        self.fingerprints: dict[tuple, str] = {}
+
+    def fingerprint(self, data: TextDataSpec) -> str:
+        key = (data.corpus_uri, data.format)
+        if key not in self.fingerprints:
+            fs, files = corpus_files(data.corpus_uri, data.format)
+            infos = fs.get_file_info([path for path, _ in files])
+            listing = [(i.path, i.size, i.mtime_ns, fmt) for i, (_, fmt) in zip(infos, files)]
+            self.fingerprints[key] = _digest(listing)
+        return self.fingerprints[key]
+
+    def tokenizer_hash(self, data: TextDataSpec, storage: str) -> str:
+        key = (_tokenizer_key(data), storage)
+        if key not in self.hashes:
+            index = _index_uri(storage, ["tokenizer", self.fingerprint(data), *_tokenizer_key(data)])
+            found = _read_json(index)
+            if found is not None and _exists(tokenizer_uri(storage, found["tokenizer_hash"])):
+                self.hashes[key] = found["tokenizer_hash"]
+            else:
+                tokenizer = build_tokenizer(data)
+                save_tokenizer(tokenizer, tokenizer_uri(storage, tokenizer.content_hash))
+                self.hashes[key] = tokenizer.content_hash
+                _write_json(index, {"tokenizer_hash": tokenizer.content_hash, "corpus_uri": data.corpus_uri})
+        return self.hashes[key]
+
+    def available(self, data: TextDataSpec, storage: str) -> int:
+        """Distinct S-token sequences of the corpus (read_sequences checks it is readable, not empty
+        and long enough for one sequence)."""
+        split = _split_key(data)
+        key = (split, storage)
+        if key not in self.counts:
+            index = _index_uri(storage, ["sequences", self.fingerprint(data), repr(split)])
+            found = _read_json(index)
+            if found is None:
+                tokenizer = stored_tokenizer(storage, data.tokenizer_hash)
+                found = {"available": len(read_sequences(data, tokenizer)[0]), "corpus_uri": data.corpus_uri}
+                _write_json(index, found)
+            self.counts[key] = int(found["available"])
+        return self.counts[key]
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _index_uri(storage: str, key: list) -> str:
+    root, _, query = storage.partition("?")
+    return f"{root.rstrip('/')}/tokenizers/index/{_digest(key)}.json" + (f"?{query}" if query else "")
+
+
+def _exists(uri: str) -> bool:
+    fs, path = open_storage(uri)
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def _read_json(uri: str) -> dict | None:
+    fs, path = open_storage(uri)
+    try:
+        with fs.open_input_stream(path, compression=None) as f:
+            return json.loads(f.read().decode())
+    except (FileNotFoundError, ValueError):
+        return None
+    except OSError:
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return None
+        raise
+
+
+def _write_json(uri: str, value: dict) -> None:
+    """Write a small JSON file whole (through a temporary name and a move on a local disk)."""
+    fs, path = open_storage(uri)
+    fs.create_dir(path.rpartition("/")[0], recursive=True)
+    target = f"{path}.tmp-{uuid.uuid4().hex[:8]}" if fs.type_name == "local" else path
+    with fs.open_output_stream(target) as out:
+        out.write(json.dumps(value, sort_keys=True).encode())
+    if target != path:
+        fs.move(target, path)
 
 
 def _reference_spec(spec: CellSpec, options: ReferenceOptions, whole_pool: int) -> CellSpec:

@@ -4,11 +4,12 @@ the corpus, and attaches each cell's reference; no training here."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import pytest
 
 from models.spec import SpecError
-from models.text import TextDataError, save_tokenizer, stored_tokenizer, tokenizer_uri, train_bpe
+from models.text import SAMPLE_CORPUS, TextDataError, save_tokenizer, stored_tokenizer, tokenizer_uri, train_bpe
 from orchestrator.compose import ConfigError, expand_grid, load_sweep
 from orchestrator.resources import PackOptions, plan_packs
 
@@ -80,3 +81,27 @@ def test_the_paper_text_grid(sweep_root):
     # Its sizes need a web-scale corpus: on the shipped sample the launch stops, naming the field.
     with pytest.raises(ConfigError, match=r"data.num_nonmembers=4096, data.num_test=4096: .* holds \d+ distinct 64-token sequences"):
         load_sweep(["sweep=paper_text", "data.tokenizer_train_documents=50"])
+
+
+def test_a_later_plan_reads_the_corpus_again_only_when_it_changed(sweep_root, tmp_path, monkeypatch):
+    import orchestrator.corpus as corpus_module
+
+    corpus = tmp_path / "corpus.txt"
+    shutil.copy(SAMPLE_CORPUS, corpus)
+    overrides = SMALL + [f"data.corpus_uri={corpus}", "data.tokenizer=bpe", "data.vocab_size=300",
+                         "data.num_sequences=16,64"]
+    first = load_sweep(overrides).cells
+
+    def must_not_read(*args, **kwargs):
+        raise AssertionError("the corpus was read and tokenized again although it did not change")
+
+    with monkeypatch.context() as patched:  # status, resume, aggregate, a relaunch: files are listed only
+        patched.setattr(corpus_module, "read_sequences", must_not_read)
+        patched.setattr(corpus_module, "build_tokenizer", must_not_read)
+        assert load_sweep(overrides).cells == first
+
+    with open(corpus, "a") as f:  # a changed corpus is read afresh
+        f.write("".join(f"\n\nA new paragraph, number {i}, written for this test alone." for i in range(200)))
+    grown = load_sweep(overrides).cells
+    assert grown[0].spec.reference.data.num_sequences > first[0].spec.reference.data.num_sequences
+    assert grown[0].cell_id != first[0].cell_id
