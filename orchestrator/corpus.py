@@ -62,8 +62,9 @@ def _label(cell: Cell) -> str:
 
 def reference_options(cell: Cell) -> ReferenceOptions:
     """The cell's `data.reference` section (validated by compose when the cell was composed)."""
-    section = dict((cell.config.get("data") or {}).get("reference") or {})
-    return ReferenceOptions(**section) if section else ReferenceOptions()
+    section = (cell.config.get("data") or {}).get("reference") or {}
+    fields = {f.name for f in dataclasses.fields(ReferenceOptions)}  # not the recorded cell_id
+    return ReferenceOptions(**{k: v for k, v in section.items() if k in fields})
 
 
 def prepare_text_cells(cells: list[Cell]) -> list[Cell]:

@@ -10,7 +10,7 @@ import pytest
 
 from models.spec import SpecError
 from models.text import SAMPLE_CORPUS, TextDataError, save_tokenizer, stored_tokenizer, tokenizer_uri, train_bpe
-from orchestrator.compose import ConfigError, expand_grid, load_sweep
+from orchestrator.compose import ConfigError, expand_grid, load_sweep, prepared
 from orchestrator.resources import PackOptions, plan_packs
 
 SMALL = ["sweep=text_small"]
@@ -34,6 +34,7 @@ def test_the_driver_stores_one_tokenizer_and_attaches_one_reference(sweep_root):
     assert reference.model == cells[0].spec.model and reference.reference is None
     assert cells[0].config["data"]["reference"]["cell_id"] == reference.cell_id
     assert load_sweep(SMALL).cells == cells, "planning twice gives the same cells and ids"
+    assert prepared(cells) == cells, "preparing prepared cells changes nothing"
 
 
 def test_ids_follow_the_tokenizer_and_the_reference(sweep_root):
