@@ -226,12 +226,18 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{label:30s} median {r['median']:8.3f}  [{r['min']:.3f}, {r['max']:.3f}]  "
                   f"load {load:.1f}  {r.get('what', figure['what'])}", flush=True)
     results["load_after"] = os.getloadavg()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
+    write_results(results, args.out)
+    return results
+
+
+def write_results(results: dict, out: str, prefix: str = "") -> Path:
+    """`<out>/<prefix><UTC timestamp>.json`, announced on stdout."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{prefix}{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
     path.write_text(json.dumps(results, indent=2))
     print(f"wrote {path}")
-    return results
+    return path
 
 
 if __name__ == "__main__":

@@ -29,14 +29,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import shutil
 import statistics
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -271,18 +269,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cell-s", type=float, help="seconds each cell trains (calibrated here)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
-    from bench.__main__ import machine
+    from bench.__main__ import machine, write_results
 
     load = os.getloadavg()
     figure = figure_sweep(args.quick, args.repeats, args.workers, args.cell_s)
     results = {"machine": machine(), "load_before": load, "load_after": os.getloadavg(), "sweep": figure}
     for name, r in figure["ratios"].items():
         print(f"{name:30s} median {r['median']:7.3f}  [{r['min']:.3f}, {r['max']:.3f}]")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"sweep-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
-    path.write_text(json.dumps(results, indent=2))
-    print(f"wrote {path}")
+    write_results(results, args.out, prefix="sweep-")
     return results
 
 

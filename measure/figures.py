@@ -363,12 +363,8 @@ def text_mem_vs_num_sequences(groups: list[dict]) -> tuple[Figure, dict]:
         _errorbar(ax, series, color=colors[i], marker="o", label=group["label"])
         data["groups"].append({"label": group["label"], "num_sequences": series[0],
                                "mean_mem_bits_per_sequence": series[1], "std_mem_bits_per_sequence": series[2]})
-    if not data["groups"]:
-        _empty_note(ax, "no finished text cells")
-    ax.set_xscale("log")
-    ax.set_xlabel("training sequences N (count)")
-    ax.set_ylabel("unintended memorization per sequence (bits/sequence);\nseed means, bars: seed std")
-    ax.grid(True, which="major", alpha=0.3)
+    _text_axes(ax, bool(data["groups"]), "training sequences N (count)",
+               "unintended memorization per sequence (bits/sequence);\nseed means, bars: seed std")
     if data["groups"]:
         _legend(fig, ax, len(data["groups"]), loc="best")
     return _finish(fig), data
@@ -416,17 +412,24 @@ def text_mia_extraction(groups: list[dict]) -> tuple[Figure, dict]:
     ax_ex.set_ylabel("exact greedy extraction rate (fraction of sequences)")
     ax_ex.set_title("extraction: train (solid), test (dotted); marker: prefix length", fontsize=10)
     for ax in (ax_f1, ax_ex):
-        ax.set_xscale("log")
-        ax.set_xlabel("training sequences N (count)")
-        ax.grid(True, which="major", alpha=0.3)
+        _text_axes(ax, bool(labelled[ax]), "training sequences N (count)")
         if labelled[ax]:
             for style_label, style in styles[ax].items():
                 ax.plot([], [], label=style_label, **style)
             entries = len(labelled[ax]) + len(styles[ax])
             ax.legend(fontsize=6 if entries > 8 else 7, loc="best", ncol=1 + entries // 16)
-        else:
-            _empty_note(ax, "no finished text cells")
     return _finish(fig), data
+
+
+def _text_axes(ax, has_data: bool, xlabel: str, ylabel: str | None = None) -> None:
+    """The text figures' common axis: log x, labels, a grid, a note when nothing finished."""
+    if not has_data:
+        _empty_note(ax, "no finished text cells")
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    if ylabel is not None:
+        ax.set_ylabel(ylabel)
+    ax.grid(True, which="major", alpha=0.3)
 
 
 def text_test_loss_vs_capacity_ratio(groups: list[dict]) -> tuple[Figure, dict]:
@@ -448,11 +451,8 @@ def text_test_loss_vs_capacity_ratio(groups: list[dict]) -> tuple[Figure, dict]:
         data["groups"].append({"label": group["label"], "num_sequences": sizes, "mean_capacity_ratio": x,
                                "mean_test_nll_bits_per_token": y, "std_test_nll_bits_per_token": err})
     ax.axvline(1.0, color="k", lw=1.0, ls="--", label="H(X) = alpha * params")
-    if not data["groups"]:
-        _empty_note(ax, "no finished text cells")
-    ax.set_xscale("log")
-    ax.set_xlabel("capacity ratio H(X) / (alpha * params) (dimensionless; H(X) under the reference model)")
-    ax.set_ylabel("test loss (bits/token); seed means, bars: seed std")
-    ax.grid(True, which="major", alpha=0.3)
+    _text_axes(ax, bool(data["groups"]),
+               "capacity ratio H(X) / (alpha * params) (dimensionless; H(X) under the reference model)",
+               "test loss (bits/token); seed means, bars: seed std")
     _legend(fig, ax, len(data["groups"]) + 1, loc="best")
     return _finish(fig), data

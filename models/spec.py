@@ -226,7 +226,6 @@ class RunOptions:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     eval_batch_size: int = 1024
     progress: bool = True
-    parent_run_id: str | None = None
     tags: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

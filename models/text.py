@@ -27,7 +27,6 @@ import itertools
 import json
 import os
 import re
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from models.spec import SpecError
-from models.storage import open_storage
+from models.storage import open_storage, under, write_atomic
 
 FORMATS = ("text", "jsonl", "parquet")
 TOKENIZERS = ("bytes", "bpe")
@@ -350,17 +349,8 @@ def tokenizer_from_json(text: str) -> Tokenizer:
 
 
 def save_tokenizer(tokenizer: Tokenizer, uri: str) -> None:
-    """Write the tokenizer's JSON to `uri` (a path or pyarrow URI); atomically on a local disk."""
-    fs, path = open_storage(uri)
-    fs.create_dir(path.rpartition("/")[0], recursive=True)
-    data = tokenizer.to_json().encode()
-    target = path
-    if fs.type_name == "local":
-        target = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open_output_stream(target) as out:
-        out.write(data)
-    if target != path:
-        fs.move(target, path)
+    """Write the tokenizer's JSON to `uri` (a path or pyarrow URI), whole."""
+    write_atomic(uri, tokenizer.to_json().encode())
 
 
 def load_tokenizer(uri: str) -> Tokenizer:
@@ -371,8 +361,7 @@ def load_tokenizer(uri: str) -> Tokenizer:
 
 def tokenizer_uri(storage: str, content_hash: str) -> str:
     """Where a sweep's tokenizer lives: beside the checkpoints, named by its content hash."""
-    fs_root, _, query = storage.partition("?")
-    return f"{fs_root.rstrip('/')}/tokenizers/{content_hash}.json" + (f"?{query}" if query else "")
+    return under(storage, "tokenizers", f"{content_hash}.json")
 
 
 def stored_tokenizer(storage: str, content_hash: str) -> Tokenizer:

@@ -201,7 +201,7 @@ def _text_table(spec, data, member_nll, nonmember_nll, test_nll, per_sequence_me
     return pa.table({
         "split": pa.array(["member"] * N + ["nonmember"] * M + ["test"] * T),
         "index": pa.array(np.concatenate([np.arange(N), np.arange(M), np.arange(T)]).astype(np.int64)),
-        "nll_bits": pa.array(np.concatenate([member_nll, nonmember_nll, test_nll[:T] if T else test_nll[:0]])),
+        "nll_bits": pa.array(np.concatenate([member_nll, nonmember_nll, test_nll[:T]])),  # no test set: none
         "reference_nll_bits": pa.array(ref_nll, from_pandas=True),
         "mem_bits": pa.array(np.concatenate([per_sequence_mem, np.full(M + T, np.nan)]), from_pandas=True),
         "in_mia": pa.array(np.concatenate([in_mia, np.arange(M) < k, np.zeros(T, dtype=bool)])),

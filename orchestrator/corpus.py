@@ -22,12 +22,9 @@ import copy
 import dataclasses
 import hashlib
 import json
-import uuid
-
-import pyarrow.fs as pafs
 
 from models.spec import Cell, CellSpec, ModelSpec, SpecError
-from models.storage import open_storage
+from models.storage import read_bytes, under, write_atomic
 from models.text import (
     ReferenceOptions,
     TextDataError,
@@ -137,13 +134,13 @@ class _Survey:
         if key not in self.hashes:
             index = _index_uri(storage, ["tokenizer", self.fingerprint(data), *_tokenizer_key(data)])
             found = _read_json(index)
-            if found is not None and _exists(tokenizer_uri(storage, found["tokenizer_hash"])):
+            if found is not None and read_bytes(tokenizer_uri(storage, found["tokenizer_hash"])) is not None:
                 self.hashes[key] = found["tokenizer_hash"]
             else:
                 tokenizer = build_tokenizer(data)
                 save_tokenizer(tokenizer, tokenizer_uri(storage, tokenizer.content_hash))
                 self.hashes[key] = tokenizer.content_hash
-                _write_json(index, {"tokenizer_hash": tokenizer.content_hash, "corpus_uri": data.corpus_uri})
+                write_atomic(index, _json({"tokenizer_hash": tokenizer.content_hash, "corpus_uri": data.corpus_uri}))
         return self.hashes[key]
 
     def available(self, data: TextDataSpec, storage: str) -> int:
@@ -157,47 +154,26 @@ class _Survey:
             if found is None:
                 tokenizer = stored_tokenizer(storage, data.tokenizer_hash)
                 found = {"available": len(read_sequences(data, tokenizer)[0]), "corpus_uri": data.corpus_uri}
-                _write_json(index, found)
+                write_atomic(index, _json(found))
             self.counts[key] = int(found["available"])
         return self.counts[key]
 
 
+def _json(value) -> bytes:
+    return json.dumps(value, sort_keys=True, default=str).encode()
+
+
 def _digest(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha256(_json(value)).hexdigest()
 
 
 def _index_uri(storage: str, key: list) -> str:
-    root, _, query = storage.partition("?")
-    return f"{root.rstrip('/')}/tokenizers/index/{_digest(key)}.json" + (f"?{query}" if query else "")
-
-
-def _exists(uri: str) -> bool:
-    fs, path = open_storage(uri)
-    return fs.get_file_info(path).type == pafs.FileType.File
+    return under(storage, "tokenizers", "index", f"{_digest(key)}.json")
 
 
 def _read_json(uri: str) -> dict | None:
-    fs, path = open_storage(uri)
-    try:
-        with fs.open_input_stream(path, compression=None) as f:
-            return json.loads(f.read().decode())
-    except (FileNotFoundError, ValueError):
-        return None
-    except OSError:
-        if fs.get_file_info(path).type == pafs.FileType.NotFound:
-            return None
-        raise
-
-
-def _write_json(uri: str, value: dict) -> None:
-    """Write a small JSON file whole (through a temporary name and a move on a local disk)."""
-    fs, path = open_storage(uri)
-    fs.create_dir(path.rpartition("/")[0], recursive=True)
-    target = f"{path}.tmp-{uuid.uuid4().hex[:8]}" if fs.type_name == "local" else path
-    with fs.open_output_stream(target) as out:
-        out.write(json.dumps(value, sort_keys=True).encode())
-    if target != path:
-        fs.move(target, path)
+    data = read_bytes(uri)
+    return None if data is None else json.loads(data)
 
 
 def _reference_spec(spec: CellSpec, options: ReferenceOptions, whole_pool: int) -> CellSpec:
@@ -231,7 +207,7 @@ def reference_cell(cell: Cell) -> Cell:
     reference = cell.spec.reference
     if reference is None:
         raise ValueError(f"cell {cell.cell_id} has no reference")
-    options = dataclasses.replace(cell.options, experiment=REFERENCE_EXPERIMENT, parent_run_id=None)
+    options = dataclasses.replace(cell.options, experiment=REFERENCE_EXPERIMENT)
     return Cell(spec=reference, options=options, overrides=(f"reference of {cell.spec.slug}",))
 
 
