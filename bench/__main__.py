@@ -71,15 +71,15 @@ def timed(fn) -> float:
 
 
 # -- the things measured ---------------------------------------------------------------------------
-def bare_loop(spec: CellSpec, members: np.ndarray) -> None:
+def bare_loop(spec: CellSpec, members: np.ndarray, device: torch.device = CPU) -> None:
     """The baseline a user would write: model, AdamW, clip, the same batches; nothing else."""
     hp = spec.train
     torch.manual_seed(spec.seed)
-    model = GPT.from_spec(spec)
+    model = GPT.from_spec(spec).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=hp.lr, betas=(hp.beta1, hp.beta2), foreach=True)
-    order, data = BatchOrder(spec.data, spec.seed, hp.batch_size), torch.as_tensor(members)
+    order, data = BatchOrder(spec.data, spec.seed, hp.batch_size), torch.as_tensor(members, device=device)
     for step in range(hp.max_steps):
-        targets = data[torch.as_tensor(order.indices(step))]
+        targets = data[torch.as_tensor(order.indices(step), device=device)]
         loss = F.cross_entropy(model(model.inputs_for(targets)).flatten(0, 1), targets.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), hp.grad_clip)
@@ -87,17 +87,16 @@ def bare_loop(spec: CellSpec, members: np.ndarray) -> None:
         opt.zero_grad(set_to_none=True)
 
 
-def memsweep_train(spec: CellSpec, members: np.ndarray) -> None:
-    train(spec, members, device=CPU, evaluate=no_eval)
+def memsweep_train(spec: CellSpec, members: np.ndarray, device: torch.device = CPU):
+    return train(spec, members, device=device, evaluate=no_eval)
 
 
-def sequential(specs, members) -> None:
-    for spec, m in zip(specs, members):
-        train(spec, m, device=CPU, evaluate=no_eval)
+def sequential(specs, members, device: torch.device = CPU) -> list:
+    return [train(spec, m, device=device, evaluate=no_eval) for spec, m in zip(specs, members)]
 
 
-def packed(specs, members) -> None:
-    train_packed(specs, members, device=CPU, evaluates=[no_eval] * len(specs))
+def packed(specs, members, device: torch.device = CPU, exact: bool | None = None) -> list:
+    return train_packed(specs, members, device=device, evaluates=[no_eval] * len(specs), exact=exact)
 
 
 def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
