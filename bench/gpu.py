@@ -99,20 +99,22 @@ def section_peaks(device: torch.device, quick: bool) -> dict:
 
 
 def section_train_vs_bare(device: torch.device, quick: bool) -> dict:
-    if device.type == "cpu":
-        spec = cell("l1_d32", TINY, 20, 64)
-    else:
-        spec = cell("l4_d128", PAPER, 15 if quick else 40, 2048, num_sequences=4096, lr=1e-3)
-    members = synthetic_members(spec.data, spec.seed)
-    bare_loop(dataclasses.replace(spec, train=dataclasses.replace(spec.train, max_steps=3)), members, device)
-    ratios = []
-    for _ in range(2 if quick else 3):
-        bare, _ = timed(lambda: bare_loop(spec, members, device), device)
-        ours, _ = timed(lambda: memsweep_train(spec, members, device), device)
-        ratios.append(bare / ours)
-    return {"what": f"memsweep train() throughput / bare PyTorch loop ({spec.model.name}, "
-                    f"V={spec.data.vocab_size}, S={spec.data.seq_len}, batch {spec.train.batch_size})",
-            "target": ">= 0.95", "steps": spec.train.max_steps, **ratio_stats(ratios)}
+    specs = {"tiny_l1_d32": cell("l1_d32", TINY, 20 if device.type == "cpu" else 300, 64)}
+    if device.type == "cuda":
+        specs["paper_l4_d128"] = cell("l4_d128", PAPER, 15 if quick else 40, 2048, num_sequences=4096, lr=1e-3)
+    out = {}
+    for label, spec in specs.items():
+        members = synthetic_members(spec.data, spec.seed)
+        bare_loop(dataclasses.replace(spec, train=dataclasses.replace(spec.train, max_steps=3)), members, device)
+        ratios = []
+        for _ in range(2 if quick else 3):
+            bare, _ = timed(lambda: bare_loop(spec, members, device), device)
+            ours, _ = timed(lambda: memsweep_train(spec, members, device), device)
+            ratios.append(bare / ours)
+        out[label] = {"what": f"memsweep train() throughput / bare PyTorch loop ({spec.model.name}, "
+                              f"V={spec.data.vocab_size}, S={spec.data.seq_len}, batch {spec.train.batch_size})",
+                      "target": ">= 0.95", "steps": spec.train.max_steps, **ratio_stats(ratios)}
+    return {"what": "memsweep's step over a bare loop", "ratios": out}
 
 
 def agreement(seq_results: list, pack_results: list, members: list, device: torch.device) -> dict:
@@ -211,7 +213,7 @@ def _pack_task_body(specs: list[CellSpec], device_name: str) -> dict:
     device = torch.device(device_name)
     members = [synthetic_members(s.data, s.seed) for s in specs]
     start = time.time()
-    packed(specs, members, device)
+    (sequential if len(specs) == 1 else packed)(specs, members, device)
     sync(device)
     return {"start": start, "end": time.time(), "pid": os.getpid(),
             "visible": os.environ.get("CUDA_VISIBLE_DEVICES"), "cells": len(specs)}
@@ -228,13 +230,7 @@ def section_fractional(device: torch.device, quick: bool) -> dict:
     total = torch.cuda.get_device_properties(0).total_memory / 1024**3 if device.type == "cuda" else 80.0
     cluster = ClusterOptions(gpu_memory_gb=total, max_cells_per_gpu=16)
     request = pack_request([request_for(s, cluster, on_gpu=True) for s in packs[0]])
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    started = time.perf_counter()
-    ray.init(num_cpus=8, num_gpus=1, include_dashboard=False, log_to_driver=False,
-             object_store_memory=10**9, _node_ip_address="127.0.0.1")
-    ray_start_s = time.perf_counter() - started
+    ray_start_s = _start_ray()
     try:
         task = ray.remote(_pack_task_body)
 
@@ -260,6 +256,97 @@ def section_fractional(device: torch.device, quick: bool) -> dict:
                 "steps": steps}
     finally:
         ray.shutdown()
+
+
+def section_crossover(device: torch.device, quick: bool) -> dict:
+    """Where packing stops paying: a pack of 8 over the same 8 cells one after another, as a cell's
+    step grows (batch size, vocabulary, width), against the cell's training FLOPs per step."""
+    steps = 5 if device.type == "cpu" else 30
+    grid = [("l1_d32", TINY, 64), ("l1_d32", TINY, 512), ("l1_d32", PAPER, 16), ("l1_d32", PAPER, 64),
+            ("l1_d32", PAPER, 256), ("l1_d32", PAPER, 1024), ("l4_d128", PAPER, 64), ("l4_d128", PAPER, 512)]
+    if device.type == "cpu":
+        grid = grid[:2]
+    rows = []
+    for shape, data, batch in grid:
+        specs = [cell(shape, data, steps, batch, seed=i, lr=1e-3, num_sequences=2048) for i in range(8)]
+        members = [synthetic_members(s.data, s.seed) for s in specs]
+        packed(specs[:2], members[:2], device)
+        sequential(specs[:1], members[:1], device)
+        seq, _ = timed(lambda: sequential(specs, members, device), device)
+        pack, _ = timed(lambda: packed(specs, members, device), device)
+        rows.append({"shape": shape, "vocab_size": data.vocab_size, "seq_len": data.seq_len, "batch_size": batch,
+                     "cell_gflops_per_step": specs[0].train_flops_per_step / 1e9, "ratio": seq / pack,
+                     "sequential_ms_per_cell_step": 1e3 * seq / (8 * steps)})
+        print(f"  crossover {rows[-1]}", flush=True)
+    return {"what": "pack of 8 over one after another, by a cell's FLOPs per step", "rows": rows}
+
+
+def section_score_vs_train(device: torch.device, quick: bool) -> dict:
+    out = {}
+    for label, spec in (("tiny_l1_d32", cell("l1_d32", TINY, 50, 64, num_sequences=4096)),
+                        ("paper_l4_d128", cell("l4_d128", PAPER, 10, 2048, num_sequences=8192, lr=1e-3))):
+        if device.type == "cpu" and label != "tiny_l1_d32":
+            continue
+        members = synthetic_members(spec.data, spec.seed)
+        result = memsweep_train(dataclasses.replace(spec, train=dataclasses.replace(spec.train, max_steps=3)),
+                                members, device)
+        nll_bits(result.model, members, 1024)
+        ratios = []
+        for _ in range(3):
+            t_train, _ = timed(lambda: memsweep_train(spec, members, device), device)
+            t_score, _ = timed(lambda: nll_bits(result.model, members, 1024), device)
+            tokens_train = spec.train.max_steps * spec.train.batch_size * spec.data.seq_len
+            ratios.append((len(members) * spec.data.seq_len / t_score) / (tokens_train / t_train))
+        out[label] = {"what": f"scoring tokens/s (nll_bits) / training tokens/s ({label})", **ratio_stats(ratios)}
+    return {"what": "scoring over training throughput", "ratios": out}
+
+
+def section_laptop_grid(device: torch.device, quick: bool) -> dict:
+    """The laptop sweep's 12 cells on one GPU through Ray, as memsweep would run them unpacked (12 tasks
+    of a fractional GPU each, sharing the card) and packed (plan_packs' packs, their fractions summed)."""
+    import ray
+
+    from orchestrator.resources import ClusterOptions, PackOptions, pack_request, plan_packs, request_for
+
+    steps = 10 if device.type == "cpu" else (400 if quick else 1000)
+    specs = [cell(shape, TINY, steps, 64, num_sequences=n)
+             for shape in ("l1_d16", "l2_d16") for n in (16, 32, 64, 128, 256, 512)]
+    total = torch.cuda.get_device_properties(0).total_memory / 1024**3 if device.type == "cuda" else 80.0
+    cluster = ClusterOptions(gpu_memory_gb=total)
+    requests = [request_for(s, cluster, on_gpu=True) for s in specs]
+    groups = plan_packs(specs, PackOptions(), slots=1)
+    _start_ray()
+    try:
+        task = ray.remote(_pack_task_body)
+
+        def run(batches: list[list[int]]) -> float:
+            begin = time.time()
+            ray.get([task.options(num_cpus=1, num_gpus=pack_request([requests[i] for i in b])["num_gpus"])
+                     .remote([specs[i] for i in b], device.type) for b in batches])
+            return time.time() - begin
+
+        warm = [[dataclasses.replace(s, train=dataclasses.replace(s.train, max_steps=2))] for s in specs]
+        ray.get([task.options(num_cpus=1, num_gpus=requests[0]["num_gpus"]).remote(w, device.type) for w in warm])
+        unpacked = run([[i] for i in range(len(specs))])
+        packed_s = run(groups)
+        return {"what": "laptop grid (12 cells, no evaluations) on one GPU through Ray: unpacked (12 fractional "
+                        "tasks) / packed (plan_packs)", "median": unpacked / packed_s, "min": unpacked / packed_s,
+                "max": unpacked / packed_s, "unpacked_s": unpacked, "packed_s": packed_s, "packs": groups,
+                "cell_num_gpus": requests[0]["num_gpus"], "steps": steps}
+    finally:
+        ray.shutdown()
+
+
+def _start_ray() -> float:
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    started = time.perf_counter()
+    ray.init(num_cpus=14, num_gpus=1, include_dashboard=False, log_to_driver=False,
+             object_store_memory=10**9, _node_ip_address="127.0.0.1")
+    return time.perf_counter() - started
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -291,6 +378,9 @@ def main(argv: list[str] | None = None) -> dict:
         "packed": lambda: section_packed(device, args.quick),
         "fractional": lambda: section_fractional(device, args.quick),
         "paper_shapes": lambda: section_paper_shapes(device, args.quick, results["sections"].get("peaks", {})),
+        "crossover": lambda: section_crossover(device, args.quick),
+        "score_vs_train": lambda: section_score_vs_train(device, args.quick),
+        "laptop_grid": lambda: section_laptop_grid(device, args.quick),
     }
     for name, run in sections.items():
         if args.only and name not in args.only:
@@ -325,6 +415,9 @@ def print_table(results: dict) -> None:
             print(f"{label:28s} median {fig['median']:8.2f}  [{fig['min']:.2f}, {fig['max']:.2f}]  {fig['what']}")
         if name == "peaks":
             print("peaks " + "  ".join(f"{k} {v / 1e12:.1f} TFLOP/s" for k, v in section.items() if k.endswith("flops")))
+        for row in section.get("rows", []):
+            print(f"crossover {row['shape']:8s} V={row['vocab_size']:<5d} batch {row['batch_size']:<5d} "
+                  f"{row['cell_gflops_per_step']:9.2f} GFLOP/step  pack8/sequential {row['ratio']:.2f}")
         for shape, row in section.get("shapes", {}).items():
             print(f"{shape:10s} fp32 {row['fp32']['tokens_per_s']:12.0f} tok/s mfu {row['fp32']['mfu'] or 0:.3f}   "
                   f"bf16 {row['bf16']['tokens_per_s']:12.0f} tok/s mfu {row['bf16']['mfu'] or 0:.3f}"

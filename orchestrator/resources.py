@@ -105,26 +105,40 @@ class PackOptions:
     max_cells: int = 8  # cells per pack at most
     max_memory_gb: float = 16.0  # a pack's summed memory estimate at most
     fill_workers: bool = True  # split packs while fewer packs than CPU slots (or GPUs) would idle some
+    # Packing pays only while a cell's step leaves the device idle (launch and Python overheads); a
+    # heavier cell trains alone. Measured crossovers (bench/gpu.py `crossover`, bench notes in README):
+    # on 2 CPU cores a pack of 8 is 1.1-1.2x faster at 0.07-0.13 GFLOP per cell step, even at 0.22 and
+    # 0.6-0.8x at 0.5-1.4; on an H200 2.7-5x up to 28 GFLOP, about 1x from 33.
+    cpu_max_cell_gflops: float = 0.2  # a cell's training GFLOP per step, at most, to pack on CPUs
+    gpu_max_cell_gflops: float = 16.0  # ... to pack on GPUs
 
     def __post_init__(self) -> None:
         if self.max_cells < 1:
             raise SpecError(f"pack.max_cells={self.max_cells} must be >= 1")
         if not self.max_memory_gb > 0:
             raise SpecError(f"pack.max_memory_gb={self.max_memory_gb} must be positive")
+        for name in ("cpu_max_cell_gflops", "gpu_max_cell_gflops"):
+            if not getattr(self, name) >= 0:
+                raise SpecError(f"pack.{name}={getattr(self, name)} must be >= 0")
 
 
-def plan_packs(specs: list[CellSpec], options: PackOptions, slots: int = 1, eval_batch_size: int = 1024) -> list[list[int]]:
+def plan_packs(specs: list[CellSpec], options: PackOptions, slots: int = 1, eval_batch_size: int = 1024,
+               on_gpu: bool = False) -> list[list[int]]:
     """Indices of `specs` grouped into packs: compatible cells (models.spec.pack_key) together, at most
-    `max_cells` and `max_memory_gb` per pack; with `fill_workers`, packs are split until there are at
-    least `slots` of them (a pack runs on one worker, so fewer packs than workers would idle some).
-    Order is kept within and across packs. Pure: no torch, no Ray."""
+    `max_cells` and `max_memory_gb` per pack; cells heavier than the device's `*_max_cell_gflops` train
+    alone; with `fill_workers`, packs are split until there are at least `slots` of them (a pack runs on
+    one worker, so fewer packs than workers would idle some). Order is kept within and across packs.
+    Pure: no torch, no Ray."""
     from models.spec import pack_key
 
     if not options.enabled:
         return [[i] for i in range(len(specs))]
+    max_flops = 1e9 * (options.gpu_max_cell_gflops if on_gpu else options.cpu_max_cell_gflops)
     groups: dict[tuple, list[int]] = {}
     for i, spec in enumerate(specs):
         key = pack_key(spec)  # None: a cell that trains alone (text cells)
+        if spec.train_flops_per_step > max_flops:
+            key = None
         groups.setdefault(key if key is not None else ("alone", i), []).append(i)
     packs = []
     budget = options.max_memory_gb * GiB

@@ -180,7 +180,7 @@ def run_cells(
     requests = {c.cell_id: request_for(c.spec, cluster, on_gpu, c.options.eval_batch_size) for c in cells}
     packs = [[cells[i] for i in group] for group in plan_packs(
         [c.spec for c in cells], pack or PackOptions(enabled=False), _slots(cluster, on_gpu),
-        cells[0].options.eval_batch_size if cells else 1024)]
+        cells[0].options.eval_batch_size if cells else 1024, on_gpu=on_gpu)]
     pack_requests = {p[0].cell_id: pack_request([requests[c.cell_id] for c in p]) for p in packs}
     check_feasible(pack_requests)
     cpus_per_cell = cluster.cpus_per_cell

@@ -46,3 +46,19 @@ def test_pack_options_stay_out_of_cell_ids():
     other = load_sweep(["sweep=smoke", "seed=0", "data.num_sequences=16", "pack.max_cells=2",
                         "pack.enabled=false"]).cells[0]
     assert base.cell_id == other.cell_id
+
+
+def test_cells_too_heavy_to_gain_train_alone():
+    """The laptop shapes pack on CPUs; a paper cell (l1_d32, V=2048, S=64, batch 2048: 63 GFLOP a step)
+    packs nowhere, a batch-64 one (2 GFLOP) only on GPUs (bench/gpu.py measured 5x there, 0.6x on CPUs)."""
+    tiny = specs("model=l1_d16,l2_d16", "seed=0,1")
+    assert len(plan_packs(tiny, PackOptions(fill_workers=False))) == 2  # one pack per shape
+    paper_data = ("model=l1_d32", "data.vocab_size=2048", "data.seq_len=64", "data.num_sequences=16", "seed=0,1,2")
+    paper = specs(*paper_data, "train.batch_size=2048")
+    assert paper[0].train_flops_per_step > 16e9
+    for on_gpu in (False, True):
+        assert plan_packs(paper, PackOptions(fill_workers=False), on_gpu=on_gpu) == [[0], [1], [2]]
+    mid = specs(*paper_data, "train.batch_size=64")
+    assert plan_packs(mid, PackOptions(fill_workers=False), on_gpu=False) == [[0], [1], [2]]
+    assert plan_packs(mid, PackOptions(fill_workers=False), on_gpu=True) == [[0, 1, 2]]
+    assert plan_packs(mid, PackOptions(fill_workers=False, cpu_max_cell_gflops=5), on_gpu=False) == [[0, 1, 2]]
