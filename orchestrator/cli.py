@@ -144,8 +144,30 @@ def cmd_launch(args: argparse.Namespace) -> int:
         console.print(f"would run {len(todo)} of {len(plan.cells)} cells"
                       + ("" if args.force else " (finished cells are skipped; --force reruns them)"))
         _print_references(plan, todo)
+        _print_packing(plan, todo)
         return 0
     return _run_sweep(plan, todo, force=args.force)
+
+
+def _print_packing(plan, cells) -> None:
+    """How launch would group `cells` into packs, on CPUs and on GPUs (which it uses is known only once
+    it sees the cluster), before it splits packs to fill idle workers."""
+    import dataclasses
+
+    from orchestrator.resources import plan_packs
+
+    if not plan.pack.enabled:
+        console.print("packing: off (pack.enabled=false)")
+        return
+    options = dataclasses.replace(plan.pack, fill_workers=False)
+    for on_gpu, device in ((False, "cpu"), (True, "gpu")):
+        limit = getattr(plan.pack, f"{device}_max_cell_gflops")
+        groups = plan_packs([c.spec for c in cells], options, on_gpu=on_gpu)
+        sizes = sorted((len(g) for g in groups if len(g) > 1), reverse=True)
+        heavy = sum(1 for c in cells if c.spec.train_flops_per_step > limit * 1e9)
+        packs = f"{sum(sizes)} cells in {len(sizes)} packs {tuple(sizes)}" if sizes else "no packs"
+        console.print(f"packing on {device.upper()}s: {packs}, {len(groups) - len(sizes)} cells alone"
+                      + (f" ({heavy} above pack.{device}_max_cell_gflops={limit:g})" if heavy else ""))
 
 
 def _print_references(plan, cells) -> None:
@@ -261,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     launch = sub.add_parser("launch", help="run a sweep's grid on Ray (sweep=NAME)")
     launch.add_argument("overrides", nargs="*", help="sweep=NAME plus overrides; sweep syntax (a,b / range()) adds axes")
-    launch.add_argument("--dry-run", action="store_true", help="list the cells, their ids, predictions and requests; run nothing")
+    launch.add_argument("--dry-run", action="store_true",
+                        help="list the cells, their ids, predictions, requests and packs; run nothing")
     launch.add_argument("--force", action="store_true", help="rerun cells that already finished")
     launch.add_argument("--submit", action="store_true",
                         help="validate here, then run the sweep's driver on the cluster as a Ray Job (cluster=ray)")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from models.spec import Cell
+from models.spec import Cell, SpecError
 from orchestrator.compose import ConfigError, load_sweep, sweep_config, typed_options
 from orchestrator.corpus import REFERENCE_EXPERIMENT, reference_cells
 from orchestrator.resources import ClusterOptions, PackOptions
@@ -46,20 +46,28 @@ def make_plan(overrides: list[str]) -> Plan:
     for cell in sweep.cells:
         if (cell.options.tracking_uri, cell.options.experiment) != (first.options.tracking_uri, first.options.experiment):
             raise ConfigError(f"cell [{' '.join(cell.overrides)}]: tracking must be the same for every cell of a sweep")
-    cluster = cluster_options(first.config)
+    cluster, pack = cluster_options(first.config), pack_options(first.config)  # checked before any write
     tracker = Tracker(first.options.tracking_uri, first.options.artifact_root)
     tracker.ensure_store()
     records = tracker.cell_records(first.options.experiment)
-    return Plan(sweep.name, sweep.cells, records, cluster, tracker, list(overrides), pack_options(first.config))
+    return Plan(sweep.name, sweep.cells, records, cluster, tracker, list(overrides), pack)
 
 
 def cluster_options(config: dict) -> ClusterOptions:
-    return typed_options(ClusterOptions, config["cluster"], "cluster")
+    return _options(ClusterOptions, config["cluster"], "cluster")
 
 
 def pack_options(config: dict) -> PackOptions:
     """The `pack` section (a runtime option: never part of a cell id); absent: the defaults."""
-    return typed_options(PackOptions, config.get("pack") or {}, "pack")
+    return _options(PackOptions, config.get("pack") or {}, "pack")
+
+
+def _options(cls, node, section: str):
+    """A runtime section, with a bad value reported as a configuration error naming the field."""
+    try:
+        return typed_options(cls, node, section)
+    except SpecError as err:
+        raise ConfigError(str(err)) from None
 
 
 def pending_references(plan: Plan, cells: list[Cell]) -> list[Cell]:

@@ -62,3 +62,25 @@ def test_cells_too_heavy_to_gain_train_alone():
     assert plan_packs(mid, PackOptions(fill_workers=False), on_gpu=False) == [[0], [1], [2]]
     assert plan_packs(mid, PackOptions(fill_workers=False), on_gpu=True) == [[0, 1, 2]]
     assert plan_packs(mid, PackOptions(fill_workers=False, cpu_max_cell_gflops=5), on_gpu=False) == [[0, 1, 2]]
+
+
+def test_dry_run_shows_the_packs_per_device(memsweep_root, capsys):
+    from orchestrator.cli import main
+
+    assert main(["launch", "sweep=laptop", "--dry-run"]) == 0
+    out = capsys.readouterr().err  # the table goes to stdout, what launch would do to stderr
+    assert "packing on CPUs: 12 cells in 2 packs (6, 6), 0 cells alone" in out
+    assert main(["launch", "sweep=laptop", "pack.cpu_max_cell_gflops=0.1", "--dry-run"]) == 0
+    out = capsys.readouterr().err  # l2_d16 steps cost 0.125 GFLOP: those six train alone on CPUs
+    assert "packing on CPUs: 6 cells in 1 packs (6,), 6 cells alone (6 above pack.cpu_max_cell_gflops=0.1)" in out
+    assert "packing on GPUs: 12 cells in 2 packs (6, 6), 0 cells alone" in out
+
+
+def test_bad_runtime_options_are_refused_before_any_write(memsweep_root, capsys):
+    from orchestrator.cli import main
+
+    for override in ("pack.cpu_max_cell_gflops=-1", "pack.max_cells=0", "cluster.max_retries=-1"):
+        assert main(["launch", "sweep=laptop", override]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {override}") and "Traceback" not in err
+    assert not memsweep_root.exists(), "nothing recorded"
