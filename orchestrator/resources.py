@@ -8,6 +8,7 @@ scoring batch's logits, a CUDA context per worker process).
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 
@@ -126,9 +127,9 @@ def plan_packs(specs: list[CellSpec], options: PackOptions, slots: int = 1, eval
                on_gpu: bool = False) -> list[list[int]]:
     """Indices of `specs` grouped into packs: compatible cells (models.spec.pack_key) together, at most
     `max_cells` and `max_memory_gb` per pack; cells heavier than the device's `*_max_cell_gflops` train
-    alone; with `fill_workers`, packs are split until there are at least `slots` of them (a pack runs on
-    one worker, so fewer packs than workers would idle some). Order is kept within and across packs.
-    Pure: no torch, no Ray."""
+    alone; with `fill_workers`, the packs with the most work are split until, handed out largest first
+    to `slots` workers, they keep every worker busy to within 10% of an even share. Order is kept within
+    and across packs (the scheduler submits them with `largest_first`). Pure: no torch, no Ray."""
     from models.spec import pack_key
 
     if not options.enabled:
@@ -152,12 +153,40 @@ def plan_packs(specs: list[CellSpec], options: PackOptions, slots: int = 1, eval
             current.append(i)
             used += need
         packs.append(current)
-    while options.fill_workers and len(packs) < slots and any(len(p) > 1 for p in packs):
-        largest = max(range(len(packs)), key=lambda j: len(packs[j]))
+    if not options.fill_workers:
+        return packs
+    # A pack runs on one worker: split the pack with the most work while the packs, handed out largest
+    # first, would still leave a worker idle for long (e.g. one pack per shape, one shape 1.6x the other).
+    work = lambda pack: sum(train_flops(specs[i]) for i in pack)
+    even = sum(train_flops(s) for s in specs) / max(1, slots)
+    while makespan([work(p) for p in packs], slots) > BALANCE_SLACK * even:
+        splittable = [j for j in range(len(packs)) if len(packs[j]) > 1]
+        if not splittable:
+            break
+        largest = max(splittable, key=lambda j: work(packs[j]))
         pack = packs.pop(largest)
-        half = (len(pack) + 1) // 2
-        packs[largest:largest] = [pack[:half], pack[half:]]
+        # Alternate cells between the halves: neighbours in a grid differ least (the small datasets,
+        # which converge first, would otherwise all land in one half).
+        packs[largest:largest] = [pack[0::2], pack[1::2]]
     return packs
+
+
+BALANCE_SLACK = 1.1  # plan_packs splits packs until the workers' loads are within 10% of even
+
+
+def makespan(works: list[float], slots: int) -> float:
+    """When the last of `slots` workers finishes if each takes the largest job left as it frees up."""
+    loads = [0.0] * max(1, slots)
+    for w in sorted(works, reverse=True):
+        heapq.heapreplace(loads, loads[0] + w)
+    return max(loads)
+
+
+def largest_first(packs: list[list], specs_of, first: set = frozenset()) -> list[list]:
+    """`packs` in submission order: those holding a cell id in `first` (references) first, then by
+    work (FLOPs of a full-length run), largest first, so the last to start are the shortest."""
+    return sorted(packs, key=lambda p: (not any(c.cell_id in first for c in p),
+                                        -sum(train_flops(specs_of(c)) for c in p)))
 
 
 def pack_request(requests: list[dict]) -> dict:

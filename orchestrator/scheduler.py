@@ -23,7 +23,14 @@ from ray.exceptions import RayError
 from models.spec import Cell
 from orchestrator.cell import CellOutcome
 from orchestrator.corpus import REFERENCE_EXPERIMENT
-from orchestrator.resources import ClusterOptions, PackOptions, pack_request, plan_packs, request_for
+from orchestrator.resources import (
+    ClusterOptions,
+    PackOptions,
+    largest_first,
+    pack_request,
+    plan_packs,
+    request_for,
+)
 from orchestrator.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -181,6 +188,8 @@ def run_cells(
     packs = [[cells[i] for i in group] for group in plan_packs(
         [c.spec for c in cells], pack or PackOptions(enabled=False), _slots(cluster, on_gpu),
         cells[0].options.eval_batch_size if cells else 1024, on_gpu=on_gpu)]
+    references = {c.spec.reference.cell_id for c in cells if c.spec.reference is not None}
+    packs = largest_first(packs, lambda c: c.spec, first=references)  # Ray starts tasks in this order
     pack_requests = {p[0].cell_id: pack_request([requests[c.cell_id] for c in p]) for p in packs}
     check_feasible(pack_requests)
     cpus_per_cell = cluster.cpus_per_cell

@@ -84,3 +84,30 @@ def test_bad_runtime_options_are_refused_before_any_write(memsweep_root, capsys)
         err = capsys.readouterr().err
         assert err.startswith(f"error: {override}") and "Traceback" not in err
     assert not memsweep_root.exists(), "nothing recorded"
+
+
+def test_packs_are_split_to_even_out_the_workers_and_submitted_largest_first():
+    """The laptop sweep on 2 workers: one pack per shape would leave a worker idle while the l2_d16
+    pack (1.7x the work) runs; two packs per shape, largest first, load both workers evenly."""
+    from orchestrator.resources import largest_first, makespan, train_flops
+
+    cells = [c.spec for c in load_sweep(["sweep=laptop"]).cells]
+    even = sum(map(train_flops, cells)) / 2
+    one_per_shape = plan_packs(cells, PackOptions(fill_workers=False))
+    assert makespan([sum(train_flops(cells[i]) for i in p) for p in one_per_shape], 2) > 1.2 * even
+    packs = plan_packs(cells, PackOptions(), slots=2)
+    assert sorted(map(len, packs)) == [3, 3, 3, 3]
+    for pack in packs:
+        assert len({cells[i].model for i in pack}) == 1
+        sizes = [cells[i].data.num_sequences for i in pack]
+        assert sizes in ([16, 64, 256], [32, 128, 512]), "halves alternate along the grid"
+    assert makespan([sum(train_flops(cells[i]) for i in p) for p in packs], 2) <= 1.1 * even
+
+    class Item:  # what the scheduler orders: cells with an id and a spec
+        def __init__(self, i):
+            self.cell_id, self.spec = f"c{i}", cells[i]
+
+    ordered = largest_first([[Item(i) for i in p] for p in packs], lambda c: c.spec)
+    assert [p[0].spec.model.name for p in ordered] == ["l2_d16", "l2_d16", "l1_d16", "l1_d16"]
+    first = largest_first([[Item(i) for i in p] for p in packs], lambda c: c.spec, first={"c0"})
+    assert first[0][0].cell_id == "c0", "a reference's pack goes first whatever its size"
