@@ -11,6 +11,7 @@ not.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -138,10 +139,7 @@ def _cell_task(cell: Cell, parent_run_id: str | None, num_threads: int,
     from orchestrator.cell import run_cell
 
     torch.set_num_threads(max(1, num_threads))  # as many threads as CPUs this task reserved
-    context = ray.get_runtime_context()
-    where = {"ray.node_id": context.get_node_id(), "ray.task_attempt": str(context.get_task_id()),
-             "ray.worker_pid": str(os.getpid())}
-    return run_cell(cell, parent_run_id=parent_run_id, tags=where, reference=reference)
+    return run_cell(cell, parent_run_id=parent_run_id, tags=_where(), reference=reference)
 
 
 @ray.remote
@@ -152,10 +150,20 @@ def _pack_task(cells: list[Cell], parent_run_id: str | None, num_threads: int) -
     from orchestrator.cell import run_pack
 
     torch.set_num_threads(max(1, num_threads))
+    return run_pack(cells, parent_run_id=parent_run_id, tags={**_where(), "memsweep.pack_size": str(len(cells))})
+
+
+def _where() -> dict[str, str]:
+    """Tags saying where a task ran: node, attempt, worker process, and what Ray granted it (GPU ids
+    and the fraction of a GPU shared with other tasks)."""
     context = ray.get_runtime_context()
     where = {"ray.node_id": context.get_node_id(), "ray.task_attempt": str(context.get_task_id()),
-             "ray.worker_pid": str(os.getpid()), "memsweep.pack_size": str(len(cells))}
-    return run_pack(cells, parent_run_id=parent_run_id, tags=where)
+             "ray.worker_pid": str(os.getpid()),
+             "ray.resources": json.dumps(context.get_assigned_resources(), sort_keys=True)}
+    gpus = context.get_accelerator_ids().get("GPU") or []
+    if gpus:
+        where["ray.gpu_ids"] = ",".join(gpus)
+    return where
 
 
 def _slots(cluster: ClusterOptions, on_gpu: bool) -> int:
