@@ -216,14 +216,15 @@ def machine() -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="short runs (about four minutes on 2 cores)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="short runs (about two minutes on 2 cores)")
+    parser.add_argument("--repeats", type=int, help="repeats of each figure (default: 2 quick, 3 full)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--only", nargs="*", help="figure names to run (default: all)")
     parser.add_argument("--sweep-repeats", type=int, help="repeats of figure 3 (default: 1 quick, 2 full)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared machine spinning OpenMP threads swamp tiny models)")
     args = parser.parse_args(argv)
+    args.repeats = args.repeats or (2 if args.quick else 3)
     torch.set_num_threads(args.threads)
     steps = 60 if args.quick else 300
     figures = {

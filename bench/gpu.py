@@ -154,7 +154,7 @@ def packed_figure(specs: list[CellSpec], device: torch.device, repeats: int, exa
 
 def section_packed(device: torch.device, quick: bool) -> dict:
     repeats = 2
-    steps = 20 if device.type == "cpu" else (50 if quick else 100)
+    steps = 10 if device.type == "cpu" else (50 if quick else 100)
     tiny = lambda k, precision="fp32": [cell("l1_d32", TINY, steps, 64, seed=i, precision=precision,
                                              num_sequences=64 + 16 * (i % 8)) for i in range(k)]
     figures = {"tiny_k8_fp32": lambda: packed_figure(tiny(8), device, repeats),
