@@ -165,7 +165,7 @@ def figure_packed_all_cores(k: int, steps: int, repeats: int) -> dict:
     finally:
         torch.set_num_threads(before)
     return {"what": f"{k} l1_d16 cells one after another / as one pack, each at its faster thread count "
-                    f"(1 or {cores})", "target": f">= 2.5 (K=8, 2 CPU cores)" if k == 8 else None,
+                    f"(1 or {cores})", "target": ">= 2.5 (K=8, 2 CPU cores)" if k == 8 else None,
             "steps": steps, "best_threads": best_threads, **ratio_stats(ratios)}
 
 

@@ -12,7 +12,7 @@ import heapq
 import math
 from dataclasses import dataclass
 
-from models.spec import CellSpec, SpecError
+from models.spec import Cell, CellSpec, SpecError
 
 GiB = 1024**3
 CUDA_CONTEXT_BYTES = 600 * 1024**2  # each worker process holds its own CUDA context
@@ -105,7 +105,7 @@ class PackOptions:
     enabled: bool = True
     max_cells: int = 8  # cells per pack at most
     max_memory_gb: float = 16.0  # a pack's summed memory estimate at most
-    fill_workers: bool = True  # split packs while fewer packs than CPU slots (or GPUs) would idle some
+    fill_workers: bool = True  # split the largest packs until the workers' loads are even (plan_packs)
     # Packing pays only while a cell's step leaves the device idle (launch and Python overheads); a
     # heavier cell trains alone. Measured crossovers (bench/gpu.py `crossover`, bench notes in README):
     # on 2 CPU cores a pack of 8 is 1.1-1.2x faster at 0.07-0.13 GFLOP per cell step, even at 0.22 and
@@ -182,11 +182,13 @@ def makespan(works: list[float], slots: int) -> float:
     return max(loads)
 
 
-def largest_first(packs: list[list], specs_of, first: set = frozenset()) -> list[list]:
-    """`packs` in submission order: those holding a cell id in `first` (references) first, then by
-    work (FLOPs of a full-length run), largest first, so the last to start are the shortest."""
-    return sorted(packs, key=lambda p: (not any(c.cell_id in first for c in p),
-                                        -sum(train_flops(specs_of(c)) for c in p)))
+def largest_first(packs: list[list[Cell]]) -> list[list[Cell]]:
+    """Packs of cells in submission order: those holding a reference cell (one that others name) first,
+    so their tasks exist when dependents are submitted, then by work (FLOPs of a full-length run),
+    largest first, so that the last to start are the shortest."""
+    references = {c.spec.reference.cell_id for p in packs for c in p if c.spec.reference is not None}
+    return sorted(packs, key=lambda p: (not any(c.cell_id in references for c in p),
+                                        -sum(train_flops(c.spec) for c in p)))
 
 
 def pack_request(requests: list[dict]) -> dict:

@@ -190,14 +190,13 @@ def run_cells(
     submitted first and its ObjectRef is an argument of each dependent task, so Ray starts dependents
     only after the reference finished (no polling). A reference not among `cells` has finished before;
     dependents load it from its checkpoint."""
-    cells = _references_first(list(cells))
+    cells = list(cells)
     on_gpu = cluster.use_gpus and cluster_has_gpus()
     requests = {c.cell_id: request_for(c.spec, cluster, on_gpu, c.options.eval_batch_size) for c in cells}
     packs = [[cells[i] for i in group] for group in plan_packs(
         [c.spec for c in cells], pack or PackOptions(enabled=False), _slots(cluster, on_gpu),
         cells[0].options.eval_batch_size if cells else 1024, on_gpu=on_gpu)]
-    references = {c.spec.reference.cell_id for c in cells if c.spec.reference is not None}
-    packs = largest_first(packs, lambda c: c.spec, first=references)  # Ray starts tasks in this order
+    packs = largest_first(packs)  # references first, then the longest: Ray starts tasks in this order
     pack_requests = {p[0].cell_id: pack_request([requests[c.cell_id] for c in p]) for p in packs}
     check_feasible(pack_requests)
     cpus_per_cell = cluster.cpus_per_cell
@@ -238,13 +237,6 @@ def run_cells(
         _cancel(pending, [c for r in pending for c in by_ref[r]], tracker)
         raise
     return outcomes
-
-
-def _references_first(cells: list[Cell]) -> list[Cell]:
-    """Cells that others name as their reference go first, so their tasks exist when dependents are
-    submitted (and start first on a busy cluster)."""
-    needed = {c.spec.reference.cell_id for c in cells if c.spec.reference is not None}
-    return [c for c in cells if c.cell_id in needed] + [c for c in cells if c.cell_id not in needed]
 
 
 def _collect(ref, cells: list[Cell], tracker: Tracker) -> list[CellOutcome]:

@@ -104,10 +104,19 @@ def test_packs_are_split_to_even_out_the_workers_and_submitted_largest_first():
     assert makespan([sum(train_flops(cells[i]) for i in p) for p in packs], 2) <= 1.1 * even
 
     class Item:  # what the scheduler orders: cells with an id and a spec
-        def __init__(self, i):
-            self.cell_id, self.spec = f"c{i}", cells[i]
+        def __init__(self, i, spec=None):
+            self.cell_id, self.spec = f"c{i}", spec or cells[i]
 
-    ordered = largest_first([[Item(i) for i in p] for p in packs], lambda c: c.spec)
+    ordered = largest_first([[Item(i) for i in p] for p in packs])
     assert [p[0].spec.model.name for p in ordered] == ["l2_d16", "l2_d16", "l1_d16", "l1_d16"]
-    first = largest_first([[Item(i) for i in p] for p in packs], lambda c: c.spec, first={"c0"})
+    class Naming:  # cell 3's spec naming cell 0 as its reference (real ones are text cells; the order is alike)
+        def __init__(self, spec, reference):
+            self.spec, self.reference = spec, reference
+
+        def __getattr__(self, name):
+            return getattr(self.spec, name)
+
+    named = Naming(cells[3], Item(0))
+    items = [[Item(i, named if i == 3 else None) for i in p] for p in packs]
+    first = largest_first(items)
     assert first[0][0].cell_id == "c0", "a reference's pack goes first whatever its size"
