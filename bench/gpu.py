@@ -20,6 +20,10 @@ table is printed last. Sections, in order:
 - fractional: packs as Ray tasks on one GPU with the fractional `num_gpus` that
   `orchestrator.resources` computes (several packs share the card) over the same packs each holding
   the whole GPU (one at a time). Needs `ray` (carried as a wheel to a bare GPU machine).
+- crossover: a pack of 8 over one after another as a cell's step grows (where packing stops paying).
+- score_vs_train; laptop_grid: the laptop sweep's 12 cells through Ray on one GPU, unpacked (fractional
+  tasks) over packed.
+- profile: the top operators of a training step, fp32 against bf16 (not yet run on a GPU).
 
 On a machine without CUDA, `--device cpu --quick` runs the same code on toy sizes (a check of the
 script, not a benchmark; the CPU figures are `python -m bench`).
@@ -337,6 +341,37 @@ def section_laptop_grid(device: torch.device, quick: bool) -> dict:
         ray.shutdown()
 
 
+def section_profile(device: torch.device, quick: bool) -> dict:
+    """Where a training step's time goes, fp32 against bf16 (torch.profiler): the top operators by
+    self time on the device (on the CPU with --device cpu), per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    shapes = ([("l1_d32", TINY, 64)] if device.type == "cpu"
+              else [("l1_d32", PAPER, 2048), ("l8_d256", PAPER, 2048)])
+    steps, out = 3 if device.type == "cpu" else 6, {}
+    for shape, data, batch in shapes:
+        for precision in ("fp32", "bf16"):
+            spec = cell(shape, data, steps, batch, precision=precision, num_sequences=4096, lr=1e-3)
+            members = synthetic_members(spec.data, spec.seed)
+            memsweep_train(dataclasses.replace(spec, train=dataclasses.replace(spec.train, max_steps=2)),
+                           members, device)
+            with profile(activities=activities) as prof:
+                seconds, _ = timed(lambda: memsweep_train(spec, members, device), device)
+            self_time = ((lambda e: e.self_device_time_total) if device.type == "cuda"
+                         else (lambda e: e.self_cpu_time_total))
+            events = sorted(prof.key_averages(), key=self_time, reverse=True)
+            total = sum(self_time(e) for e in events) or 1.0
+            out[f"{shape}_{precision}"] = {
+                "ms_per_step": 1e3 * seconds / steps, "busy_ms_per_step": total / 1e3 / steps,
+                "top": [{"op": e.key, "share": self_time(e) / total, "calls_per_step": e.count / steps}
+                        for e in events[:12]]}
+            print(f"  profile {shape} {precision}: {out[f'{shape}_{precision}']['ms_per_step']:.1f} ms/step; "
+                  + ", ".join(f"{t['op'][:40]} {t['share']:.0%}" for t in out[f"{shape}_{precision}"]["top"][:4]),
+                  flush=True)
+    return {"what": "top operators of a training step by self time, fp32 and bf16", "runs": out}
+
+
 def _start_ray() -> float:
     import ray
 
@@ -381,6 +416,7 @@ def main(argv: list[str] | None = None) -> dict:
         "crossover": lambda: section_crossover(device, args.quick),
         "score_vs_train": lambda: section_score_vs_train(device, args.quick),
         "laptop_grid": lambda: section_laptop_grid(device, args.quick),
+        "profile": lambda: section_profile(device, args.quick),
     }
     for name, run in sections.items():
         if args.only and name not in args.only:

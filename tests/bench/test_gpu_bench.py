@@ -17,9 +17,10 @@ def test_the_paper_shapes_are_the_sixteen_of_conf():
 
 @pytest.mark.slow
 def test_gpu_bench_runs_on_the_cpu_and_writes_its_figures(tmp_path):
-    results = main(["--device", "cpu", "--quick", "--only", "packed", "crossover", "--out", str(tmp_path)])
+    sections = ["packed", "crossover", "profile"]
+    results = main(["--device", "cpu", "--quick", "--only", *sections, "--out", str(tmp_path)])
     (written,) = tmp_path.glob("gpu-*.json")
-    assert json.loads(written.read_text())["sections"].keys() == {"packed", "crossover"}
+    assert json.loads(written.read_text())["sections"].keys() == {"packed", "crossover", "profile"}
     packed = results["sections"]["packed"]["ratios"]
     assert set(packed) == {"tiny_k8_fp32", "tiny_k32_fp32"}
     for figure in packed.values():
@@ -30,3 +31,7 @@ def test_gpu_bench_runs_on_the_cpu_and_writes_its_figures(tmp_path):
     rows = results["sections"]["crossover"]["rows"]
     assert [r["batch_size"] for r in rows] == [64, 512]
     assert rows[0]["cell_gflops_per_step"] < rows[1]["cell_gflops_per_step"]
+    profiled = results["sections"]["profile"]["runs"]
+    assert set(profiled) == {"l1_d32_fp32", "l1_d32_bf16"}
+    for run in profiled.values():
+        assert run["top"] and 0 < run["top"][0]["share"] <= 1 and run["ms_per_step"] > 0
