@@ -25,6 +25,7 @@ Writes bench/results/<UTC timestamp>.json with the machine's description and loa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -65,10 +66,22 @@ def no_eval(model) -> dict:
     return {"mem_bits": 0.0}
 
 
-def timed(fn) -> float:
+def timed(fn, device: torch.device = CPU) -> float:
+    """Seconds `fn` takes; on a GPU from an idle device until its last kernel has finished."""
+    sync(device)
     start = time.perf_counter()
     fn()
+    sync(device)
     return time.perf_counter() - start
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def with_steps(spec: CellSpec, steps: int) -> CellSpec:
+    return dataclasses.replace(spec, train=dataclasses.replace(spec.train, max_steps=steps))
 
 
 # -- the things measured ---------------------------------------------------------------------------
@@ -112,38 +125,46 @@ def ratio_stats(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
 
 
-def figure_train_vs_bare(steps: int, repeats: int) -> dict:
-    spec = tiny_cell(128, 0, steps)
+def train_vs_bare(spec: CellSpec, repeats: int, device: torch.device = CPU) -> dict:
+    """Throughput of train() over the bare loop's on `spec`, after a warm-up."""
     members = synthetic_members(spec.data, spec.seed)
-    bare_loop(dataclass_steps(spec, 5), members)  # warm-up
+    bare_loop(with_steps(spec, 3), members, device)
     ratios = []
     for _ in range(repeats):
-        bare = timed(lambda: bare_loop(spec, members))
-        ours = timed(lambda: memsweep_train(spec, members))
+        bare = timed(lambda: bare_loop(spec, members, device), device)
+        ours = timed(lambda: memsweep_train(spec, members, device), device)
         ratios.append(bare / ours)  # throughput of ours over the bare loop's
-    return {"what": "memsweep train() throughput / bare PyTorch loop throughput", "target": ">= 0.95",
-            "steps": steps, **ratio_stats(ratios)}
+    return {"target": ">= 0.95", "steps": spec.train.max_steps, **ratio_stats(ratios)}
 
 
-def dataclass_steps(spec: CellSpec, steps: int) -> CellSpec:
-    import dataclasses
+def figure_train_vs_bare(steps: int, repeats: int) -> dict:
+    return {"what": "memsweep train() throughput / bare PyTorch loop throughput",
+            **train_vs_bare(tiny_cell(128, 0, steps), repeats)}
 
-    return dataclasses.replace(spec, train=dataclasses.replace(spec.train, max_steps=steps))
 
-
-def figure_packed(k: int, steps: int, repeats: int) -> dict:
-    specs = [tiny_cell(64 + 16 * (i % 8), i, steps) for i in range(k)]
+def packed_vs_sequential(specs: list[CellSpec], repeats: int, device: torch.device = CPU,
+                         exact: bool | None = None) -> dict:
+    """Time of `specs` trained one after another over the same cells as one pack, after a warm-up;
+    "results" holds the last repeat's TrainResults of both ways (to compare them)."""
     members = [synthetic_members(s.data, s.seed) for s in specs]
-    ratios, seq_s, pack_s = [], [], []
+    packed(specs[:2], members[:2], device, exact)  # warm-up: kernels, allocator
+    sequential(specs[:1], members[:1], device)
+    ratios, seq_s, pack_s, last = [], [], [], {}
     for _ in range(repeats):
-        seq = timed(lambda: sequential(specs, members))
-        pack = timed(lambda: packed(specs, members))
+        seq = timed(lambda: last.update(sequential=sequential(specs, members, device)), device)
+        pack = timed(lambda: last.update(packed=packed(specs, members, device, exact)), device)
         ratios.append(seq / pack)
         seq_s.append(seq)
         pack_s.append(pack)
+    return {"steps": specs[0].train.max_steps, "sequential_s": seq_s, "packed_s": pack_s,
+            "members": members, "results": last, **ratio_stats(ratios)}
+
+
+def figure_packed(k: int, steps: int, repeats: int) -> dict:
+    figure = packed_vs_sequential([tiny_cell(64 + 16 * (i % 8), i, steps) for i in range(k)], repeats)
+    del figure["members"], figure["results"]
     return {"what": f"{k} l1_d16 cells one after another / the same {k} cells as one pack (time ratio)",
-            "target": ">= 2.5 (K=8, 2 CPU cores)" if k == 8 else None, "steps": steps,
-            "sequential_s": seq_s, "packed_s": pack_s, **ratio_stats(ratios)}
+            "target": ">= 2.5 (K=8, 2 CPU cores)" if k == 8 else None, **figure}
 
 
 def figure_packed_all_cores(k: int, steps: int, repeats: int) -> dict:
@@ -169,19 +190,25 @@ def figure_packed_all_cores(k: int, steps: int, repeats: int) -> dict:
             "steps": steps, "best_threads": best_threads, **ratio_stats(ratios)}
 
 
-def figure_score_vs_train(steps: int, repeats: int) -> dict:
-    spec = tiny_cell(1024, 0, steps)
+def score_vs_train(spec: CellSpec, repeats: int, device: torch.device = CPU) -> dict:
+    """Scoring tokens/s (nll_bits over the members) over training tokens/s, after a warm-up."""
     members = synthetic_members(spec.data, spec.seed)
-    model = GPT.from_spec(spec)
-    tokens_train = steps * spec.train.batch_size * spec.data.seq_len
+    model = GPT.from_spec(spec).to(device)
+    memsweep_train(with_steps(spec, 2), members, device)
+    nll_bits(model, members[:1024], 1024)
+    tokens_train = spec.train.max_steps * spec.train.batch_size * spec.data.seq_len
     tokens_score = len(members) * spec.data.seq_len
     ratios = []
     for _ in range(repeats):
-        t_train = timed(lambda: memsweep_train(spec, members))
-        t_score = timed(lambda: nll_bits(model, members, 1024))
+        t_train = timed(lambda: memsweep_train(spec, members, device), device)
+        t_score = timed(lambda: nll_bits(model, members, 1024), device)
         ratios.append((tokens_score / t_score) / (tokens_train / t_train))
-    return {"what": "scoring tokens/s (nll_bits, forward only) / training tokens/s", "steps": steps,
-            **ratio_stats(ratios)}
+    return {"steps": spec.train.max_steps, **ratio_stats(ratios)}
+
+
+def figure_score_vs_train(steps: int, repeats: int) -> dict:
+    return {"what": "scoring tokens/s (nll_bits, forward only) / training tokens/s",
+            **score_vs_train(tiny_cell(1024, 0, steps), repeats)}
 
 
 def figure_mfu(steps: int, repeats: int, k: int) -> dict:

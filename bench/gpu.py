@@ -44,7 +44,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.__main__ import NO_EVAL, bare_loop, machine, memsweep_train, packed, ratio_stats, sequential
+from bench.__main__ import (
+    NO_EVAL,
+    machine,
+    memsweep_train,
+    packed,
+    packed_vs_sequential,
+    score_vs_train,
+    sequential,
+    sync,
+    timed,
+    train_vs_bare,
+    with_steps,
+)
 from models.data import synthetic_members
 from models.scoring import nll_bits
 from models.spec import CellSpec, DataSpec, ModelSpec, TrainSpec
@@ -69,19 +81,6 @@ def paper_shapes() -> list[str]:
     return [n for n in names if n not in ("l1_d16", "l2_d16")]
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device):
-    sync(device)
-    start = time.perf_counter()
-    out = fn()
-    sync(device)
-    return time.perf_counter() - start, out
-
-
 # -- sections ---------------------------------------------------------------------------------------
 def section_peaks(device: torch.device, quick: bool) -> dict:
     n = 1024 if device.type == "cpu" else 8192
@@ -96,7 +95,7 @@ def section_peaks(device: torch.device, quick: bool) -> dict:
         for _ in range(3):
             torch.mm(a, b)
         reps = 10
-        seconds, _ = timed(lambda: [torch.mm(a, b) for _ in range(reps)], device)
+        seconds = timed(lambda: [torch.mm(a, b) for _ in range(reps)], device)
         out[f"{label}_flops"] = 2.0 * n**3 * reps / seconds
     torch.backends.cuda.matmul.allow_tf32 = False  # memsweep's fp32 is full fp32 (PyTorch's default)
     return out
@@ -108,20 +107,13 @@ def section_train_vs_bare(device: torch.device, quick: bool) -> dict:
         specs["paper_l4_d128"] = cell("l4_d128", PAPER, 15 if quick else 40, 2048, num_sequences=4096, lr=1e-3)
     out = {}
     for label, spec in specs.items():
-        members = synthetic_members(spec.data, spec.seed)
-        bare_loop(dataclasses.replace(spec, train=dataclasses.replace(spec.train, max_steps=3)), members, device)
-        ratios = []
-        for _ in range(2 if quick else 3):
-            bare, _ = timed(lambda: bare_loop(spec, members, device), device)
-            ours, _ = timed(lambda: memsweep_train(spec, members, device), device)
-            ratios.append(bare / ours)
         out[label] = {"what": f"memsweep train() throughput / bare PyTorch loop ({spec.model.name}, "
                               f"V={spec.data.vocab_size}, S={spec.data.seq_len}, batch {spec.train.batch_size})",
-                      "target": ">= 0.95", "steps": spec.train.max_steps, **ratio_stats(ratios)}
+                      **train_vs_bare(spec, 2 if quick else 3, device)}
     return {"what": "memsweep's step over a bare loop", "ratios": out}
 
 
-def agreement(seq_results: list, pack_results: list, members: list, device: torch.device) -> dict:
+def agreement(seq_results: list, pack_results: list, members: list) -> dict:
     """How far each packed cell is from the same cell trained alone: members' mean NLL and weights."""
     nll_rel, w_rel = [], []
     for alone, pack, m in zip(seq_results, pack_results, members):
@@ -136,24 +128,16 @@ def agreement(seq_results: list, pack_results: list, members: list, device: torc
 
 
 def packed_figure(specs: list[CellSpec], device: torch.device, repeats: int, exact: bool | None = None) -> dict:
-    members = [synthetic_members(s.data, s.seed) for s in specs]
-    packed(specs[:2], members[:2], device, exact)  # warm-up: kernels, allocator
-    sequential(specs[:1], members[:1], device)
-    ratios, seq_s, pack_s = [], [], []
-    for _ in range(repeats):
-        seq, seq_results = timed(lambda: sequential(specs, members, device), device)
-        pack, pack_results = timed(lambda: packed(specs, members, device, exact), device)
-        ratios.append(seq / pack)
-        seq_s.append(seq)
-        pack_s.append(pack)
+    figure = packed_vs_sequential(specs, repeats, device, exact)
+    members, results = figure.pop("members"), figure.pop("results")
     s = specs[0]
     flops = s.train_flops_per_step * s.train.max_steps * len(specs)
     return {"what": f"{len(specs)} {s.model.name} cells (V={s.data.vocab_size}, S={s.data.seq_len}, batch "
                     f"{s.train.batch_size}, {s.precision}) one after another / as one pack"
                     + ("" if exact is None else f" (exact={exact})"),
-            "steps": s.train.max_steps, "sequential_s": seq_s, "packed_s": pack_s,
-            "packed_flops_per_s": flops / min(pack_s), "sequential_flops_per_s": flops / min(seq_s),
-            "agreement": agreement(seq_results, pack_results, members, device), **ratio_stats(ratios)}
+            "packed_flops_per_s": flops / min(figure["packed_s"]),
+            "sequential_flops_per_s": flops / min(figure["sequential_s"]),
+            "agreement": agreement(results["sequential"], results["packed"], members), **figure}
 
 
 def section_packed(device: torch.device, quick: bool) -> dict:
@@ -182,10 +166,9 @@ def throughput(spec: CellSpec, device: torch.device, k: int = 1) -> float:
     """Training tokens/s of one cell (k=1, train()) or a pack of k, after a short warm-up run."""
     specs = [dataclasses.replace(spec, seed=i) for i in range(k)]
     members = [synthetic_members(s.data, s.seed) for s in specs]
-    warm = [dataclasses.replace(s, train=dataclasses.replace(s.train, max_steps=2)) for s in specs]
     run = (lambda ss: sequential(ss, members, device)) if k == 1 else (lambda ss: packed(ss, members, device))
-    run(warm)
-    seconds, _ = timed(lambda: run(specs), device)
+    run([with_steps(s, 2) for s in specs])
+    seconds = timed(lambda: run(specs), device)
     return k * spec.train.max_steps * spec.train.batch_size * spec.data.seq_len / seconds
 
 
@@ -231,8 +214,7 @@ def section_fractional(device: torch.device, quick: bool) -> dict:
     steps = 10 if device.type == "cpu" else (300 if quick else 600)
     packs = [[cell("l1_d32", TINY, steps, 64, seed=4 * j + i, num_sequences=64 + 16 * i) for i in range(4)]
              for j in range(4)]
-    total = torch.cuda.get_device_properties(0).total_memory / 1024**3 if device.type == "cuda" else 80.0
-    cluster = ClusterOptions(gpu_memory_gb=total, max_cells_per_gpu=16)
+    cluster = ClusterOptions(gpu_memory_gb=_gpu_memory_gb(device), max_cells_per_gpu=16)
     request = pack_request([request_for(s, cluster, on_gpu=True) for s in packs[0]])
     ray_start_s = _start_ray()
     try:
@@ -244,8 +226,7 @@ def section_fractional(device: torch.device, quick: bool) -> dict:
             results = ray.get([task.options(**options).remote(p, device.type) for p in packs])
             return time.time() - begin, results
 
-        small = [[dataclasses.replace(s, train=dataclasses.replace(s.train, max_steps=2)) for s in p]
-                 for p in packs]
+        small = [[with_steps(s, 2) for s in p] for p in packs]
         ray.get([task.options(num_cpus=1, num_gpus=request["num_gpus"]).remote(p, device.type)
                  for p in small])  # warm the workers (torch import, CUDA context)
         shared_s, shared = run(request["num_gpus"])
@@ -273,35 +254,20 @@ def section_crossover(device: torch.device, quick: bool) -> dict:
     rows = []
     for shape, data, batch in grid:
         specs = [cell(shape, data, steps, batch, seed=i, lr=1e-3, num_sequences=2048) for i in range(8)]
-        members = [synthetic_members(s.data, s.seed) for s in specs]
-        packed(specs[:2], members[:2], device)
-        sequential(specs[:1], members[:1], device)
-        seq, _ = timed(lambda: sequential(specs, members, device), device)
-        pack, _ = timed(lambda: packed(specs, members, device), device)
+        figure = packed_vs_sequential(specs, 1, device)
         rows.append({"shape": shape, "vocab_size": data.vocab_size, "seq_len": data.seq_len, "batch_size": batch,
-                     "cell_gflops_per_step": specs[0].train_flops_per_step / 1e9, "ratio": seq / pack,
-                     "sequential_ms_per_cell_step": 1e3 * seq / (8 * steps)})
+                     "cell_gflops_per_step": specs[0].train_flops_per_step / 1e9, "ratio": figure["median"],
+                     "sequential_ms_per_cell_step": 1e3 * figure["sequential_s"][0] / (8 * steps)})
         print(f"  crossover {rows[-1]}", flush=True)
     return {"what": "pack of 8 over one after another, by a cell's FLOPs per step", "rows": rows}
 
 
 def section_score_vs_train(device: torch.device, quick: bool) -> dict:
-    out = {}
-    for label, spec in (("tiny_l1_d32", cell("l1_d32", TINY, 50, 64, num_sequences=4096)),
-                        ("paper_l4_d128", cell("l4_d128", PAPER, 10, 2048, num_sequences=8192, lr=1e-3))):
-        if device.type == "cpu" and label != "tiny_l1_d32":
-            continue
-        members = synthetic_members(spec.data, spec.seed)
-        result = memsweep_train(dataclasses.replace(spec, train=dataclasses.replace(spec.train, max_steps=3)),
-                                members, device)
-        nll_bits(result.model, members, 1024)
-        ratios = []
-        for _ in range(3):
-            t_train, _ = timed(lambda: memsweep_train(spec, members, device), device)
-            t_score, _ = timed(lambda: nll_bits(result.model, members, 1024), device)
-            tokens_train = spec.train.max_steps * spec.train.batch_size * spec.data.seq_len
-            ratios.append((len(members) * spec.data.seq_len / t_score) / (tokens_train / t_train))
-        out[label] = {"what": f"scoring tokens/s (nll_bits) / training tokens/s ({label})", **ratio_stats(ratios)}
+    specs = {"tiny_l1_d32": cell("l1_d32", TINY, 50, 64, num_sequences=4096)}
+    if device.type == "cuda":
+        specs["paper_l4_d128"] = cell("l4_d128", PAPER, 10, 2048, num_sequences=8192, lr=1e-3)
+    out = {label: {"what": f"scoring tokens/s (nll_bits) / training tokens/s ({label})",
+                   **score_vs_train(spec, 3, device)} for label, spec in specs.items()}
     return {"what": "scoring over training throughput", "ratios": out}
 
 
@@ -315,8 +281,7 @@ def section_laptop_grid(device: torch.device, quick: bool) -> dict:
     steps = 10 if device.type == "cpu" else (400 if quick else 1000)
     specs = [cell(shape, TINY, steps, 64, num_sequences=n)
              for shape in ("l1_d16", "l2_d16") for n in (16, 32, 64, 128, 256, 512)]
-    total = torch.cuda.get_device_properties(0).total_memory / 1024**3 if device.type == "cuda" else 80.0
-    cluster = ClusterOptions(gpu_memory_gb=total)
+    cluster = ClusterOptions(gpu_memory_gb=_gpu_memory_gb(device))
     requests = [request_for(s, cluster, on_gpu=True) for s in specs]
     groups = plan_packs(specs, PackOptions(), slots=1)
     _start_ray()
@@ -329,7 +294,7 @@ def section_laptop_grid(device: torch.device, quick: bool) -> dict:
                      .remote([specs[i] for i in b], device.type) for b in batches])
             return time.time() - begin
 
-        warm = [[dataclasses.replace(s, train=dataclasses.replace(s.train, max_steps=2))] for s in specs]
+        warm = [[with_steps(s, 2)] for s in specs]
         ray.get([task.options(num_cpus=1, num_gpus=requests[0]["num_gpus"]).remote(w, device.type) for w in warm])
         unpacked = run([[i] for i in range(len(specs))])
         packed_s = run(groups)
@@ -354,10 +319,9 @@ def section_profile(device: torch.device, quick: bool) -> dict:
         for precision in ("fp32", "bf16"):
             spec = cell(shape, data, steps, batch, precision=precision, num_sequences=4096, lr=1e-3)
             members = synthetic_members(spec.data, spec.seed)
-            memsweep_train(dataclasses.replace(spec, train=dataclasses.replace(spec.train, max_steps=2)),
-                           members, device)
+            memsweep_train(with_steps(spec, 2), members, device)
             with profile(activities=activities) as prof:
-                seconds, _ = timed(lambda: memsweep_train(spec, members, device), device)
+                seconds = timed(lambda: memsweep_train(spec, members, device), device)
             self_time = ((lambda e: e.self_device_time_total) if device.type == "cuda"
                          else (lambda e: e.self_cpu_time_total))
             events = sorted(prof.key_averages(), key=self_time, reverse=True)
@@ -370,6 +334,11 @@ def section_profile(device: torch.device, quick: bool) -> dict:
                   + ", ".join(f"{t['op'][:40]} {t['share']:.0%}" for t in out[f"{shape}_{precision}"]["top"][:4]),
                   flush=True)
     return {"what": "top operators of a training step by self time, fp32 and bf16", "runs": out}
+
+
+def _gpu_memory_gb(device: torch.device) -> float:
+    """The card's memory, which sizes memsweep's fractional GPU requests (80 GB when checking on a CPU)."""
+    return torch.cuda.get_device_properties(device).total_memory / 1024**3 if device.type == "cuda" else 80.0
 
 
 def _start_ray() -> float:

@@ -15,7 +15,6 @@ packed one (target: >= 2, packing halves the sweep); both runs are checked as ab
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -25,6 +24,8 @@ import time
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
+
+from bench.__main__ import write_results
 
 PLATEAU_TOLERANCE = 0.15
 LARGEST = 3  # the largest dataset sizes of each shape compared on the plateau
@@ -93,9 +94,7 @@ def main() -> int:
         ok, results = check(*run_sweep(root, []), args.budget_s)
         results["machine"] = machine
         name = "laptop_sweep"
-    out = Path(__file__).resolve().parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(results, indent=2))
+    write_results(results, str(Path(__file__).resolve().parent / "results"), prefix=f"{name}-")
     return 0 if ok else 1
 
 

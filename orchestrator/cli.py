@@ -154,7 +154,7 @@ def _print_packing(plan, cells) -> None:
     it sees the cluster), before it splits packs to fill idle workers."""
     import dataclasses
 
-    from orchestrator.resources import plan_packs
+    from orchestrator.resources import plan_packs, too_heavy_to_pack
 
     if not plan.pack.enabled:
         console.print("packing: off (pack.enabled=false)")
@@ -164,7 +164,7 @@ def _print_packing(plan, cells) -> None:
         limit = getattr(plan.pack, f"{device}_max_cell_gflops")
         groups = plan_packs([c.spec for c in cells], options, on_gpu=on_gpu)
         sizes = sorted((len(g) for g in groups if len(g) > 1), reverse=True)
-        heavy = sum(1 for c in cells if c.spec.train_flops_per_step > limit * 1e9)
+        heavy = sum(1 for c in cells if too_heavy_to_pack(c.spec, plan.pack, on_gpu))
         packs = f"{sum(sizes)} cells in {len(sizes)} packs {tuple(sizes)}" if sizes else "no packs"
         console.print(f"packing on {device.upper()}s: {packs}, {len(groups) - len(sizes)} cells alone"
                       + (f" ({heavy} above pack.{device}_max_cell_gflops={limit:g})" if heavy else ""))

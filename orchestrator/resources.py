@@ -134,12 +134,9 @@ def plan_packs(specs: list[CellSpec], options: PackOptions, slots: int = 1, eval
 
     if not options.enabled:
         return [[i] for i in range(len(specs))]
-    max_flops = 1e9 * (options.gpu_max_cell_gflops if on_gpu else options.cpu_max_cell_gflops)
     groups: dict[tuple, list[int]] = {}
     for i, spec in enumerate(specs):
-        key = pack_key(spec)  # None: a cell that trains alone (text cells)
-        if spec.train_flops_per_step > max_flops:
-            key = None
+        key = None if too_heavy_to_pack(spec, options, on_gpu) else pack_key(spec)  # None: trains alone
         groups.setdefault(key if key is not None else ("alone", i), []).append(i)
     packs = []
     budget = options.max_memory_gb * GiB
@@ -169,6 +166,12 @@ def plan_packs(specs: list[CellSpec], options: PackOptions, slots: int = 1, eval
         # which converge first, would otherwise all land in one half).
         packs[largest:largest] = [pack[0::2], pack[1::2]]
     return packs
+
+
+def too_heavy_to_pack(spec: CellSpec, options: PackOptions, on_gpu: bool) -> bool:
+    """A cell whose training step costs more than the device's `*_max_cell_gflops` trains alone."""
+    limit = options.gpu_max_cell_gflops if on_gpu else options.cpu_max_cell_gflops
+    return spec.train_flops_per_step > limit * 1e9
 
 
 BALANCE_SLACK = 1.1  # plan_packs splits packs until the workers' loads are within 10% of even
