@@ -173,7 +173,7 @@ def figure_packed_all_cores(k: int, steps: int, repeats: int) -> dict:
     specs = [tiny_cell(64 + 16 * (i % 8), i, steps) for i in range(k)]
     members = [synthetic_members(s.data, s.seed) for s in specs]
     cores, before = os.cpu_count() or 1, torch.get_num_threads()
-    ratios, best_threads = [], []
+    ratios, best_threads, gains = [], [], {"sequential": [], "packed": []}
     try:
         for _ in range(repeats):
             seq, pack = {}, {}
@@ -183,11 +183,15 @@ def figure_packed_all_cores(k: int, steps: int, repeats: int) -> dict:
                 pack[threads] = timed(lambda: packed(specs, members))
             ratios.append(min(seq.values()) / min(pack.values()))
             best_threads.append({"sequential": min(seq, key=seq.get), "packed": min(pack, key=pack.get)})
+            gains["sequential"].append(seq[1] / seq[cores])
+            gains["packed"].append(pack[1] / pack[cores])
     finally:
         torch.set_num_threads(before)
     return {"what": f"{k} l1_d16 cells one after another / as one pack, each at its faster thread count "
                     f"(1 or {cores})", "target": ">= 2.5 (K=8, 2 CPU cores)" if k == 8 else None,
-            "steps": steps, "best_threads": best_threads, **ratio_stats(ratios)}
+            "steps": steps, "best_threads": best_threads,
+            # each side's time on 1 thread over its time on one per core: what the other cores add
+            "thread_gain": {side: ratio_stats(values) for side, values in gains.items()}, **ratio_stats(ratios)}
 
 
 def score_vs_train(spec: CellSpec, repeats: int, device: torch.device = CPU) -> dict:

@@ -32,7 +32,6 @@ import contextlib
 import logging
 import os
 import shutil
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.__main__ import ratio_stats
 from measure.memorization import summarize_synthetic
 from models.data import synthetic_members, synthetic_nonmembers
 from models.scoring import nll_bits
@@ -184,10 +184,6 @@ def local_ray(workers: int):
         yield
     finally:
         ray.shutdown()
-
-
-def ratio_stats(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
 
 
 def figure_sweep(quick: bool, repeats: int, workers: int, cell_s: float | None = None) -> dict:
