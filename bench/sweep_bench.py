@@ -5,7 +5,8 @@ process, and against the same grid through Ray Tune's `grid_search`.
 
 One embedded Ray cluster (127.0.0.1, `--workers` CPUs) is started first and shared by every
 measurement, so its start-up (reported as `ray_start_s`) is in none of them. Each repeat then times,
-back to back (each repeat starting with the next of the four), on the same grid of l1_d16 cells (`--cell-s` seconds each, calibrated here; evaluations
+back to back (each repeat starting with the next of the four, each way once every CPU of the cluster
+is free), on the same grid of l1_d16 cells (`--cell-s` seconds each, calibrated here; evaluations
 every quarter of the run, no early convergence):
 
 - sequential: `models.train.train` on each cell in this process, with the same evaluations and the
@@ -168,6 +169,17 @@ def run_tune(specs: dict, sizes: list[int], seeds: list[int], root: Path) -> tup
     return wall, sum(r.metrics["time_total_s"] for r in results)  # and the trials' summed time
 
 
+def wait_idle(timeout_s: float = 60.0) -> None:
+    """Until every CPU of the cluster is free again: Tune's trial actors outlive `Tuner.fit()` by a
+    few seconds, and a sweep started meanwhile would wait for their CPUs on the clock."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while (ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0)
+           and time.monotonic() < deadline):
+        time.sleep(0.2)
+
+
 @contextlib.contextmanager
 def local_ray(workers: int):
     """One embedded Ray cluster on 127.0.0.1 for every measurement; stopped (only it) afterwards."""
@@ -218,6 +230,7 @@ def figure_sweep(quick: bool, repeats: int, workers: int, cell_s: float | None =
                 ]
                 # Each repeat starts with the next one: load that comes and goes hits each alike.
                 for name, run in runs[r % len(runs):] + runs[: r % len(runs)]:
+                    wait_idle()
                     wall, detail = run()
                     times[name].append(wall)
                     if name == "sequential":
