@@ -315,6 +315,8 @@ def section_profile(device: torch.device, quick: bool) -> dict:
     shapes = ([("l1_d32", TINY, 64)] if device.type == "cpu"
               else [("l1_d32", PAPER, 2048), ("l8_d256", PAPER, 2048)])
     steps, out = 3 if device.type == "cpu" else 6, {}
+    self_time = ((lambda e: e.self_device_time_total) if device.type == "cuda"
+                 else (lambda e: e.self_cpu_time_total))
     for shape, data, batch in shapes:
         for precision in ("fp32", "bf16"):
             spec = cell(shape, data, steps, batch, precision=precision, num_sequences=4096, lr=1e-3)
@@ -322,17 +324,14 @@ def section_profile(device: torch.device, quick: bool) -> dict:
             memsweep_train(with_steps(spec, 2), members, device)
             with profile(activities=activities) as prof:
                 seconds = timed(lambda: memsweep_train(spec, members, device), device)
-            self_time = ((lambda e: e.self_device_time_total) if device.type == "cuda"
-                         else (lambda e: e.self_cpu_time_total))
             events = sorted(prof.key_averages(), key=self_time, reverse=True)
             total = sum(self_time(e) for e in events) or 1.0
-            out[f"{shape}_{precision}"] = {
+            run = out[f"{shape}_{precision}"] = {
                 "ms_per_step": 1e3 * seconds / steps, "busy_ms_per_step": total / 1e3 / steps,
                 "top": [{"op": e.key, "share": self_time(e) / total, "calls_per_step": e.count / steps}
                         for e in events[:12]]}
-            print(f"  profile {shape} {precision}: {out[f'{shape}_{precision}']['ms_per_step']:.1f} ms/step; "
-                  + ", ".join(f"{t['op'][:40]} {t['share']:.0%}" for t in out[f"{shape}_{precision}"]["top"][:4]),
-                  flush=True)
+            print(f"  profile {shape} {precision}: {run['ms_per_step']:.1f} ms/step; "
+                  + ", ".join(f"{t['op'][:40]} {t['share']:.0%}" for t in run["top"][:4]), flush=True)
     return {"what": "top operators of a training step by self time, fp32 and bf16", "runs": out}
 
 
