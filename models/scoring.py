@@ -58,9 +58,3 @@ def greedy_correct(model: GPT, tokens: np.ndarray, batch_size: int = 1024) -> np
     finally:
         model.train(was_training)
     return out
-
-
-def extraction_rates(correct: np.ndarray, prefixes: tuple[int, ...]) -> dict[int, float]:
-    """The fraction of sequences whose greedy continuation from each prefix length matches exactly
-    (prefix lengths of at least S are left out: nothing would remain to extract)."""
-    return {k: float(correct[:, k:].all(axis=1).mean()) for k in prefixes if k < correct.shape[1]}

@@ -19,9 +19,7 @@ from models.spec import Cell, SpecError
 from orchestrator.compose import ConfigError, load_sweep, sweep_config, typed_options
 from orchestrator.corpus import REFERENCE_EXPERIMENT, reference_cells
 from orchestrator.resources import ClusterOptions, PackOptions
-from orchestrator.tracking import CellRecord, Tracker, latest_launch_run, redact
-
-TAG_OVERRIDES = "memsweep.overrides"
+from orchestrator.tracking import TAG_OVERRIDES, CellRecord, Tracker, latest_launch_run, redact
 
 
 @dataclass

@@ -25,22 +25,9 @@ import numpy as np
 import pyarrow as pa
 
 from measure.memorization import PAPER_ALPHA_BITS_PER_PARAM
-from orchestrator.aggregate import (
-    FINAL_METRICS,
-    IDENTITY_SCHEMA,
-    PRECISION_ORDER,
-    SPEC_COLUMNS,
-    SYNTHETIC,
-    TEXT,
-    TEXT_METRICS,
-    AggregateResult,
-    aggregate,
-    aggregate_from,
-    alpha_for,
-    capacity_groups,
-    column_arrays,
-    table_metadata,
-)
+from measure.metrics import METRICS, SYNTHETIC, TEXT, attack_names
+from measure.sweep import PRECISION_ORDER, TEXT_SUMMARY_METRICS, alpha_for, capacity_groups, data_kinds, finished_columns
+from orchestrator.aggregate import GROUPING, IDENTITY_SCHEMA, AggregateResult, aggregate, aggregate_from, table_metadata
 
 REFERENCE_FILES = ("capacity_by_precision.csv", "seq_len_vocab_sweep.csv", "mia_validation.csv")
 # The paper's column means of bits per parameter (reference/README.md); amp_bf16 is not in the paper.
@@ -121,24 +108,18 @@ def figure_kinds(cells: pa.Table) -> tuple[bool, bool]:
 
 
 def _finished_columns(cells: pa.Table) -> dict[str, np.ndarray]:
-    """The FINISHED synthetic cells' columns (the synthetic figures' cells)."""
-    names = ["cell_id", "status", *SPEC_COLUMNS, *FINAL_METRICS]
-    names += [n for n in cells.column_names if n.endswith("_f1") or n.endswith("_auc")]
-    cols = column_arrays(cells, dict.fromkeys(names))
-    keep = (cols["status"] == "FINISHED") & (np.array(row_kinds(cells), dtype=object) == SYNTHETIC)
-    for name in ("mem_bits", "params", "entropy_bits"):
-        keep &= np.isfinite(cols[name])
+    """The FINISHED synthetic cells' columns (the synthetic figures' cells), as the fits read them."""
+    cols = finished_columns(cells, GROUPING)
+    keep = data_kinds(cols) == SYNTHETIC
     return {name: values[keep] for name, values in cols.items()}
 
 
 def figure_inputs(cells: pa.Table, curves: pa.Table | None, fits: dict) -> dict[str, dict]:
     """The arguments of each figure function, taken from the cells table, the curves and the fits."""
-    from orchestrator.aggregate import mia_attacks
-
     cols = _finished_columns(cells)
     alphas = fits["alpha"]
     shape_groups, ratio_groups = [], []
-    for group in capacity_groups(cols):
+    for group in capacity_groups(cols, GROUPING.capacity):
         precision = group.key.get("precision.name")
         alpha = alpha_for(precision, alphas)[0]
         params = float(cols["params"][group.rows][0])
@@ -148,7 +129,7 @@ def figure_inputs(cells: pa.Table, curves: pa.Table | None, fits: dict) -> dict[
         ratio_groups.append({"label": group.label, "ratio": entropy / (alpha * params),
                              "test_nll_bits_per_token": cols["test_nll_bits_per_token"][group.rows]})
     attacks = []
-    for attack in mia_attacks(cols):
+    for attack in attack_names(cols):
         entry = fits["mia"].get(attack, {})
         auc = cols.get(f"{attack}_auc", np.full(len(cols[f"{attack}_f1"]), np.nan))
         attacks.append({"attack": attack, "x": cols["sequences_per_param"], "auc": auc,
@@ -268,8 +249,7 @@ def _configuration(cells: pa.Table, meta: dict) -> str:
         parts.append(f"<p>Latest launch: <code>memsweep launch {html.escape(' '.join(overrides))}</code>"
                      f" (run <code>{html.escape(str(meta.get('launch_run_id')))}</code>)</p>")
     varying, constant = [], []
-    not_config = (set(IDENTITY_SCHEMA.names) | set(FINAL_METRICS) | set(TEXT_METRICS)
-                  | set(meta.get("metric_columns", [])))
+    not_config = set(IDENTITY_SCHEMA.names) | set(METRICS) | set(meta.get("metric_columns", []))
     for name in cells.column_names:
         if name in not_config:
             continue
@@ -349,13 +329,6 @@ def _fits_tables(fits: dict) -> str:
     return "\n".join(parts)
 
 
-TEXT_COLUMNS = (  # the text table's metric columns: (fits.json metric, header)
-    ("mem_bits_per_sequence", "unintended mem (bits/seq)"), ("loss_f1", "loss-attack F1"),
-    ("reference_f1", "reference-attack F1"),
-    *((f"extract_{split}_p{prefix}", f"extract {split}, {prefix}-token prefix")
-      for split in ("train", "test") for prefix in (8, 16, 32)),
-    ("test_nll_bits_per_token", "test loss (bits/token)"), ("capacity_ratio", "H(X)/(alpha params)"),
-)
 
 
 def _text_tables(fits: dict) -> str:
@@ -366,7 +339,7 @@ def _text_tables(fits: dict) -> str:
              "H(X) is the training set's code length under it; extraction is the fraction of sequences whose "
              "greedy continuation from the prefix matches exactly. The capacity, alpha and MIA-law fits use "
              "synthetic cells only.</p>"]
-    columns = [(m, h) for m, h in TEXT_COLUMNS if m in text["metrics"]]
+    columns = [(m, METRICS[m].header) for m in TEXT_SUMMARY_METRICS if m in text["metrics"]]
     rows = []
     for group in text["groups"]:
         for j, size in enumerate(group["num_sequences"]):

@@ -22,7 +22,6 @@ import ray
 from ray.exceptions import RayError
 
 from models.spec import Cell
-from orchestrator.cell import CellOutcome
 from orchestrator.corpus import REFERENCE_EXPERIMENT
 from orchestrator.resources import (
     ClusterOptions,
@@ -32,7 +31,7 @@ from orchestrator.resources import (
     plan_packs,
     request_for,
 )
-from orchestrator.tracking import Tracker
+from orchestrator.tracking import CellOutcome, Tracker
 
 log = logging.getLogger(__name__)
 CANCEL_GRACE_S = 30.0

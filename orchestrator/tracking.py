@@ -18,7 +18,7 @@ import re
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -39,9 +39,22 @@ TAG_KIND = "memsweep.kind"  # "cell" or "launch"
 TAG_CODE = "code_version"
 TAG_ERROR = "memsweep.error"
 TAG_PARENT = "mlflow.parentRunId"
+TAG_OVERRIDES = "memsweep.overrides"  # on a launch run: the overrides it was launched with (JSON list)
 ARTIFACT = "per_sequence.parquet"
 BATCH = 1000  # MLflow's limit of metrics per log_batch call
 UNFINISHED = ("RUNNING", "SCHEDULED", "FAILED", "KILLED")
+
+
+@dataclass
+class CellOutcome:
+    """What one cell's run ended as: returned by a worker, collected by the scheduler, shown by the CLI."""
+
+    cell_id: str
+    run_id: str | None
+    status: str  # FINISHED, FAILED or KILLED
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    already_finished: bool = False  # found FINISHED in the tracker; nothing was trained
 
 
 @cache

@@ -1,4 +1,5 @@
-"""measure/ stays pure: it imports only numpy, scipy, scikit-learn and the standard library."""
+"""measure/ stays pure: it imports only numeric libraries (numpy, scipy, scikit-learn, pyarrow for the
+per-sequence and cells tables, matplotlib for figures) and the standard library."""
 
 import ast
 import sys
@@ -6,7 +7,7 @@ from pathlib import Path
 
 MEASURE_DIR = Path(__file__).resolve().parents[2] / "measure"
 # matplotlib draws the report's figures (measure/figures.py, Agg backend, no display).
-ALLOWED = {"numpy", "scipy", "sklearn", "matplotlib", "measure"} | set(sys.stdlib_module_names)
+ALLOWED = {"numpy", "scipy", "sklearn", "matplotlib", "pyarrow", "measure"} | set(sys.stdlib_module_names)
 
 
 def imported_top_level_names(path: Path) -> set[str]:

@@ -4,7 +4,8 @@ import numpy as np
 import torch
 
 from models.gpt import GPT
-from models.scoring import extraction_rates, greedy_correct
+from measure.cell import extraction_rates
+from models.scoring import greedy_correct
 
 
 @torch.no_grad()

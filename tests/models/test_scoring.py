@@ -13,7 +13,7 @@ from models.data import synthetic_members, synthetic_nonmembers
 from models.gpt import GPT
 from models.scoring import nll_bits
 from models.spec import CellSpec, DataSpec, ModelSpec, TrainSpec
-from orchestrator.cell import measure_cell
+from orchestrator.cell import CellData, measure_model
 
 
 def tiny_spec(vocab_size=64, seq_len=32, num_sequences=24, num_nonmembers=40) -> CellSpec:
@@ -72,7 +72,7 @@ def test_uniform_model_scores_s_log2_v_and_memorizes_nothing(vocab_size, seq_len
     assert summary.mem_bits == pytest.approx(0.0, abs=1e-6 * summary.entropy_bits)
     assert summary.mem_fraction == pytest.approx(0.0, abs=1e-6)
 
-    metrics, table = measure_cell(spec, model, members, nonmembers, batch_size=1024)
+    metrics, table = measure_model(spec, model, CellData(members, nonmembers), 1024)
     assert metrics["mem_bits"] == pytest.approx(0.0, abs=1e-6 * spec.data.entropy_bits)
     assert metrics["mem_bits_unclipped"] == pytest.approx(0.0, abs=1e-6 * spec.data.entropy_bits)
     assert metrics["train_nll_bits_per_token"] == pytest.approx(math.log2(vocab_size), rel=1e-6)

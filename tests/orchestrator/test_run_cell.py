@@ -27,7 +27,7 @@ from sklearn.metrics import roc_auc_score
 
 from models.data import synthetic_members, synthetic_nonmembers
 from models.gpt import GPT
-from orchestrator.cell import measure_cell, train_and_measure
+from orchestrator.cell import CellData, measure_model, train_and_measure
 from orchestrator.compose import compose_cell
 
 V, S = 64, 32  # conf/data/synthetic.yaml
@@ -74,7 +74,7 @@ def trained(tmp_path_factory):
         initializer=torch.set_num_threads, initargs=(1,),
     ) as pool:
         futures = {n: pool.submit(train_and_measure, cell) for n, cell in cells.items()}
-        results = {n: future.result(timeout=900)[0] for n, future in futures.items()}
+        results = {n: future.result(timeout=900)[0].metrics for n, future in futures.items()}
     for n in sorted(results):  # shown with -s or on failure: the figures the bounds below rest on
         m = results[n]
         print(f"N={n}: mem_bits {m['mem_bits']:.0f}, mem_fraction {m['mem_fraction']:.3f}, "
@@ -132,7 +132,7 @@ def test_test_loss_of_a_fresh_model_is_not_below_uniform(tmp_path):
         torch.manual_seed(spec.seed)  # as train() initialises it
         model = GPT.from_spec(spec)
         members, nonmembers = synthetic_members(spec.data, spec.seed), synthetic_nonmembers(spec.data, spec.seed)
-        metrics, _ = measure_cell(spec, model, members, nonmembers, batch_size=1024)
+        metrics, _ = measure_model(spec, model, CellData(members, nonmembers), 1024)
         assert metrics["test_nll_bits_per_token"] >= math.log2(V) - 1e-6, metrics["test_nll_bits_per_token"]
         assert metrics["test_nll_bits_per_token"] < math.log2(V) + 0.05  # and near uniform
         assert metrics["mem_bits"] < 0.01 * metrics["entropy_bits"]
@@ -151,9 +151,9 @@ def test_a_cell_is_deterministic_and_its_seed_picks_its_data(tmp_path):
     first, second = short_cell(tmp_path / "a", 0), short_cell(tmp_path / "b", 0)
     other = short_cell(tmp_path / "c", 1)
     assert first.cell_id == second.cell_id != other.cell_id
-    m1, t1, _ = train_and_measure(first)
-    m2, t2, _ = train_and_measure(second)
-    m3, t3, _ = train_and_measure(other)
+    (m1, t1), _ = train_and_measure(first)
+    (m2, t2), _ = train_and_measure(second)
+    (m3, t3), _ = train_and_measure(other)
     assert m1["resumed_from_step"] == m2["resumed_from_step"] == 0 and m1["steps"] == 200
 
     assert sorted(m1) == sorted(FINAL_METRICS)

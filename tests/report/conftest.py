@@ -42,7 +42,7 @@ def broken_root(smoke_root, tmp_path_factory) -> dict:
     RUNNING (two evaluations logged); seed 2 and 3 at N=64 PENDING (never started)."""
     from models.spec import flatten
     from orchestrator.compose import load_sweep
-    from orchestrator.launch import TAG_OVERRIDES
+    from orchestrator.tracking import TAG_OVERRIDES
     from orchestrator.tracking import TAG_SWEEP, Tracker
 
     runs = tmp_path_factory.mktemp("broken") / "runs"

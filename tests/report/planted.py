@@ -31,6 +31,7 @@ def planted_table():
 
 
 def planted_fits() -> dict:
-    from orchestrator.aggregate import fit_sweep
+    from measure.sweep import fit_sweep
+    from orchestrator.aggregate import GROUPING
 
-    return fit_sweep(planted_table(), n_boot=200)
+    return fit_sweep(planted_table(), GROUPING, n_boot=200)

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from measure.capacity import mia_law
-from orchestrator.aggregate import build_cells_table, fit_metrics, fit_sweep
+from measure.sweep import fit_metrics, fit_sweep, plateau_reached
+from orchestrator.aggregate import GROUPING, build_cells_table
 from orchestrator.tracking import RunRecord
 
 V, S = 2048, 64
@@ -62,7 +63,7 @@ def planted_sweep(precisions=("fp32", "bf16"), seeds=(0, 1, 2), noise=0.01, rng_
 
 
 def test_capacity_and_alpha_per_precision_recover_the_plateau():
-    fits = fit_sweep(build_cells_table(planted_sweep()))
+    fits = fit_sweep(build_cells_table(planted_sweep()), GROUPING)
     assert len(fits["capacity"]) == 6  # 3 shapes x 2 precisions, never mixed
     for c in fits["capacity"]:
         planted = PLANTED_ALPHA[c["precision"]] * c["params"]
@@ -85,13 +86,13 @@ def test_capacity_and_alpha_per_precision_recover_the_plateau():
 def test_an_unconverged_cell_at_the_maximum_makes_a_lower_bound():
     runs = planted_sweep(precisions=("fp32",), seeds=(0,), noise=0.0)
     # Plateau cells all equal alpha*P; the smallest N among them wins the tie: flag that one.
-    fits = fit_sweep(build_cells_table(runs))
+    fits = fit_sweep(build_cells_table(runs), GROUPING)
     at_max = {c["model"]: c["num_sequences_at_max"] for c in fits["capacity"]}
     runs = [cell(i, r.params["model.name"], "fp32", int(r.params["data.num_sequences"]), 0, r.metrics["mem_bits"],
                  converged=0.0 if int(r.params["data.num_sequences"]) == at_max[r.params["model.name"]]
                  and r.params["model.name"] == "l2_d64" else 1.0)
             for i, r in enumerate(runs)]
-    fits = fit_sweep(build_cells_table(runs))
+    fits = fit_sweep(build_cells_table(runs), GROUPING)
     flags = {c["model"]: c["lower_bound"] for c in fits["capacity"]}
     assert flags == {"l1_d32": False, "l2_d64": True, "l4_d128": False}
     assert fits["alpha"]["fp32"]["lower_bound"] is True
@@ -106,7 +107,7 @@ def test_mia_law_recovers_a_planted_sigmoid_with_its_uncertainty():
         r.metrics["loss_f1"] = float(mia_law(x, C1, C2, C3) + 0.005 * rng.standard_normal())
         r.metrics["reference_f1"] = float(mia_law(x, 1.0, -20.0, 0.5))  # a second attack, exact
         runs.append(r)
-    fits = fit_sweep(build_cells_table(runs))
+    fits = fit_sweep(build_cells_table(runs), GROUPING)
     loss = fits["mia"]["loss"]
     assert "skipped" not in loss and loss["num_cells"] == 24
     for name, planted, tolerance in (("c1", C1, 0.05), ("c2", C2, 0.15), ("c3", C3, 0.15)):
@@ -123,7 +124,7 @@ def test_mia_law_recovers_a_planted_sigmoid_with_its_uncertainty():
 def test_one_shape_still_has_alpha_and_a_reason_for_no_mia_law():
     runs = [cell(i, "l1_d32", "fp32", size, seed, mem)
             for i, (size, seed, mem) in enumerate([(16, 0, 11000.0), (16, 1, 11200.0), (64, 0, 40000.0), (64, 1, 41000.0)])]
-    fits = fit_sweep(build_cells_table(runs))
+    fits = fit_sweep(build_cells_table(runs), GROUPING)
     (c,) = fits["capacity"]
     assert c["capacity_bits"] == pytest.approx(40500.0) and c["num_sequences_at_max"] == 64
     assert c["plateau_reached"] is False  # one size beyond the capacity: more data might raise it
@@ -134,7 +135,7 @@ def test_one_shape_still_has_alpha_and_a_reason_for_no_mia_law():
 
 
 def test_predictions_use_the_fitted_alpha_of_each_cells_precision():
-    fits = fit_sweep(build_cells_table(planted_sweep(seeds=(0,))))
+    fits = fit_sweep(build_cells_table(planted_sweep(seeds=(0,))), GROUPING)
     cells = fits["prediction"]["cells"]
     assert len(cells) == 30
     for c in cells:
@@ -147,7 +148,7 @@ def test_predictions_use_the_fitted_alpha_of_each_cells_precision():
 
 def test_a_sweep_with_nothing_finished_reports_why():
     runs = [cell(i, "l1_d32", "fp32", 16 * (i + 1), 0, 0.0, status="FAILED") for i in range(3)]
-    fits = fit_sweep(build_cells_table(runs))
+    fits = fit_sweep(build_cells_table(runs), GROUPING)
     assert fits["capacity"] == [] and fits["alpha"] == {} and fits["prediction"]["summary"] == {"num_cells": 0}
     assert fits["cells"] == {"total": 3, "finished": 0, "by_status": {"FAILED": 3}}
     assert any("no FINISHED cells" in note for note in fits["notes"])
@@ -155,8 +156,6 @@ def test_a_sweep_with_nothing_finished_reports_why():
 
 
 def test_a_plateau_needs_two_sizes_beyond_the_capacity_that_agree():
-    from orchestrator.aggregate import plateau_reached
-
     sizes = np.array([10, 20, 40, 80])
     entropy = sizes * 100.0
     flat = np.array([1000.0, 2000.0, 2500.0, 2520.0])  # stops at ~2,500 bits

@@ -142,13 +142,14 @@ def test_bad_input_is_a_one_line_error(tmp_path, monkeypatch, capsys):
 
 
 def test_figures_of_an_empty_sweep_still_render():
-    from orchestrator.aggregate import build_cells_table, fit_sweep
+    from measure.sweep import fit_sweep
+    from orchestrator.aggregate import GROUPING, build_cells_table
     from orchestrator.tracking import RunRecord
 
     runs = [RunRecord("r1", "1", "FAILED", 1, 2, {"cell_id": "c1", "memsweep.kind": "cell", "memsweep.error": "boom"},
                       {"model.name": "l1_d16", "data.vocab_size": "64"}, {})]
     cells = build_cells_table(runs)
-    for name, (fig, data) in draw_figures(cells, None, fit_sweep(cells)).items():
+    for name, (fig, data) in draw_figures(cells, None, fit_sweep(cells, GROUPING)).items():
         assert fig.axes, name
         figures.close(fig)
 

@@ -20,15 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from measure.capacity import mia_law
-from orchestrator.aggregate import (
-    CELLS_SCHEMA,
-    TEXT_SUMMARY_METRICS,
-    aggregate_from,
-    build_cells_table,
-    fit_metrics,
-    fit_sweep,
-    write_aggregate,
-)
+from measure.sweep import TEXT_SUMMARY_METRICS, fit_metrics, fit_sweep
+from orchestrator.aggregate import CELLS_SCHEMA, GROUPING, aggregate_from, build_cells_table, write_aggregate
 from orchestrator.cli import main
 from orchestrator.report import FIGURES, TEXT_FIGURES, report
 from orchestrator.tracking import RunRecord
@@ -177,7 +170,7 @@ def test_text_metrics_arrive_as_extra_float_columns(mixed_table):
 
 
 def test_a_text_only_sweep_skips_the_synthetic_fits_and_says_why(text_table):
-    fits = fit_sweep(text_table, n_boot=50)
+    fits = fit_sweep(text_table, GROUPING, n_boot=50)
     json.dumps(fits, allow_nan=False)  # fits.json is strict JSON
     assert fits["capacity"] == [] and fits["alpha"] == {} and fits["prediction"]["cells"] == []
     assert set(fits["skipped"]) == {"capacity", "alpha", "prediction"}
@@ -192,7 +185,7 @@ def test_a_text_only_sweep_skips_the_synthetic_fits_and_says_why(text_table):
 
 
 def test_the_text_section_holds_the_tables_seed_means(text_table):
-    text = fit_sweep(text_table, n_boot=50)["text"]
+    text = fit_sweep(text_table, GROUPING, n_boot=50)["text"]
     expected = table_seed_stats(text_table)
     assert text["num_cells"] == 44
     assert text["metrics"] == [m for m in TEXT_SUMMARY_METRICS if "p32" not in m]
@@ -218,7 +211,7 @@ def test_text_cells_of_another_corpus_or_without_a_reference_are_never_averaged_
             run = text_cell(10 * k + j, "l1_d32", "fp32", size, 0, rng)
             run.params.update({"data.corpus_uri": corpus, "data.reference.enabled": with_reference})
             runs.append(run)
-    groups = fit_sweep(build_cells_table(runs), n_boot=10)["text"]["groups"]
+    groups = fit_sweep(build_cells_table(runs), GROUPING, n_boot=10)["text"]["groups"]
     assert len(groups) == 3 and all(g["num_seeds"] == [1] * 4 for g in groups)
     labels = [g["label"] for g in groups]
     assert any("data.corpus_uri=/corpora/other.jsonl" in label for label in labels)
@@ -227,7 +220,7 @@ def test_text_cells_of_another_corpus_or_without_a_reference_are_never_averaged_
 
 def test_a_mixed_sweep_fits_only_its_synthetic_rows(mixed_table):
     synthetic_only = build_cells_table(synthetic_runs())
-    alone, mixed = fit_sweep(synthetic_only, n_boot=200), fit_sweep(mixed_table, n_boot=200)
+    alone, mixed = fit_sweep(synthetic_only, GROUPING, n_boot=200), fit_sweep(mixed_table, GROUPING, n_boot=200)
     assert len(alone["capacity"]) == 2 and alone["alpha"]["fp32"]["alpha"] == pytest.approx(PLANTED_ALPHA, rel=0.03)
     assert mixed["capacity"] == alone["capacity"]
     assert mixed["alpha"] == alone["alpha"]  # the same alpha and interval, text rows or not
@@ -236,7 +229,7 @@ def test_a_mixed_sweep_fits_only_its_synthetic_rows(mixed_table):
     assert "synthetic cells only" in mixed["mia"]["reference"]["skipped"]  # measured on text cells alone
     assert mixed["skipped"] == {} and "skipped" not in mixed["prediction"]
     assert any("44 FINISHED text cells are left out" in note for note in mixed["notes"])
-    assert mixed["text"] == fit_sweep(build_cells_table(text_runs()), n_boot=50)["text"]
+    assert mixed["text"] == fit_sweep(build_cells_table(text_runs()), GROUPING, n_boot=50)["text"]
     assert alone["text"] == {**alone["text"], "num_cells": 0, "groups": []}
 
 
@@ -268,7 +261,7 @@ def test_report_from_a_text_only_table(text_table, tmp_path, monkeypatch, capsys
 
 def test_text_figures_plot_the_tables_seed_means(text_table, tmp_path):
     saved = tmp_path / "saved"
-    write_aggregate(saved, text_table, None, fit_sweep(text_table, n_boot=50))
+    write_aggregate(saved, text_table, None, fit_sweep(text_table, GROUPING, n_boot=50))
     result = report("textsweep", from_path=saved)
     assert set(result.figure_paths) == set(TEXT_FIGURE_NAMES)
     expected = table_seed_stats(text_table)
@@ -326,7 +319,7 @@ def test_text_figures_of_a_text_sweep_with_nothing_finished_still_render(recwarn
 
     rng = np.random.default_rng(3)
     cells = build_cells_table([text_cell(i, "l1_d32", "fp32", 64, i, rng, status="FAILED") for i in range(2)])
-    fits = fit_sweep(cells, n_boot=10)
+    fits = fit_sweep(cells, GROUPING, n_boot=10)
     assert fits["text"]["groups"] == [] and fits["skipped"]["alpha"] == "no FINISHED cells with mem_bits"
     drawn = draw_figures(cells, None, fits)
     assert list(drawn) == TEXT_FIGURE_NAMES

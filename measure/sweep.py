@@ -1,0 +1,453 @@
+"""Sweep-level fits from a table of cells: capacity per group, alpha per precision, the MIA law and the
+predictions, plus seed means of text cells (docs/science.md, "Capacity and bits per parameter" and
+"Membership inference").
+
+    fits = fit_sweep(cells, grouping(config_keys))   # a JSON-able dict: what fits.json holds
+
+The input is a pyarrow table with one row per cell (orchestrator/aggregate.py builds it from MLflow):
+the cell's typed configuration as columns named like `model.n_layer`, its `status`, and its final metrics
+as float columns named as measure/metrics.py declares them. Which configuration columns exist is the
+caller's business: `grouping` takes their names and says which of them a capacity group shares. Only
+FINISHED rows enter a fit; degenerate sweeps give partial results with the reason for what was
+skipped, never an exception.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from measure.capacity import (
+    capacity,
+    fit_alpha,
+    fit_mia_law,
+    mem_prediction_error,
+    published_mia_law_as_printed,
+    published_mia_law_corrected,
+)
+from measure.memorization import PAPER_ALPHA_BITS_PER_PARAM, predicted_mem_bits
+from measure.metrics import (
+    EXTRACTION_PREFIXES,
+    EXTRACTION_SPLITS,
+    SYNTHETIC,
+    TEXT,
+    attack_names,
+    extraction_name,
+    metric_names,
+)
+
+# -- grouping ---------------------------------------------------------------------------------------------
+SIZE, SEED = "data.num_sequences", "seed"
+# A capacity is taken over cells that share everything but the dataset size and the seed (and the
+# number of non-members, which changes only the MIA metrics): one model shape, one precision, one
+# data shape (V, S) and one training recipe.
+NOT_IN_CAPACITY_GROUP = (SIZE, SEED, "data.num_nonmembers")
+# A text summary groups like a capacity, and never averages across corpora, tokenizers, splits or
+# reference models either (text params, which a table may lack: grouping uses those it has). A text
+# cell without a reference (data.reference.enabled false) measures against the uniform code instead.
+TEXT_GROUP_KEYS = (
+    "data.corpus_uri", "data.tokenizer", "data.tokenizer_hash", "data.split_seed",
+    "data.num_test", "data.max_sequences", "data.reference.enabled", "data.reference.num_sequences",
+    "data.reference.n_layer", "data.reference.n_head", "data.reference.n_embd", "data.reference.seed",
+)
+
+
+@dataclass(frozen=True)
+class Grouping:
+    """The configuration columns each kind of group shares (in the table's column names)."""
+
+    capacity: tuple[str, ...]  # a capacity group: every configuration key but N, seed, non-members
+    text: tuple[str, ...]  # a text summary group: the capacity keys and the corpus's keys
+
+
+def grouping(config_keys) -> Grouping:
+    """The grouping over a cell's configuration keys (e.g. every field of its spec, flattened)."""
+    capacity_keys = tuple(k for k in config_keys if k not in NOT_IN_CAPACITY_GROUP)
+    return Grouping(capacity_keys, tuple(dict.fromkeys((*capacity_keys, *TEXT_GROUP_KEYS))))
+
+
+PRECISION_ORDER = ("fp32", "bf16", "amp_bf16")
+N_BOOT = 1000
+MIN_MIA_CELLS = 3  # the law has three constants
+
+
+def column_arrays(table: pa.Table, names) -> dict[str, np.ndarray]:
+    """Plain numpy columns: floats with NaN for null, everything else as object arrays."""
+    arrays = {}
+    for name in names:
+        if name not in table.column_names:
+            continue
+        column = table.column(name)
+        if pa.types.is_floating(column.type) or pa.types.is_integer(column.type):
+            arrays[name] = np.array([np.nan if v is None else v for v in column.to_pylist()], dtype=np.float64)
+        else:
+            arrays[name] = np.array(column.to_pylist(), dtype=object)
+    return arrays
+
+
+def _clean(value):
+    """JSON-safe: numpy scalars to Python, non-finite floats to None."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+def data_kinds(cols: dict[str, np.ndarray]) -> np.ndarray:
+    """Each row's `data.kind` as an object array; a null, or a table without the column (one
+    aggregated before text cells existed), is synthetic."""
+    n = len(cols["status"])
+    kinds = cols.get("data.kind", np.full(n, None, dtype=object))
+    return np.array([SYNTHETIC if k is None else k for k in kinds], dtype=object)
+
+
+def select_rows(cols: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]:
+    return {name: values[mask] for name, values in cols.items()}
+
+
+def finished_columns(table: pa.Table, groups: Grouping) -> dict[str, np.ndarray]:
+    """Columns of the FINISHED cells that carry the numbers every fit needs: mem_bits, params and N,
+    and for a synthetic cell H(X) (`entropy_bits`). A text cell without mem_bits (a reference model,
+    which has nothing to be measured against) is left out."""
+    names = ["cell_id", "status", *groups.text, SIZE, SEED, *metric_names()]
+    names += [n for n in table.column_names if n.endswith("_f1") or n.endswith("_auc")]
+    cols = column_arrays(table, dict.fromkeys(names))
+    keep = cols["status"] == "FINISHED"
+    for name in ("mem_bits", "params", "data.num_sequences"):
+        keep &= np.isfinite(cols[name]) if name in cols else False
+    entropy = cols.get("entropy_bits", np.full(len(keep), np.nan))
+    keep &= np.isfinite(entropy) | (data_kinds(cols) != SYNTHETIC)
+    return select_rows(cols, keep)
+
+
+def _plain(value):
+    """A group-key value as JSON would want it: integral floats (int columns read as float64) as int,
+    NaN (a null: a key that some runs lack) as None, so that equal keys compare equal."""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        if value.is_integer():
+            return int(value)
+    return value
+
+
+def _group_label(key: dict, varying: list[str]) -> str:
+    label = f"{key.get('model.name')} {key.get('precision.name')}"
+    extras = [f"{k}={key[k]:g}" if isinstance(key[k], float) else f"{k}={key[k]}" for k in varying]
+    return label + (f" ({', '.join(extras)})" if extras else "")
+
+
+@dataclass(frozen=True)
+class CapacityGroup:
+    key: dict  # grouping column -> value
+    label: str  # shape and precision, plus any other grouping key that varies in the sweep
+    rows: np.ndarray  # bool mask over the cells
+    varying: dict  # the grouping keys beyond shape and precision that vary, with this group's values
+
+
+def capacity_groups(cols: dict[str, np.ndarray], keys: tuple[str, ...]) -> list[CapacityGroup]:
+    """The groups of the cells in `cols` that share the values of `keys` (those present), in table order."""
+    n = len(cols.get("cell_id", []))
+    group_keys = [k for k in keys if k in cols]
+    keys = [tuple(_plain(cols[k][i]) for k in group_keys) for i in range(n)]
+    varying = [k for j, k in enumerate(group_keys)
+               if not k.startswith("model.") and k != "precision.name" and len({key[j] for key in keys}) > 1]
+    groups = []
+    for key in dict.fromkeys(keys):
+        key_dict = dict(zip(group_keys, key))
+        rows = np.array([k == key for k in keys], dtype=bool)
+        groups.append(CapacityGroup(key_dict, _group_label(key_dict, varying), rows,
+                                    {k: key_dict[k] for k in varying}))
+    return groups
+
+
+PLATEAU_TOL = 0.05  # relative change of seed-mean mem_bits between the two largest sizes
+
+
+def plateau_reached(sizes, mem_bits, entropy_bits, capacity_bits: float) -> bool:
+    """Whether the sweep saw memorization stop growing: at least two dataset sizes hold more
+    information than the capacity, and the seed means of the two largest differ by under 5%.
+    Otherwise the capacity may grow with more data (beside the not-converged lower bound)."""
+    levels = np.unique(sizes)
+    means = np.array([mem_bits[sizes == n].mean() for n in levels])
+    entropy = np.array([entropy_bits[sizes == n][0] for n in levels])
+    beyond = means[entropy > capacity_bits]
+    return bool(beyond.size >= 2 and abs(beyond[-1] - beyond[-2]) <= PLATEAU_TOL * abs(beyond[-2]))
+
+
+def fit_capacities(cols: dict[str, np.ndarray], keys: tuple[str, ...]) -> list[dict]:
+    """Capacity per (model shape, precision, data shape, recipe) group of finished cells."""
+    results = []
+    for group in capacity_groups(cols, keys):
+        key_dict, rows = group.key, group.rows
+        sizes = cols["data.num_sequences"][rows].astype(np.int64)
+        mem = cols["mem_bits"][rows]
+        converged = np.nan_to_num(cols["converged"][rows], nan=0.0) > 0.5
+        estimate = capacity(sizes, mem, converged)
+        at_max = sizes == estimate.num_sequences_at_max
+        params = float(cols["params"][rows][0])
+        results.append({
+            "label": group.label,
+            "model": key_dict.get("model.name"),
+            "precision": key_dict.get("precision.name"),
+            "n_layer": key_dict.get("model.n_layer"),
+            "n_embd": key_dict.get("model.n_embd"),
+            "vocab_size": key_dict.get("data.vocab_size"),
+            "seq_len": key_dict.get("data.seq_len"),
+            "group": group.varying,
+            "params": params,
+            "params_paper": float(cols["params_paper"][rows][0]),
+            "capacity_bits": estimate.capacity_bits,
+            "seed_std_bits": estimate.seed_std_bits,
+            "num_sequences_at_max": estimate.num_sequences_at_max,
+            "entropy_bits_at_max": float(cols["entropy_bits"][rows][at_max][0]),
+            "lower_bound": estimate.lower_bound,
+            "plateau_reached": plateau_reached(sizes, mem, cols["entropy_bits"][rows], estimate.capacity_bits),
+            "bits_per_param": estimate.capacity_bits / params,
+            "seed_capacities_bits": [float(v) for v in mem[at_max]],
+            "num_cells": int(rows.sum()),
+            "num_dataset_sizes": int(np.unique(sizes).size),
+        })
+    return results
+
+
+def fit_alphas(capacities: list[dict], n_boot: int = N_BOOT) -> dict[str, dict]:
+    """Alpha (bits per parameter) per precision, fitted through the origin over its capacities."""
+    alphas = {}
+    precisions = sorted({c["precision"] for c in capacities},
+                        key=lambda p: (PRECISION_ORDER.index(p) if p in PRECISION_ORDER else 99, p))
+    for precision in precisions:
+        models = [c for c in capacities if c["precision"] == precision]
+        fit = fit_alpha([c["params"] for c in models], [c["seed_capacities_bits"] for c in models],
+                        n_boot=n_boot, seed=0)
+        multi_seed = any(len(c["seed_capacities_bits"]) > 1 for c in models)
+        alphas[precision] = {
+            "alpha": fit.alpha, "ci_low": fit.ci_low, "ci_high": fit.ci_high, "ci": 0.95,
+            "n_models": fit.n_models,
+            "bootstrap": "seeds" if multi_seed else ("models" if len(models) > 1 else "none"),
+            "lower_bound": any(c["lower_bound"] for c in models),
+            "plateaus_reached": all(c["plateau_reached"] for c in models),
+            "paper_alpha": PAPER_ALPHA_BITS_PER_PARAM.get(precision),
+        }
+        if alphas[precision]["bootstrap"] == "none":
+            alphas[precision]["note"] = "one model with one seed: the interval is the point"
+    return alphas
+
+
+def alpha_for(precision: str, alphas: dict) -> tuple[float, str]:
+    """The alpha used to predict a cell: the sweep's own fit for its precision, else the paper's."""
+    if precision in alphas:
+        return alphas[precision]["alpha"], "fitted"
+    return PAPER_ALPHA_BITS_PER_PARAM.get(precision, 3.6), "paper"
+
+
+def published_constants() -> dict:
+    return {
+        "as_printed": {
+            "formula": "F1 = 1/2 * (1 + c1 * sigmoid(c2 * (Capacity/|D| + c3)))",
+            "c1": 1.34, "c2": -0.034, "c3": -33.14,
+            "note": "tends to about 1.0, not 0.5, as |D| grows (reference/README.md)",
+        },
+        "corrected": {
+            "formula": "F1 = 1/2 * (1 + c1 * sigmoid(c2 * x + c3)), x = |D|/P",
+            "c1": 1.34, "c2": -33.14, "c3": 33.14 * 0.0337,
+            "note": "reproduces the paper's Table 2 (reference/mia_validation.csv)",
+        },
+    }
+
+
+def fit_mia(cols: dict[str, np.ndarray], alphas: dict, why_none: str | None = None) -> dict[str, dict]:
+    """The MIA law per attack (every `<attack>_f1` column) against x = N / params, beside both
+    published forms evaluated on the same cells. `why_none`: the reason to give for an attack that
+    no cell in `cols` measured (the law is fitted on synthetic cells only)."""
+    results = {}
+    for attack in attack_names(cols):
+        f1 = cols[f"{attack}_f1"]
+        x = cols["sequences_per_param"]
+        ok = np.isfinite(f1) & np.isfinite(x)
+        x, f1 = x[ok], f1[ok]
+        entry = {"attack": attack, "num_cells": int(ok.sum()), "x": "sequences_per_param (N / params)"}
+        alpha = np.array([alpha_for(p, alphas)[0] for p in cols["precision.name"][ok]])
+        params, sizes = cols["params"][ok], cols["data.num_sequences"][ok]
+        if ok.any():
+            entry["x_min"], entry["x_max"] = float(x.min()), float(x.max())
+            corrected = published_mia_law_corrected(sizes, params)
+            printed = published_mia_law_as_printed(alpha * params, sizes)
+            entry["published"] = {
+                "corrected": {"rmse": float(np.sqrt(np.mean((f1 - corrected) ** 2)))},
+                "as_printed": {"rmse": float(np.sqrt(np.mean((f1 - printed) ** 2))),
+                               "capacity": "alpha * params with the sweep's alpha of each cell's precision"},
+            }
+        distinct = int(np.unique(x).size)
+        if not ok.any() and why_none:
+            entry["skipped"] = why_none.format(metric=f"{attack}_f1")
+        elif ok.sum() < MIN_MIA_CELLS or distinct < MIN_MIA_CELLS:
+            entry["skipped"] = (f"the law's 3 constants need at least {MIN_MIA_CELLS} cells at "
+                                f"{MIN_MIA_CELLS} distinct sequences-per-parameter values; "
+                                f"have {int(ok.sum())} cells at {distinct}")
+        else:
+            try:
+                fit = fit_mia_law(x, f1)
+            except (RuntimeError, ValueError) as err:  # curve_fit did not converge
+                entry["skipped"] = f"the fit failed: {err}"
+            else:
+                entry.update({
+                    "c1": fit.c1, "c2": fit.c2, "c3": fit.c3,
+                    "c1_std": fit.c1_std, "c2_std": fit.c2_std, "c3_std": fit.c3_std,
+                    "rmse": fit.rmse, "c1_at_bound": bool(fit.c1 >= 10.0 - 1e-9),
+                })
+        results[attack] = entry
+    return results
+
+
+def predict_cells(cols: dict[str, np.ndarray], alphas: dict) -> dict:
+    """Measured against predicted min(alpha * params, H(X)) per finished cell, alpha its precision's."""
+    records = []
+    for i, cell_id in enumerate(cols.get("cell_id", [])):
+        alpha, source = alpha_for(cols["precision.name"][i], alphas)
+        predicted = float(predicted_mem_bits(alpha, cols["params"][i], cols["entropy_bits"][i]))
+        records.append({
+            "cell_id": cell_id, "precision": cols["precision.name"][i], "alpha": alpha, "alpha_source": source,
+            "params": float(cols["params"][i]), "entropy_bits": float(cols["entropy_bits"][i]),
+            "capacity_ratio": float(cols["entropy_bits"][i] / (alpha * cols["params"][i])),
+            "mem_bits": float(cols["mem_bits"][i]), "predicted_mem_bits": predicted,
+            "error": float(mem_prediction_error(cols["mem_bits"][i], predicted)),
+        })
+    errors = np.array([r["error"] for r in records])
+    summary = {"num_cells": len(records)}
+    if records:
+        summary.update({"mean_abs_error": float(np.mean(np.abs(errors))),
+                        "median_abs_error": float(np.median(np.abs(errors))),
+                        "max_abs_error": float(np.max(np.abs(errors)))})
+    return {"summary": summary, "cells": records,
+            "error": "(measured - predicted) / predicted, a signed fraction"}
+
+
+# The text section: seed means (and seed spreads) of these final metrics of text cells, per group and
+# pool size N. A metric the table lacks (an extraction prefix >= seq_len, never logged) is left out.
+TEXT_SUMMARY_METRICS = (
+    "mem_bits_per_sequence", "loss_f1", "reference_f1",
+    *(extraction_name(split, prefix) for split in EXTRACTION_SPLITS for prefix in EXTRACTION_PREFIXES),
+    "test_nll_bits_per_token", "capacity_ratio",
+)
+
+
+def seed_stats(sizes: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(levels, means, stds, counts) of `values` over the cells of each distinct size, ignoring NaN:
+    the mean and sample std (ddof=1; 0 for one value) of the seeds at each size, NaN where none
+    has a value. Levels ascend."""
+    levels = np.unique(sizes)
+    means, stds, counts = [], [], []
+    for level in levels:
+        seeds = values[(sizes == level) & np.isfinite(values)]
+        counts.append(seeds.size)
+        means.append(seeds.mean() if seeds.size else np.nan)
+        stds.append(seeds.std(ddof=1) if seeds.size > 1 else (0.0 if seeds.size else np.nan))
+    return levels, np.array(means), np.array(stds), np.array(counts, dtype=np.int64)
+
+
+def summarise_text(cols: dict[str, np.ndarray], keys: tuple[str, ...]) -> dict:
+    """The FINISHED text cells in `cols`, per (model shape, precision) group (also split by any
+    other configuration that varies: corpus, tokenizer, reference model, recipe): for each pool size
+    N ascending, the number of seeds and the seed mean and seed std of TEXT_SUMMARY_METRICS."""
+    metrics = [m for m in TEXT_SUMMARY_METRICS if m in cols]
+    groups = []
+    for group in capacity_groups(cols, keys):
+        rows = group.rows
+        sizes = cols["data.num_sequences"][rows].astype(np.int64)
+        entry = {
+            "label": group.label, "model": group.key.get("model.name"),
+            "precision": group.key.get("precision.name"), "group": group.varying,
+            "vocab_size": group.key.get("data.vocab_size"), "seq_len": group.key.get("data.seq_len"),
+            "params": float(cols["params"][rows][0]), "num_cells": int(rows.sum()),
+            "num_sequences": [int(n) for n in np.unique(sizes)], "num_seeds": [], "mean": {}, "std": {},
+        }
+        for metric in metrics:
+            _, means, stds, counts = seed_stats(sizes, cols[metric][rows])
+            entry["mean"][metric], entry["std"][metric] = list(means), list(stds)
+        entry["num_seeds"] = [int(c) for c in seed_stats(sizes, cols["mem_bits"][rows])[3]]
+        groups.append(entry)
+    return {
+        "num_cells": int(len(cols["cell_id"])),
+        "metrics": metrics,
+        "statistics": "per group and pool size N (num_sequences, ascending): the mean over seeds (mean) and "
+                      "the sample std over seeds (std, 0 for one seed) of each metric; null where no seed has it",
+        "groups": groups,
+    }
+
+
+def fit_sweep(table: pa.Table, groups: Grouping, n_boot: int = N_BOOT) -> dict:
+    """Every sweep-level fit of SCIENCE.md from a cells table; degenerate sweeps give partial results
+    with the reason for what was skipped, never an exception. Capacity, alpha, the MIA law and the
+    predictions use synthetic cells only; `skipped` gives the reason for each that could not be
+    fitted, and `text` summarises the text cells."""
+    statuses = table.column("status").to_pylist() if table.num_rows else []
+    finished = finished_columns(table, groups)
+    kinds = data_kinds(finished)
+    cols, text = select_rows(finished, kinds == SYNTHETIC), select_rows(finished, kinds == TEXT)
+    num_text = len(text["cell_id"])
+    notes, skipped, why_none = [], {}, None
+    capacities = fit_capacities(cols, groups.capacity)
+    if not capacities:
+        if num_text:
+            reason = (f"no FINISHED synthetic cells (the sweep has {num_text} FINISHED text cells): capacity, "
+                      "alpha, the MIA law and predictions are fitted on synthetic cells only (SCIENCE.md); "
+                      "the text cells are summarised under `text`")
+            notes.append(reason)
+        else:
+            reason = "no FINISHED cells with mem_bits"
+            notes.append(f"{reason}: no capacity, alpha or prediction")
+        skipped = {"capacity": reason, "alpha": reason, "prediction": reason}
+    elif num_text:
+        notes.append(f"{num_text} FINISHED text cells are left out of capacity, alpha, the MIA law and predictions "
+                     "(synthetic cells only) and summarised under `text`")
+    if num_text:
+        why_none = "no FINISHED synthetic cell has {metric}: the law is fitted on synthetic cells only"
+    others = sorted(set(kinds) - {SYNTHETIC, TEXT})
+    if others:
+        notes.append(f"{int(np.isin(kinds, others).sum())} FINISHED cells of data.kind {', '.join(others)} "
+                     "are in no fit")
+    alphas = fit_alphas(capacities, n_boot=n_boot)
+    prediction = predict_cells(cols, alphas)
+    if "prediction" in skipped:
+        prediction["skipped"] = skipped["prediction"]
+    return _clean({
+        "cells": {"total": len(statuses), "finished": int(len(finished["cell_id"])),
+                  "by_status": {s: statuses.count(s) for s in sorted(set(statuses))}},
+        "capacity": capacities,
+        "alpha": alphas,
+        "mia": fit_mia(cols, alphas, why_none),
+        "mia_published": published_constants(),
+        "prediction": prediction,
+        "skipped": skipped,
+        "text": summarise_text(text, groups.text),
+        "notes": notes,
+    })
+
+
+def fit_metrics(fits: dict) -> dict[str, float]:
+    """The fits as flat MLflow metrics for the launch run (finite values only)."""
+    metrics = {"cells_total": fits["cells"]["total"], "cells_finished": fits["cells"]["finished"]}
+    for precision, fit in fits["alpha"].items():
+        for name in ("alpha", "ci_low", "ci_high"):
+            metrics[f"alpha_{precision}" + ("" if name == "alpha" else f"_{name}")] = fit[name]
+    for attack, fit in fits["mia"].items():
+        for name in ("c1", "c2", "c3", "c1_std", "c2_std", "c3_std", "rmse"):
+            metrics[f"mia_{attack}_{name}"] = fit.get(name)
+    for c in fits["capacity"]:
+        metrics["capacity_bits/" + re.sub(r"[^A-Za-z0-9_.\- ]", "_", c["label"]).replace(" ", "/")] = c["capacity_bits"]
+    summary = fits["prediction"]["summary"]
+    metrics["mem_prediction_mean_abs_error"] = summary.get("mean_abs_error")
+    return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
+
