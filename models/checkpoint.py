@@ -33,6 +33,23 @@ class CheckpointError(RuntimeError):
     pass
 
 
+def rng_state() -> dict:
+    """Every RNG state of this process that training may draw from: torch's CPU generator, and each
+    GPU's when there are GPUs. (The batch order has generators of its own, keyed by the seed.)"""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    """Set the process's RNG states to what `rng_state()` returned (GPU states only where there are
+    GPUs: a checkpoint written on a GPU machine resumes on a CPU)."""
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 class CheckpointStore:
     """The checkpoints of one cell."""
 

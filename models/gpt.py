@@ -1,4 +1,4 @@
-"""The GPT of SCIENCE.md: GPT-2 blocks, a start token, a tied output head, no dropout.
+"""The GPT of docs/science.md: GPT-2 blocks, a start token, a tied output head, no dropout.
 
 Every one of the S tokens is predicted: the model reads the start token (id V, an extra embedding row)
 followed by x_1..x_{S-1} and predicts x_1..x_S. The head is tied to the first V rows of the token
@@ -89,7 +89,7 @@ class GPT(nn.Module):
 
     @property
     def num_params(self) -> int:
-        """Every trainable parameter, the start-token row included (SCIENCE.md's `params`)."""
+        """Every trainable parameter, the start-token row included (docs/science.md's `params`)."""
         return sum(p.numel() for p in self.parameters())
 
     def inputs_for(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -4,9 +4,9 @@ dimension, so one forward/backward (batched matrix products) trains K models at 
 Cells of a pack share shape, precision, training recipe, vocabulary and sequence length; they differ in
 dataset size and seed. Each cell keeps what `models.train.train` gives it alone: its own data and batch
 order, its mean loss (the pack minimises the sum, so each cell's gradient is its separate gradient), its
-gradient clip (a per-cell global norm), its AdamW state and learning rate (per-cell step counts), its
-convergence test, its checkpoints (in `train()`'s format, so a packed cell resumes alone and vice versa)
-and its callbacks. A cell that stops (converged, or at `max_steps`) is dropped from the pack, so it is
+gradient clip (a per-cell global norm), its AdamW state, its callbacks, and its `CellProgress`
+(models/progress.py: the learning rate per step, when to evaluate, checkpoint and stop, exactly train()'s
+rules), with checkpoints in `train()`'s format, so a packed cell resumes alone and vice versa. A cell that stops (converged, or at `max_steps`) is dropped from the pack, so it is
 frozen exactly and costs nothing more.
 
 All weights of the pack live in one (K, P) buffer, row k holding cell k's parameters flattened in
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -43,15 +42,8 @@ from models.checkpoint import CheckpointStore
 from models.data import BatchOrder
 from models.gpt import GPT
 from models.spec import CellSpec, SpecError, pack_key
-from models.train import (
-    EvaluateFn,
-    LogFn,
-    ProgressFn,
-    TrainResult,
-    _rng_state,
-    has_converged,
-    learning_rate,
-)
+from models.progress import CellProgress, TrainResult
+from models.train import EvaluateFn, LogFn, ProgressFn
 
 ADAM_EPS = 1e-8  # torch.optim.AdamW's default, which train() uses
 # Weights and gradients are strided views into (K, P) buffers on purpose; autograd accumulates into
@@ -302,25 +294,152 @@ def _clip_norms(grads: torch.Tensor, slots: list[_Slot], exact: bool = True) -> 
     return torch.stack([torch.linalg.vector_norm(row) for row in per_weight]).unsqueeze(1)
 
 
+class _Pack:
+    """The tensors of a pack: its K GPTs as one PackedGPT, their AdamWs, and the weights AdamW updates
+    (the model's own in fp32 and amp_bf16; a float32 master copy of its bfloat16 ones in bf16). Row r
+    of each is the r-th cell still training."""
+
+    def __init__(self, specs: list[CellSpec], device: torch.device, exact: bool):
+        hp, precision = specs[0].train, specs[0].precision
+        self.model = PackedGPT.from_specs(specs, device=device, exact=exact)
+        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.template = _optimizer_template(specs[0], self.model.to_gpt(0))
+        self.optimizer = PackedAdamW(len(specs), self.model.row_size, (hp.beta1, hp.beta2), hp.weight_decay,
+                                     device=device)
+        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "amp_bf16"
+                         else contextlib.nullcontext())
+        self.grad_clip, self.exact = hp.grad_clip, exact
+        self.master = self.model.flat  # (K, P) float32: what AdamW updates
+        self.saved_masters: dict[int, torch.Tensor] = {}  # bf16: resumed rows' float32 masters, (P,)
+        self.scratch: GPT | None = None  # set by `start`: the stock GPT evaluation callbacks receive
+
+    def load(self, row: int, saved: dict) -> None:
+        """Row `row` from a checkpoint in train()'s format (before `start`)."""
+        self.model.load_row(row, saved["weights"]["model"])
+        if saved["weights"]["master"]:  # bf16: the float32 master is what AdamW updates
+            self.saved_masters[row] = torch.cat([m.reshape(-1).float() for m in saved["weights"]["master"]])
+        self.optimizer.load_row(row, saved["optimizer"], self.model.slots)
+
+    def start(self) -> None:
+        """Set the precision once every row is loaded. bf16: the weights become bfloat16 and `master`
+        their float32 copy."""
+        model = self.model
+        if self.dtype != torch.float32:
+            model.flat = model.flat.to(self.dtype)
+            self.master = model.flat.float()  # a fresh cell's master starts from its rounded weights ...
+            for row, saved_master in self.saved_masters.items():
+                self.master[row].copy_(saved_master)  # ... a resumed cell's from its saved master
+            model.grad = torch.zeros_like(model.flat)
+            model._rebind()
+        self.scratch = model.to_gpt(0)  # in the pack's dtype, refilled with each cell's row
+
+    def step(self, targets: torch.Tensor, lrs: list[float]) -> list[float]:
+        """One AdamW step of every row on its (B, S) batch of `targets` ((K, B, S) tokens), row k at
+        learning rate `lrs[k]`; returns each row's mean loss in nats per token."""
+        model = self.model
+        with self.autocast:
+            logits = model(model.inputs_for(targets))  # (K, B, S, V)
+        losses = F.cross_entropy(logits.float().flatten(0, 2), targets.flatten(), reduction="none")
+        losses = losses.view(len(targets), -1).mean(dim=1)  # (K,) nats per token, each cell's mean
+        losses.sum().backward()  # cells share no weights: each row's gradient is its own
+        grads = model.grad if self.dtype == torch.float32 else model.grad.float()
+        if self.grad_clip > 0:  # clip_grad_norm_ per cell: each row's global norm
+            norms = _clip_norms(grads, model.slots, self.exact)  # (K, 1)
+            grads.mul_(torch.clamp(self.grad_clip / (norms + 1e-6), max=1.0))
+        self.optimizer.step(self.master, grads, lrs)
+        model.grad.zero_()
+        if self.dtype != torch.float32:
+            model.flat.copy_(self.master)  # rounds float32 -> bfloat16
+        return losses.tolist()
+
+    def checkpoint(self, row: int) -> dict:
+        """Row `row`'s weights and AdamW state, in train()'s checkpoint format."""
+        slots = self.model.slots
+        master = ([] if self.dtype == torch.float32 else
+                  [self.master[row, s.offset : s.offset + s.numel].view(s.shape).clone() for s in slots])
+        return {"weights": {"model": self.model.row_state(row), "master": master},
+                "optimizer": self.optimizer.row_state(row, slots, self.template)}
+
+    def drop_finished(self, cells: list[_PackedCell]) -> list[_PackedCell]:
+        """The cells (one per row) that go on training; the others leave the pack, a stopped cell
+        with its final weights."""
+        keep = []
+        for row, cell in enumerate(cells):
+            if cell.error is None and not cell.progress.done:
+                keep.append(row)
+                continue
+            if cell.error is None:
+                cell.final = self.model.to_gpt(row)
+            cell.progress.stop_clock()
+        if len(keep) < len(cells):
+            self.model.keep(keep)
+            self.optimizer.keep(keep)
+            self.master = self.model.flat if self.dtype == torch.float32 else self.master.index_select(
+                0, torch.as_tensor(keep, dtype=torch.long, device=self.master.device))
+        return [cells[row] for row in keep]
+
+
 @dataclass
-class _CellRun:
-    """One cell's bookkeeping inside a pack."""
+class _PackedCell:
+    """One cell of a pack: its place in the caller's lists and in the concatenated data, its callbacks,
+    its progress (train()'s rules) and how it left the pack: with its final weights, or with the error
+    that took it out (with `isolate_errors`; otherwise the error propagates)."""
 
     index: int  # position in the caller's lists
     spec: CellSpec
     order: BatchOrder
     offset: int  # first row of its members in the concatenated data
-    step: int = 0
-    history: list = field(default_factory=list)
-    prior_wall_s: float = 0.0
-    resumed_from_step: int = 0
-    converged: bool = False
-    stopped_at_s: float | None = None
+    evaluate: EvaluateFn
+    log: LogFn
+    report: ProgressFn
+    store: CheckpointStore | None
+    isolate_errors: bool
+    progress: CellProgress = field(init=False)  # set when the pack resumes it
+    final: GPT | None = None
     error: BaseException | None = None
 
-    @property
-    def done(self) -> bool:
-        return self.converged or self.step >= self.spec.train.max_steps
+    def call(self, fn, *args):
+        """fn(*args). With `isolate_errors` an exception becomes the cell's `error` (it leaves the pack
+        at the next `drop_finished`) and None is returned; otherwise it propagates."""
+        try:
+            return fn(*args)
+        except Exception as err:
+            if not self.isolate_errors:
+                raise
+            self.error = err
+            return None
+
+    def resume(self, pack: _Pack, device: torch.device) -> None:
+        """Load this cell's row and progress from its latest checkpoint, if it has one."""
+        saved = self.call(self.store.load_latest, device) if self.store is not None else None
+        if saved is not None:
+            pack.load(self.index, saved)
+        self.progress = CellProgress.resume(self.spec, saved)
+
+    def after_step(self, pack: _Pack, row: int, loss_nats: float) -> None:
+        """What train() does after each optimizer step, for this cell at row `row` of the pack."""
+        progress = self.progress
+        progress.advance()
+        metrics = {"train_loss_bits_per_token": loss_nats / math.log(2)}
+        if progress.evaluation_due:
+            result = self.call(self.evaluate, pack.model.to_gpt(row, pack.scratch))
+            if result is None:
+                return
+            metrics.update(result)
+            progress.record_evaluation(metrics["mem_bits"])
+            self.call(self.log, metrics, progress.step)
+        self.call(self.report, progress.step, metrics)
+        if self.error is None and self.store is not None and progress.checkpoint_due:
+            self.call(self.save, pack, row)
+
+    def save(self, pack: _Pack, row: int) -> None:
+        self.store.save(self.progress.step, {**pack.checkpoint(row), **self.progress.checkpoint_state()})
+
+    def result(self) -> TrainResult | BaseException:
+        if self.error is not None:
+            return self.error
+        self.final.train()
+        return self.progress.result(self.final)
 
 
 def train_packed(
@@ -341,147 +460,27 @@ def train_packed(
     entry is the exception; the others go on. Otherwise the error propagates."""
     check_packable(specs)
     exact = device.type == "cpu" if exact is None else exact
-    K, hp, precision = len(specs), specs[0].train, specs[0].precision
+    K, hp = len(specs), specs[0].train
     logs = logs or [lambda metrics, step: None] * K
     progresses = progresses or [lambda step, metrics: None] * K
     stores = checkpoints or [None] * K
 
-    packed = PackedGPT.from_specs(specs, device=device, exact=exact)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    template = _optimizer_template(specs[0], packed.to_gpt(0))
-    optimizer = PackedAdamW(K, packed.row_size, (hp.beta1, hp.beta2), hp.weight_decay, device=device)
+    pack = _Pack(specs, device, exact)
     offsets = np.cumsum([0] + [len(m) for m in members_list[:-1]])
     data = torch.as_tensor(np.concatenate(members_list), device=device)  # (sum N, S)
-    cells = [_CellRun(k, s, BatchOrder(s.data, s.seed, hp.batch_size), int(offsets[k])) for k, s in enumerate(specs)]
+    cells = [_PackedCell(k, spec, BatchOrder(spec.data, spec.seed, hp.batch_size), int(offsets[k]), evaluates[k],
+                         logs[k], progresses[k], stores[k], isolate_errors) for k, spec in enumerate(specs)]
+    for cell in cells:  # each from its own latest checkpoint
+        cell.resume(pack, device)
+    pack.start()
 
-    def guarded(cell: _CellRun, fn, *args):
-        try:
-            return fn(*args)
-        except Exception as err:
-            if not isolate_errors:
-                raise
-            cell.error = err
-            return None
-
-    saved_masters: dict[int, torch.Tensor] = {}
-    for cell, store in zip(cells, stores):  # resume each cell from its own latest checkpoint
-        saved = guarded(cell, store.load_latest, device) if store is not None else None
-        if saved is None:
-            continue
-        packed.load_row(cell.index, saved["weights"]["model"])
-        if saved["weights"]["master"]:  # bf16: the float32 master is what AdamW updates
-            saved_masters[cell.index] = torch.cat([m.reshape(-1).float() for m in saved["weights"]["master"]])
-        optimizer.load_row(cell.index, saved["optimizer"], packed.slots)
-        cell.step, cell.prior_wall_s = saved["step"], saved["wall_s"]
-        cell.history = [(int(s), float(v)) for s, v in saved["mem_history"]]
-        cell.resumed_from_step = cell.step
-        cell.converged = has_converged(cell.history, hp)
-
-    # bf16: the pack's weights become bfloat16; `master` (float32, (K, P)) is what AdamW updates.
-    master = packed.flat
-    if dtype != torch.float32:
-        packed.flat = packed.flat.to(dtype)
-        master = packed.flat.float()  # a fresh cell's master starts from its rounded weights ...
-        for row, saved_master in saved_masters.items():
-            master[row].copy_(saved_master)  # ... a resumed cell's from its saved master
-        packed.grad = torch.zeros_like(packed.flat)
-        packed._rebind()
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "amp_bf16"
-                else contextlib.nullcontext())
-    scratch = packed.to_gpt(0)  # a stock GPT that evaluation callbacks receive, refilled per cell
-
-    start = time.perf_counter()
-
-    def save(cell: _CellRun, row: int) -> None:
-        store = stores[cell.index]
-        if store is None:
-            return
-        weights = {"model": packed.row_state(row),
-                   "master": [] if dtype == torch.float32 else
-                   [master[row, s.offset : s.offset + s.numel].view(s.shape).clone() for s in packed.slots]}
-        store.save(cell.step, {
-            "weights": weights,
-            "optimizer": optimizer.row_state(row, packed.slots, template),
-            "rng": _rng_state(),
-            "wall_s": cell.prior_wall_s + time.perf_counter() - start,
-            "mem_history": [[s, v] for s, v in cell.history],
-        })
-
-    finals: dict[int, GPT] = {}
-    active = [c for c in cells]
-
-    def drop_finished() -> None:
-        """Take stopped (or failed) cells out of the pack, keeping their final weights."""
-        nonlocal active, master
-        keep = []
-        for row, cell in enumerate(active):
-            if cell.error is not None or cell.done:
-                if cell.error is None:
-                    finals[cell.index] = packed.to_gpt(row)
-                cell.stopped_at_s = time.perf_counter()
-            else:
-                keep.append(row)
-        if len(keep) < len(active):
-            active = [active[r] for r in keep]
-            packed.keep(keep)
-            optimizer.keep(keep)
-            master = packed.flat if dtype == torch.float32 else master.index_select(
-                0, torch.as_tensor(keep, dtype=torch.long, device=master.device))
-
-    drop_finished()
-    packed.train()
+    active = pack.drop_finished(cells)
+    pack.model.train()
     while active:
-        lrs = [learning_rate(hp, c.step) for c in active]
-        index = np.concatenate([c.order.indices(c.step) + c.offset for c in active])
+        lrs = [cell.progress.learning_rate() for cell in active]
+        index = np.concatenate([cell.order.indices(cell.progress.step) + cell.offset for cell in active])
         targets = data[torch.as_tensor(index, device=device)].view(len(active), hp.batch_size, -1)  # (K, B, S)
-        with autocast:
-            logits = packed(packed.inputs_for(targets))  # (K, B, S, V)
-        losses = F.cross_entropy(logits.float().flatten(0, 2), targets.flatten(), reduction="none")
-        losses = losses.view(len(active), -1).mean(dim=1)  # (K,) nats per token, each cell's mean
-        losses.sum().backward()  # cells share no weights: each row's gradient is its own
-        grads = packed.grad if dtype == torch.float32 else packed.grad.float()
-        if hp.grad_clip > 0:  # clip_grad_norm_ per cell: each row's global norm
-            norms = _clip_norms(grads, packed.slots, exact)  # (K, 1)
-            grads.mul_(torch.clamp(hp.grad_clip / (norms + 1e-6), max=1.0))
-        optimizer.step(master, grads, lrs)
-        packed.grad.zero_()
-        if dtype != torch.float32:
-            packed.flat.copy_(master)  # rounds float32 -> bfloat16
-
-        for row, (cell, loss) in enumerate(zip(active, losses.tolist())):
-            cell.step += 1
-            metrics = {"train_loss_bits_per_token": loss / math.log(2)}
-            if cell.step % hp.eval_interval == 0 or cell.step == hp.max_steps:
-                result = guarded(cell, evaluates[cell.index], packed.to_gpt(row, scratch))
-                if result is None:
-                    continue
-                metrics.update(result)
-                cell.history.append((cell.step, metrics["mem_bits"]))
-                cell.converged = has_converged(cell.history, hp)
-                guarded(cell, logs[cell.index], metrics, cell.step)
-            guarded(cell, progresses[cell.index], cell.step, metrics)
-            if cell.error is None and cell.step % hp.checkpoint_interval == 0 and not cell.done:
-                guarded(cell, save, cell, row)
-            if cell.error is None and cell.done and cell.step > cell.resumed_from_step:
-                guarded(cell, save, cell, row)  # the final state, as train() saves it
-        drop_finished()
-
-    results: list[TrainResult | BaseException] = []
-    for cell in cells:
-        if cell.error is not None:
-            results.append(cell.error)
-            continue
-        session_s = (cell.stopped_at_s or time.perf_counter()) - start
-        tokens = (cell.step - cell.resumed_from_step) * hp.batch_size * cell.spec.data.seq_len
-        model = finals[cell.index]
-        model.train()
-        results.append(TrainResult(
-            model=model,
-            steps=cell.step,
-            converged=cell.converged,
-            resumed_from_step=cell.resumed_from_step,
-            wall_s=cell.prior_wall_s + session_s,
-            tokens_per_s=tokens / session_s if session_s > 0 else 0.0,
-            mem_history=cell.history,
-        ))
-    return results
+        for row, (cell, loss) in enumerate(zip(active, pack.step(targets, lrs))):
+            cell.after_step(pack, row, loss)
+        active = pack.drop_finished(active)
+    return [cell.result() for cell in cells]

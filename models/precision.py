@@ -1,4 +1,4 @@
-"""How weights are stored and updated for each precision of SCIENCE.md.
+"""How weights are stored and updated for each precision of docs/science.md.
 
 - fp32: float32 weights and arithmetic.
 - bf16: the model's weights are bfloat16 and forward/backward run on them; AdamW updates a float32

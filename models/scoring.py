@@ -1,7 +1,7 @@
 """Per-sequence code length in bits: the one function that turns model outputs into numbers for measure/.
 
 nll_bits(x) = -sum_t log2 p(x_t | start, x_<t), from float32 log-softmax of the logits, summed in
-float64: the arithmetic-coding length of x under the model (SCIENCE.md). Scoring runs in eval mode,
+float64: the arithmetic-coding length of x under the model (docs/science.md). Scoring runs in eval mode,
 without gradient, in large batches, on the model's stored weights (bfloat16 weights for `bf16` cells).
 """
 
@@ -44,7 +44,7 @@ def greedy_correct(model: GPT, tokens: np.ndarray, batch_size: int = 1024) -> np
 
     Greedy decoding from a prefix of k true tokens reproduces the rest of a sequence exactly if and only
     if every position t >= k is correct here: by induction, while the continuation matches, the model
-    sees the true prefix. So `correct[:, k:].all(1)` is the exact-extraction test of SCIENCE.md, from one
+    sees the true prefix. So `correct[:, k:].all(1)` is the exact-extraction test of docs/science.md, from one
     forward pass instead of S - k decoding steps (ties go to the lowest id, as torch.argmax does)."""
     was_training = model.training
     model.eval()

@@ -5,8 +5,9 @@ orchestrator hands down after composing Hydra configs, and what a Ray worker rec
 values, picklable, immutable, validated on construction. This module imports no torch, so the driver can
 plan a whole sweep (ids, sizes, FLOPs, memory) without loading it.
 
-Only fields that change a cell's numbers live here. Runtime options (where checkpoints go, the tracking
-URI, the device, GPU fractions) live in `RunOptions` beside the spec and never enter the cell id.
+Only fields that change a cell's numbers live in a `CellSpec`. Runtime options (where checkpoints go,
+the tracking URI, the device, GPU fractions) live in `RunOptions` beside the spec and never enter the cell
+id; a `Cell` carries both, and a text cell the `ReferenceOptions` its reference is planned from.
 """
 
 from __future__ import annotations
@@ -16,13 +17,12 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # models.text imports this module; a spec only needs the name
-    from models.text import TextDataSpec
 
 PRECISIONS = ("fp32", "bf16", "amp_bf16")
 SCHEDULES = ("cosine", "constant")
+FORMATS = ("text", "jsonl", "parquet")  # corpus file formats models/text.py reads
+TOKENIZERS = ("bytes", "bpe")
+BYTE_VOCAB_SIZE = 257  # the byte tokenizer's ids: 256 bytes, then the end of a document
 
 
 class SpecError(ValueError):
@@ -85,6 +85,95 @@ class DataSpec:
 
 
 @dataclass(frozen=True)
+class TextDataSpec:
+    """A text corpus, its tokenizer and the three disjoint sets of S-token sequences drawn from it.
+
+    Field names follow DataSpec where they mean the same (`vocab_size`, `seq_len`, `num_sequences` =
+    the training pool, `num_nonmembers`), so model shapes and budgets derive alike."""
+
+    corpus_uri: str
+    seq_len: int
+    num_sequences: int  # the training pool
+    num_nonmembers: int
+    num_test: int
+    tokenizer: str = "bytes"  # "bytes" | "bpe"
+    vocab_size: int = 257  # ids including EOS: 257 for bytes; the BPE's size for "bpe"
+    format: str | None = None  # None: from each file's extension
+    split_seed: int = 0
+    dedupe_documents: bool = True
+    max_sequences: int | None = None  # read only the corpus's first unique sequences (huge corpora)
+    tokenizer_train_documents: int | None = None  # BPE trained on the first documents (None: all)
+    # sha256 of the tokenizer's JSON, set when the sweep's tokenizer is built (orchestrator/corpus.py):
+    # part of the cell id, and how a worker finds the stored tokenizer (tokenizer_uri).
+    tokenizer_hash: str | None = None
+    kind: str = "text"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.corpus_uri, str) or not self.corpus_uri.strip():
+            raise SpecError(f"data.corpus_uri={self.corpus_uri!r} must name a corpus (a path or URI)")
+        if self.kind != "text":
+            raise SpecError(f"data.kind={self.kind!r} must be 'text' for a TextDataSpec")
+        if self.format is not None and self.format not in FORMATS:
+            raise SpecError(f"data.format={self.format!r} is not one of {FORMATS} (or None)")
+        if self.tokenizer not in TOKENIZERS:
+            raise SpecError(f"data.tokenizer={self.tokenizer!r} is not one of {TOKENIZERS}")
+        if self.tokenizer == "bytes" and self.vocab_size != BYTE_VOCAB_SIZE:
+            raise SpecError(f"data.vocab_size={self.vocab_size} must be 257 (256 bytes + EOS) "
+                            "for data.tokenizer='bytes'")
+        if self.tokenizer == "bpe" and self.vocab_size < 258:
+            raise SpecError(f"data.vocab_size={self.vocab_size} must be at least 258 for "
+                            "data.tokenizer='bpe' (EOS + 256 bytes + merges)")
+        for name in ("seq_len", "num_sequences", "num_nonmembers", "num_test", "split_seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise SpecError(f"data.{name}={value!r} must be an integer")
+        if self.seq_len < 2:
+            raise SpecError(f"data.seq_len={self.seq_len} must be at least 2")
+        if self.num_sequences < 1 or self.num_nonmembers < 1:
+            raise SpecError(f"data.num_sequences={self.num_sequences} and data.num_nonmembers="
+                            f"{self.num_nonmembers} must be positive")
+        if self.num_test < 0 or self.split_seed < 0:
+            raise SpecError(f"data.num_test={self.num_test} and data.split_seed={self.split_seed} "
+                            "must be >= 0")
+        if self.max_sequences is not None and self.max_sequences < self.num_required:
+            raise SpecError(f"data.max_sequences={self.max_sequences} is below the {self.num_required} "
+                            "sequences the splits need (num_sequences + num_nonmembers + num_test)")
+        if self.tokenizer_train_documents is not None and self.tokenizer_train_documents < 1:
+            raise SpecError(f"data.tokenizer_train_documents={self.tokenizer_train_documents} "
+                            "must be positive (or None for all)")
+
+    @property
+    def num_required(self) -> int:
+        return self.num_sequences + self.num_nonmembers + self.num_test
+
+
+@dataclass(frozen=True)
+class ReferenceOptions:
+    """How a text cell's reference model is made (config `data.reference`): the same shape as the cell
+    unless all of n_layer, n_head, n_embd are given (a larger "oracle"), trained with the cell's recipe
+    and precision on `num_sequences` pool sequences (None: the whole pool, every sequence of the corpus
+    outside the non-member and test sets) with its own `seed`, shared by all seeds of the sweep."""
+
+    enabled: bool = True
+    num_sequences: int | None = None
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_embd: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        shape = (self.n_layer, self.n_head, self.n_embd)
+        if any(v is not None for v in shape) and any(v is None for v in shape):
+            raise SpecError("data.reference: give all of n_layer, n_head and n_embd for an oracle shape, "
+                            "or none for the cell's own shape")
+        if self.num_sequences is not None and self.num_sequences < 1:
+            raise SpecError(f"data.reference.num_sequences={self.num_sequences} must be positive "
+                            "(or null for the whole pool)")
+        if self.seed < 0:
+            raise SpecError(f"data.reference.seed={self.seed} must be >= 0")
+
+
+@dataclass(frozen=True)
 class TrainSpec:
     """The training recipe. AdamW with linear warm-up, then a cosine decay to `min_lr_ratio * lr`
     (or a constant rate), stopped at `max_steps` or earlier once mem_bits has converged: its relative
@@ -136,8 +225,8 @@ class TrainSpec:
 class CellSpec:
     """Everything that determines one cell's numbers.
 
-    `data` is a DataSpec (synthetic) or a models.text.TextDataSpec (a corpus). A text cell may name a
-    `reference`: the cell whose model its unintended memorization is measured against (SCIENCE.md). The
+    `data` is a DataSpec (synthetic) or a TextDataSpec (a corpus). A text cell may name a
+    `reference`: the cell whose model its unintended memorization is measured against (docs/science.md). The
     reference is a whole CellSpec, so it is part of this cell's id, and it is itself a cell (without a
     reference) that trains once and serves every cell naming it."""
 
@@ -235,16 +324,41 @@ class RunOptions:
 
 @dataclass(frozen=True)
 class Cell:
-    """One composed, validated cell: what a worker receives (plain values, picklable)."""
+    """One composed, validated cell: what a worker receives (plain values, picklable).
+
+    Its id is its spec's: `options`, `overrides`, `config` and `reference_options` never enter it."""
 
     spec: CellSpec
     options: RunOptions
     overrides: tuple[str, ...] = ()  # what distinguishes it within its grid, for messages
-    config: dict = field(default_factory=dict)  # the whole resolved configuration, for the record
+    # The whole resolved configuration as composed: kept only to be recorded (`recorded_params`), never
+    # read back; everything a cell needs is typed in the fields beside it.
+    config: dict = field(default_factory=dict)
+    # How a text cell's reference is made (config `data.reference`, typed by the driver, which turns it
+    # into `spec.reference`); None for a synthetic cell. A text cell without it takes the defaults.
+    reference_options: ReferenceOptions | None = None
 
     @property
     def cell_id(self) -> str:
         return self.spec.cell_id
+
+    def recorded_params(self) -> dict:
+        """The params recorded for this cell (MLflow params, 'a.b' keys): its resolved config, with
+        what only planning learns overlaid for a text cell (the tokenizer hash; the reference's pool
+        size and cell id); the spec itself for a cell made without a config (a reference cell)."""
+        if not self.config:
+            return flatten(to_dict(self.spec))
+        return flatten(_overlaid(self.config, self._planned()))
+
+    def _planned(self) -> dict:
+        """What planning resolved that the composed config could not know, nested as in the config."""
+        if not self.spec.is_text:
+            return {}
+        data: dict = {"tokenizer_hash": self.spec.data.tokenizer_hash}
+        if self.spec.reference is not None:
+            data["reference"] = {"num_sequences": self.spec.reference.data.num_sequences,
+                                 "cell_id": self.spec.reference.cell_id}
+        return {"data": data}
 
 
 def pack_key(spec: CellSpec) -> tuple | None:
@@ -272,6 +386,15 @@ def _identity(payload: dict) -> dict:
     if payload.get("reference"):
         payload["reference"] = _identity(payload["reference"])
     return payload
+
+
+def _overlaid(base: dict, extra: dict) -> dict:
+    """A copy of nested dict `base` with `extra`'s leaves set on it: existing keys keep their place,
+    new ones come after them (as assigning them would)."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _overlaid(out.get(key) or {}, value) if isinstance(value, dict) else value
+    return out
 
 
 def flatten(nested: dict, prefix: str = "") -> dict:

@@ -36,11 +36,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from models.spec import SpecError
+from models.spec import BYTE_VOCAB_SIZE, FORMATS, TextDataSpec
 from models.storage import open_storage, under, write_atomic
 
-FORMATS = ("text", "jsonl", "parquet")
-TOKENIZERS = ("bytes", "bpe")
 EXTENSIONS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".json": "jsonl",
               ".ndjson": "jsonl", ".parquet": "parquet"}
 # pyarrow's input streams decompress these transparently (compression="detect").
@@ -251,8 +249,8 @@ class ByteTokenizer:
     """UTF-8 bytes as ids 0-255, and id 256 for the end of a document: vocab_size 257."""
 
     kind = "bytes"
-    vocab_size = 257
-    eos_id = 256
+    vocab_size = BYTE_VOCAB_SIZE
+    eos_id = BYTE_VOCAB_SIZE - 1
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -453,95 +451,6 @@ def unique_sequences(documents: Iterable[str], tokenizer: Tokenizer, seq_len: in
     sequences = np.concatenate(kept) if kept else np.empty((0, seq_len), dtype=np.int64)
     stats = SequenceStats(counts["docs"], counts["dup_docs"], num_tokens, num_cut, num_cut - num_kept)
     return sequences, stats
-
-
-@dataclass(frozen=True)
-class TextDataSpec:
-    """A text corpus, its tokenizer and the three disjoint sets of S-token sequences drawn from it.
-
-    Field names follow DataSpec where they mean the same (`vocab_size`, `seq_len`, `num_sequences` =
-    the training pool, `num_nonmembers`), so model shapes and budgets derive alike."""
-
-    corpus_uri: str
-    seq_len: int
-    num_sequences: int  # the training pool
-    num_nonmembers: int
-    num_test: int
-    tokenizer: str = "bytes"  # "bytes" | "bpe"
-    vocab_size: int = 257  # ids including EOS: 257 for bytes; the BPE's size for "bpe"
-    format: str | None = None  # None: from each file's extension
-    split_seed: int = 0
-    dedupe_documents: bool = True
-    max_sequences: int | None = None  # read only the corpus's first unique sequences (huge corpora)
-    tokenizer_train_documents: int | None = None  # BPE trained on the first documents (None: all)
-    # sha256 of the tokenizer's JSON, set when the sweep's tokenizer is built (orchestrator/corpus.py):
-    # part of the cell id, and how a worker finds the stored tokenizer (tokenizer_uri).
-    tokenizer_hash: str | None = None
-    kind: str = "text"
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.corpus_uri, str) or not self.corpus_uri.strip():
-            raise SpecError(f"data.corpus_uri={self.corpus_uri!r} must name a corpus (a path or URI)")
-        if self.kind != "text":
-            raise SpecError(f"data.kind={self.kind!r} must be 'text' for a TextDataSpec")
-        if self.format is not None and self.format not in FORMATS:
-            raise SpecError(f"data.format={self.format!r} is not one of {FORMATS} (or None)")
-        if self.tokenizer not in TOKENIZERS:
-            raise SpecError(f"data.tokenizer={self.tokenizer!r} is not one of {TOKENIZERS}")
-        if self.tokenizer == "bytes" and self.vocab_size != ByteTokenizer.vocab_size:
-            raise SpecError(f"data.vocab_size={self.vocab_size} must be 257 (256 bytes + EOS) "
-                            "for data.tokenizer='bytes'")
-        if self.tokenizer == "bpe" and self.vocab_size < 258:
-            raise SpecError(f"data.vocab_size={self.vocab_size} must be at least 258 for "
-                            "data.tokenizer='bpe' (EOS + 256 bytes + merges)")
-        for name in ("seq_len", "num_sequences", "num_nonmembers", "num_test", "split_seed"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise SpecError(f"data.{name}={value!r} must be an integer")
-        if self.seq_len < 2:
-            raise SpecError(f"data.seq_len={self.seq_len} must be at least 2")
-        if self.num_sequences < 1 or self.num_nonmembers < 1:
-            raise SpecError(f"data.num_sequences={self.num_sequences} and data.num_nonmembers="
-                            f"{self.num_nonmembers} must be positive")
-        if self.num_test < 0 or self.split_seed < 0:
-            raise SpecError(f"data.num_test={self.num_test} and data.split_seed={self.split_seed} "
-                            "must be >= 0")
-        if self.max_sequences is not None and self.max_sequences < self.num_required:
-            raise SpecError(f"data.max_sequences={self.max_sequences} is below the {self.num_required} "
-                            "sequences the splits need (num_sequences + num_nonmembers + num_test)")
-        if self.tokenizer_train_documents is not None and self.tokenizer_train_documents < 1:
-            raise SpecError(f"data.tokenizer_train_documents={self.tokenizer_train_documents} "
-                            "must be positive (or None for all)")
-
-    @property
-    def num_required(self) -> int:
-        return self.num_sequences + self.num_nonmembers + self.num_test
-
-
-@dataclass(frozen=True)
-class ReferenceOptions:
-    """How a text cell's reference model is made (config `data.reference`): the same shape as the cell
-    unless all of n_layer, n_head, n_embd are given (a larger "oracle"), trained with the cell's recipe
-    and precision on `num_sequences` pool sequences (None: the whole pool, every sequence of the corpus
-    outside the non-member and test sets) with its own `seed`, shared by all seeds of the sweep."""
-
-    enabled: bool = True
-    num_sequences: int | None = None
-    n_layer: int | None = None
-    n_head: int | None = None
-    n_embd: int | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        shape = (self.n_layer, self.n_head, self.n_embd)
-        if any(v is not None for v in shape) and any(v is None for v in shape):
-            raise SpecError("data.reference: give all of n_layer, n_head and n_embd for an oracle shape, "
-                            "or none for the cell's own shape")
-        if self.num_sequences is not None and self.num_sequences < 1:
-            raise SpecError(f"data.reference.num_sequences={self.num_sequences} must be positive "
-                            "(or null for the whole pool)")
-        if self.seed < 0:
-            raise SpecError(f"data.reference.seed={self.seed} must be >= 0")
 
 
 def split_sequences(sequences: np.ndarray, num_sequences: int, num_nonmembers: int, num_test: int,

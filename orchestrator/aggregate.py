@@ -16,14 +16,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
-import re
 import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -273,10 +270,8 @@ def planned_cells(launch_overrides: list[str], overrides) -> list[PlannedCell]:
     """The grid of the sweep's latest launch, as `recorded_plan` rebuilds it (its recorded overrides,
     then the command line's), without re-reading the tracker: composing costs about 12 ms a cell,
     so a 10,000-cell grid takes a couple of minutes (`--no-plan` skips it)."""
-    from models.spec import flatten, to_dict
-
     cells = load_sweep(list(launch_overrides) + list(overrides)).cells
-    return [PlannedCell(c.cell_id, {k: str(v)[:6000] for k, v in flatten(c.config or to_dict(c.spec)).items()})
+    return [PlannedCell(c.cell_id, {k: str(v)[:6000] for k, v in c.recorded_params().items()})
             for c in cells]
 
 

@@ -29,7 +29,7 @@ from models.data import mia_member_subset, synthetic_members, synthetic_nonmembe
 from models.gpt import GPT
 from models.precision import check_supported, resolve_device
 from models.scoring import greedy_correct, nll_bits
-from models.spec import Cell, CellSpec, flatten, to_dict
+from models.spec import Cell, CellSpec
 from models.text import TextData, load_text_data, stored_tokenizer
 from models.train import EvaluateFn, ProgressFn, TrainResult, load_trained, train
 from orchestrator.tracking import TAG_SWEEP, CellOutcome, MetricBuffer, Tracker
@@ -141,7 +141,7 @@ def _open_run(cell: Cell, tracker: Tracker, parent_run_id: str | None, tags: dic
     if not finished:
         if tags:  # where this attempt runs (a retry on another node overwrites them)
             tracker.set_tags(run_id, tags)
-        tracker.log_params(run_id, flatten(cell.config or to_dict(spec)))
+        tracker.log_params(run_id, cell.recorded_params())
     return run_id, finished
 
 

@@ -32,8 +32,17 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from models.spec import Cell, CellSpec, DataSpec, ModelSpec, RunOptions, SpecError, TrainSpec
-from models.text import ReferenceOptions, TextDataSpec
+from models.spec import (
+    Cell,
+    CellSpec,
+    DataSpec,
+    ModelSpec,
+    ReferenceOptions,
+    RunOptions,
+    SpecError,
+    TextDataSpec,
+    TrainSpec,
+)
 
 OmegaConf.register_new_resolver("abspath", lambda path: os.path.abspath(path), replace=True)
 
@@ -227,11 +236,13 @@ def compose_cell(overrides: list[str], label: str | None = None, composer: GridC
     try:
         cfg = composer.compose(overrides) if composer else compose_config(overrides)
         spec = spec_from_config(cfg)
+        reference = reference_options(cfg.data)
         options = options_from_config(cfg)
     except (ConfigError, SpecError) as err:
         raise ConfigError(f"{prefix}{err}") from None
     config = OmegaConf.to_container(cfg, resolve=True)
-    return Cell(spec=spec, options=options, overrides=tuple(overrides), config=config)
+    return Cell(spec=spec, options=options, overrides=tuple(overrides), config=config,
+                reference_options=reference)
 
 
 # -- DictConfig -> frozen specs ------------------------------------------------------------------------
@@ -274,8 +285,8 @@ def _coerce(value, kind, where: str):
 
 def spec_from_config(cfg: DictConfig) -> CellSpec:
     """The cell's frozen spec. A text cell's tokenizer hash and reference are attached afterwards by
-    orchestrator.corpus.prepare_text_cells, which reads the corpus; here `data.reference` is only
-    type-checked."""
+    orchestrator.corpus.prepare_text_cells, which reads the corpus, the reference from the cell's
+    `reference_options`."""
     if "precision" not in cfg or "name" not in cfg.precision:
         raise SpecError("precision: choose one of fp32, bf16, amp_bf16")
     return CellSpec(
@@ -288,15 +299,27 @@ def spec_from_config(cfg: DictConfig) -> CellSpec:
 
 
 def data_spec(node: DictConfig) -> DataSpec | TextDataSpec:
-    kind = node.get("kind", "synthetic")
-    if kind == "text":
+    """The `data` section as a spec; a text section's `reference` is typed by `reference_options`."""
+    if _is_text(node):
         values = OmegaConf.to_container(node, resolve=True)
-        typed_options(ReferenceOptions, values.pop("reference", None) or {}, "data.reference")
+        values.pop("reference", None)
         if "tokenizer_hash" in values:
             raise SpecError("data.tokenizer_hash is set by memsweep from the tokenizer it builds; "
                             "do not set it")
         return typed_options(TextDataSpec, values, "data")
     return typed_options(DataSpec, node, "data")
+
+
+def reference_options(node: DictConfig) -> ReferenceOptions | None:
+    """A text `data` section's `reference` (how the cell's reference model is made), typed; None for
+    synthetic data, which is measured without a reference."""
+    if not _is_text(node):
+        return None
+    return typed_options(ReferenceOptions, node.get("reference") or {}, "data.reference")
+
+
+def _is_text(node: DictConfig) -> bool:
+    return node.get("kind", "synthetic") == "text"
 
 
 def sweep_config(sweep: str, overrides: list[str]) -> DictConfig:

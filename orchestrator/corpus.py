@@ -8,7 +8,7 @@ the hash (`data.tokenizer_hash`, part of its id) and its worker loads exactly th
 distinct split of a corpus the driver reads the corpus once and checks it can give what each cell asks
 (readable, not empty, at least one S-token sequence, enough distinct sequences for pool + non-members +
 test), so a bad corpus stops the launch with a message naming the cell and the field, before any cell
-trains. Finally each text cell gets its reference model (SCIENCE.md): a CellSpec of its own, the same
+trains. Finally each text cell gets its reference model (docs/science.md): a CellSpec of its own, the same
 shape (or the configured oracle shape) trained on the whole pool or `data.reference.num_sequences`.
 
 Reading a corpus costs one pass over it (bounded by `data.max_sequences` for huge corpora), once per
@@ -18,17 +18,14 @@ paths, sizes and modification times, so status, resume and relaunches only list 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
 
-from models.spec import Cell, CellSpec, ModelSpec, SpecError
+from models.spec import Cell, CellSpec, ModelSpec, ReferenceOptions, SpecError, TextDataSpec
 from models.storage import read_bytes, under, write_atomic
 from models.text import (
-    ReferenceOptions,
     TextDataError,
-    TextDataSpec,
     build_tokenizer,
     corpus_files,
     read_sequences,
@@ -55,13 +52,6 @@ def _split_key(data: TextDataSpec) -> tuple:
 
 def _label(cell: Cell) -> str:
     return f"cell [{' '.join(cell.overrides)}]: " if cell.overrides else ""
-
-
-def reference_options(cell: Cell) -> ReferenceOptions:
-    """The cell's `data.reference` section (validated by compose when the cell was composed)."""
-    section = (cell.config.get("data") or {}).get("reference") or {}
-    fields = {f.name for f in dataclasses.fields(ReferenceOptions)}  # not the recorded cell_id
-    return ReferenceOptions(**{k: v for k, v in section.items() if k in fields})
 
 
 def prepare_text_cells(cells: list[Cell]) -> list[Cell]:
@@ -97,12 +87,12 @@ def prepare_text_cells(cells: list[Cell]) -> list[Cell]:
                 f"{whole_pool} beside {data.num_nonmembers} non-members and {data.num_test} test sequences")
         try:
             spec = dataclasses.replace(cell.spec, data=data)
-            options = reference_options(cell)
+            options = cell.reference_options or ReferenceOptions()
             if options.enabled:
                 spec = dataclasses.replace(spec, reference=_reference_spec(spec, options, whole_pool))
         except SpecError as err:
             raise CorpusError(f"{_label(cell)}{err}") from None
-        prepared.append(dataclasses.replace(cell, spec=spec, config=_recorded(cell.config, spec)))
+        prepared.append(dataclasses.replace(cell, spec=spec))
     return prepared
 
 
@@ -186,19 +176,6 @@ def _reference_spec(spec: CellSpec, options: ReferenceOptions, whole_pool: int) 
                           options.n_embd)
     data = dataclasses.replace(spec.data, num_sequences=size)
     return CellSpec(model=model, data=data, train=spec.train, precision=spec.precision, seed=options.seed)
-
-
-def _recorded(config: dict, spec: CellSpec) -> dict:
-    """The cell's configuration as recorded (MLflow params): with the tokenizer hash and the
-    reference's resolved pool size and id, which the composed config could not know."""
-    config = copy.deepcopy(config)
-    data = config.setdefault("data", {})
-    data["tokenizer_hash"] = spec.data.tokenizer_hash
-    if spec.reference is not None:
-        reference = data.setdefault("reference", {})
-        reference["num_sequences"] = spec.reference.data.num_sequences
-        reference["cell_id"] = spec.reference.cell_id
-    return config
 
 
 def reference_cell(cell: Cell) -> Cell:

@@ -1,4 +1,4 @@
-"""Extraction (SCIENCE.md, "Text"): greedy continuation from a prefix, checked against real decoding."""
+"""Extraction (docs/science.md, "Text"): greedy continuation from a prefix, checked against real decoding."""
 
 import numpy as np
 import torch

@@ -19,13 +19,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from models.spec import SpecError
+from models.spec import SpecError, TextDataSpec
 from models.text import (
     SAMPLE_CORPUS,
     BPETokenizer,
     ByteTokenizer,
     TextDataError,
-    TextDataSpec,
     assert_disjoint,
     iter_documents,
     load_text_data,

@@ -31,6 +31,9 @@ MORE_BAD_INPUT = [
     (["train.momentum=0.9"], "train.momentum"),
     (["seed=-1"], "seed=-1"),
     (["eval_batch_size=0"], "eval_batch_size=0"),
+    (["data=text", "data.reference.seed=-1"], "data.reference.seed=-1"),
+    (["data=text", "data.reference.num_sequences=1.5"], "data.reference.num_sequences=1.5"),
+    (["data=text", "+data.reference.depth=3"], "data.reference.depth"),
 ]
 
 

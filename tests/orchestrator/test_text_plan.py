@@ -8,9 +8,10 @@ import shutil
 
 import pytest
 
-from models.spec import SpecError
+from models.spec import ReferenceOptions, SpecError, flatten, to_dict
 from models.text import SAMPLE_CORPUS, TextDataError, save_tokenizer, stored_tokenizer, tokenizer_uri, train_bpe
 from orchestrator.compose import ConfigError, expand_grid, load_sweep, prepared
+from orchestrator.corpus import reference_cell
 from orchestrator.resources import PackOptions, plan_packs
 
 SMALL = ["sweep=text_small"]
@@ -32,7 +33,8 @@ def test_the_driver_stores_one_tokenizer_and_attaches_one_reference(sweep_root):
     assert reference.data.num_sequences + data.num_nonmembers + data.num_test > 1024
     assert reference.data == dataclasses.replace(data, num_sequences=reference.data.num_sequences)
     assert reference.model == cells[0].spec.model and reference.reference is None
-    assert cells[0].config["data"]["reference"]["cell_id"] == reference.cell_id
+    assert cells[0].recorded_params()["data.reference.cell_id"] == reference.cell_id
+    assert "cell_id" not in cells[0].config["data"]["reference"], "the composed config is never patched"
     assert load_sweep(SMALL).cells == cells, "planning twice gives the same cells and ids"
     assert prepared(cells) == cells, "preparing prepared cells changes nothing"
 
@@ -106,3 +108,46 @@ def test_a_later_plan_reads_the_corpus_again_only_when_it_changed(sweep_root, tm
     grown = load_sweep(overrides).cells
     assert grown[0].spec.reference.data.num_sequences > first[0].spec.reference.data.num_sequences
     assert grown[0].cell_id != first[0].cell_id
+
+
+def test_cells_carry_their_reference_options_typed(sweep_root):
+    text = load_sweep(SMALL + ["data.num_sequences=16"]).cells[0]
+    assert text.reference_options == ReferenceOptions()  # conf/data/text.yaml's defaults
+    oracle = load_sweep(SMALL + ["data.num_sequences=16", "data.reference.n_layer=2", "data.reference.n_head=2",
+                                 "data.reference.n_embd=32", "data.reference.num_sequences=512.0"]).cells[0]
+    assert oracle.reference_options == ReferenceOptions(num_sequences=512, n_layer=2, n_head=2, n_embd=32)
+    assert type(oracle.reference_options.num_sequences) is int  # typed, so the reference's id is too
+    assert oracle.spec.reference.data.num_sequences == 512
+    assert load_sweep(["sweep=smoke"]).cells[0].reference_options is None  # synthetic: no reference
+    # The options are planning input, not identity: the id hashes the CellSpec only.
+    assert dataclasses.replace(text, reference_options=None).cell_id == text.cell_id
+
+
+def _recorded_before(config: dict, spec) -> dict:
+    """The record as orchestrator/corpus.py used to make it, by patching a copy of the config: the
+    reference implementation that `Cell.recorded_params` must equal, key for key and in order."""
+    import copy
+
+    config = copy.deepcopy(config)
+    data = config.setdefault("data", {})
+    data["tokenizer_hash"] = spec.data.tokenizer_hash
+    if spec.reference is not None:
+        reference = data.setdefault("reference", {})
+        reference["num_sequences"] = spec.reference.data.num_sequences
+        reference["cell_id"] = spec.reference.cell_id
+    return flatten(config)
+
+
+def test_recorded_params_are_what_was_recorded_before(sweep_root):
+    with_reference = load_sweep(SMALL + ["data.num_sequences=16"]).cells[0]
+    without = load_sweep(SMALL + ["data.num_sequences=16", "data.reference.enabled=false"]).cells[0]
+    for cell in (with_reference, without):
+        params = cell.recorded_params()
+        assert list(params.items()) == list(_recorded_before(cell.config, cell.spec).items())
+        assert params["data.tokenizer_hash"] == cell.spec.data.tokenizer_hash
+    assert with_reference.recorded_params()["data.reference.num_sequences"] > 1024  # the whole pool, resolved
+    assert without.recorded_params()["data.reference.num_sequences"] is None  # as composed
+    synthetic = load_sweep(["sweep=smoke"]).cells[0]
+    assert synthetic.recorded_params() == flatten(synthetic.config)
+    reference = reference_cell(with_reference)  # made without a config: its spec is its record
+    assert reference.recorded_params() == flatten(to_dict(reference.spec))

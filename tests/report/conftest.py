@@ -40,7 +40,6 @@ def smoke_root(tmp_path_factory) -> Path:
 def broken_root(smoke_root, tmp_path_factory) -> dict:
     """A copy of the smoke store with a grown grid (seeds 0-3): seed 2, N=16 FAILED; seed 3, N=16
     RUNNING (two evaluations logged); seed 2 and 3 at N=64 PENDING (never started)."""
-    from models.spec import flatten
     from orchestrator.compose import load_sweep
     from orchestrator.tracking import TAG_OVERRIDES
     from orchestrator.tracking import TAG_SWEEP, Tracker
@@ -62,7 +61,7 @@ def broken_root(smoke_root, tmp_path_factory) -> dict:
         for cell in (failed, running):
             run_id, _ = tracker.open_cell_run("smoke", cell.cell_id, cell.spec.slug,
                                               {TAG_SWEEP: "smoke", "precision": cell.spec.precision}, launch)
-            tracker.log_params(run_id, flatten(cell.config))
+            tracker.log_params(run_id, cell.recorded_params())
             tracker.log_metrics(run_id, [("train_loss_bits_per_token", 5.5, 100), ("mem_bits", 120.0, 100),
                                          ("train_loss_bits_per_token", 4.5, 200), ("mem_bits", 480.0, 200)])
             states[cell.cell_id] = run_id
