@@ -10,110 +10,48 @@ both alike) and reported as median, min and max of the ratio:
 2. packed_k8 / packed_k32: K tiny cells (l1_d16) trained one after another over the same cells
    trained as one pack by `models.packed.train_packed` -- target >= 2.5 for K=8 on 2 cores;
    packed_k8_all_cores: the same with each side at its faster thread count (1 or one per core).
-4. score_vs_train: scoring throughput (forward only, `nll_bits`, tokens/s) over training throughput.
-5. mfu_single / mfu_packed_k8: achieved training FLOP/s (CellSpec.train_flops_per_step) over the
-   fp32 matrix-multiply peak measured here (torch.mm of large square matrices).
-
 3. sweep_*: a grid of l1_d16 cells through memsweep on an embedded local Ray cluster (packing off,
    then on) over the ideal (the cells' time run one after another, over the workers), over the same
    cells run sequentially in one process, and over the same grid through Ray Tune's grid_search
    (bench/sweep_bench.py; needs the `bench` extra) -- targets <= 1.10 over ideal, <= 1.0 over Tune.
    Cells of ~3 s with --quick, ~20 s otherwise; --sweep-repeats times (1 with --quick, 2 otherwise).
-Writes bench/results/<UTC timestamp>.json with the machine's description and load.
+4. score_vs_train: scoring throughput (forward only, `nll_bits`, tokens/s) over training throughput.
+5. mfu_single / mfu_packed_k8: achieved training FLOP/s (CellSpec.train_flops_per_step) over the
+   fp32 matrix-multiply peak measured here (torch.mm of large square matrices).
+Writes bench/results/<UTC timestamp>.json with the machine's description and load. The pieces timed
+(the tiny cell, the bare loop, sequential and packed training) live in bench/common.py, shared with
+bench.gpu; bench/README.md says what each figure measures and its last measured value.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
-import platform
-import statistics
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from models.data import BatchOrder, synthetic_members
-from models.gpt import GPT
-from models.packed import train_packed
-from models.scoring import nll_bits
-from models.spec import CellSpec, DataSpec, ModelSpec, TrainSpec
-from models.train import train
-
-
-def figure_sweep(*args, **kwargs) -> dict:
-    from bench.sweep_bench import figure_sweep  # Ray and Ray Tune load only when figure 3 runs
-
-    return figure_sweep(*args, **kwargs)
-
-CPU = torch.device("cpu")
-NO_EVAL = 10**9  # an eval_interval no run reaches: the benchmarks time training alone
-
-
-def tiny_cell(num_sequences: int, seed: int, steps: int, batch_size: int = 64) -> CellSpec:
-    """The l1_d16 cell of conf/ (V=64, S=32, the cpu recipe) without evaluations."""
-    return CellSpec(ModelSpec("l1_d16", 1, 2, 16), DataSpec(64, 32, num_sequences, 256),
-                    TrainSpec(max_steps=steps, batch_size=batch_size, lr=1e-2, eval_interval=NO_EVAL,
-                              checkpoint_interval=NO_EVAL), "fp32", seed)
-
-
-def no_eval(model) -> dict:
-    return {"mem_bits": 0.0}
-
-
-def timed(fn, device: torch.device = CPU) -> float:
-    """Seconds `fn` takes; on a GPU from an idle device until its last kernel has finished."""
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def with_steps(spec: CellSpec, steps: int) -> CellSpec:
-    return dataclasses.replace(spec, train=dataclasses.replace(spec.train, max_steps=steps))
-
-
-# -- the things measured ---------------------------------------------------------------------------
-def bare_loop(spec: CellSpec, members: np.ndarray, device: torch.device = CPU) -> None:
-    """The baseline a user would write: model, AdamW, clip, the same batches; nothing else."""
-    hp = spec.train
-    torch.manual_seed(spec.seed)
-    model = GPT.from_spec(spec).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=hp.lr, betas=(hp.beta1, hp.beta2), foreach=True)
-    order, data = BatchOrder(spec.data, spec.seed, hp.batch_size), torch.as_tensor(members, device=device)
-    for step in range(hp.max_steps):
-        targets = data[torch.as_tensor(order.indices(step), device=device)]
-        loss = F.cross_entropy(model(model.inputs_for(targets)).flatten(0, 1), targets.flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), hp.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-
-def memsweep_train(spec: CellSpec, members: np.ndarray, device: torch.device = CPU):
-    return train(spec, members, device=device, evaluate=no_eval)
-
-
-def sequential(specs, members, device: torch.device = CPU) -> list:
-    return [train(spec, m, device=device, evaluate=no_eval) for spec, m in zip(specs, members)]
-
-
-def packed(specs, members, device: torch.device = CPU, exact: bool | None = None) -> list:
-    return train_packed(specs, members, device=device, evaluates=[no_eval] * len(specs), exact=exact)
+from bench.common import (
+    RESULTS,
+    machine,
+    memsweep_train,
+    packed,
+    packed_vs_sequential,
+    ratio_stats,
+    score_vs_train,
+    sequential,
+    timed,
+    tiny_cell,
+    train_vs_bare,
+    write_results,
+)
+from bench.sweep_bench import figure_sweep  # figure 3; Ray and Ray Tune load only when it runs
+from models.data import synthetic_members
 
 
 def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of torch.mm on two n x n fp32 matrices, the best of `repeats`: MFU's denominator."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)
     best = min(timed(lambda: torch.mm(a, b)) for _ in range(repeats))
@@ -121,43 +59,9 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
 
 
 # -- figures ----------------------------------------------------------------------------------------
-def ratio_stats(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
-
-
-def train_vs_bare(spec: CellSpec, repeats: int, device: torch.device = CPU) -> dict:
-    """Throughput of train() over the bare loop's on `spec`, after a warm-up."""
-    members = synthetic_members(spec.data, spec.seed)
-    bare_loop(with_steps(spec, 3), members, device)
-    ratios = []
-    for _ in range(repeats):
-        bare = timed(lambda: bare_loop(spec, members, device), device)
-        ours = timed(lambda: memsweep_train(spec, members, device), device)
-        ratios.append(bare / ours)  # throughput of ours over the bare loop's
-    return {"target": ">= 0.95", "steps": spec.train.max_steps, **ratio_stats(ratios)}
-
-
 def figure_train_vs_bare(steps: int, repeats: int) -> dict:
     return {"what": "memsweep train() throughput / bare PyTorch loop throughput",
             **train_vs_bare(tiny_cell(128, 0, steps), repeats)}
-
-
-def packed_vs_sequential(specs: list[CellSpec], repeats: int, device: torch.device = CPU,
-                         exact: bool | None = None) -> dict:
-    """Time of `specs` trained one after another over the same cells as one pack, after a warm-up;
-    "results" holds the last repeat's TrainResults of both ways (to compare them)."""
-    members = [synthetic_members(s.data, s.seed) for s in specs]
-    packed(specs[:2], members[:2], device, exact)  # warm-up: kernels, allocator
-    sequential(specs[:1], members[:1], device)
-    ratios, seq_s, pack_s, last = [], [], [], {}
-    for _ in range(repeats):
-        seq = timed(lambda: last.update(sequential=sequential(specs, members, device)), device)
-        pack = timed(lambda: last.update(packed=packed(specs, members, device, exact)), device)
-        ratios.append(seq / pack)
-        seq_s.append(seq)
-        pack_s.append(pack)
-    return {"steps": specs[0].train.max_steps, "sequential_s": seq_s, "packed_s": pack_s,
-            "members": members, "results": last, **ratio_stats(ratios)}
 
 
 def figure_packed(k: int, steps: int, repeats: int) -> dict:
@@ -194,22 +98,6 @@ def figure_packed_all_cores(k: int, steps: int, repeats: int) -> dict:
             "thread_gain": {side: ratio_stats(values) for side, values in gains.items()}, **ratio_stats(ratios)}
 
 
-def score_vs_train(spec: CellSpec, repeats: int, device: torch.device = CPU) -> dict:
-    """Scoring tokens/s (nll_bits over the members) over training tokens/s, after a warm-up."""
-    members = synthetic_members(spec.data, spec.seed)
-    model = GPT.from_spec(spec).to(device)
-    memsweep_train(with_steps(spec, 2), members, device)
-    nll_bits(model, members[:1024], 1024)
-    tokens_train = spec.train.max_steps * spec.train.batch_size * spec.data.seq_len
-    tokens_score = len(members) * spec.data.seq_len
-    ratios = []
-    for _ in range(repeats):
-        t_train = timed(lambda: memsweep_train(spec, members, device), device)
-        t_score = timed(lambda: nll_bits(model, members, 1024), device)
-        ratios.append((tokens_score / t_score) / (tokens_train / t_train))
-    return {"steps": spec.train.max_steps, **ratio_stats(ratios)}
-
-
 def figure_score_vs_train(steps: int, repeats: int) -> dict:
     return {"what": "scoring tokens/s (nll_bits, forward only) / training tokens/s",
             **score_vs_train(tiny_cell(1024, 0, steps), repeats)}
@@ -229,27 +117,11 @@ def figure_mfu(steps: int, repeats: int, k: int) -> dict:
                     "torch.mm fp32 peak", "steps": steps, "peak_flops": peaks, **ratio_stats(ratios)}
 
 
-# -- the machine ------------------------------------------------------------------------------------
-def machine() -> dict:
-    model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "gpu": gpu}
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short runs (about two minutes on 2 cores)")
     parser.add_argument("--repeats", type=int, help="repeats of each figure (default: 2 quick, 3 full)")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--only", nargs="*", help="figure names to run (default: all)")
     parser.add_argument("--sweep-repeats", type=int, help="repeats of figure 3 (default: 1 quick, 2 full)")
     parser.add_argument("--threads", type=int, default=1,
@@ -284,16 +156,6 @@ def main(argv: list[str] | None = None) -> dict:
     results["load_after"] = os.getloadavg()
     write_results(results, args.out)
     return results
-
-
-def write_results(results: dict, out: str, prefix: str = "") -> Path:
-    """`<out>/<prefix><UTC timestamp>.json`, announced on stdout."""
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{prefix}{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
-    path.write_text(json.dumps(results, indent=2))
-    print(f"wrote {path}")
-    return path
 
 
 if __name__ == "__main__":

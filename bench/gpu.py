@@ -44,8 +44,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.__main__ import (
+from bench.common import (
     NO_EVAL,
+    RESULTS,
     machine,
     memsweep_train,
     packed,
@@ -347,7 +348,8 @@ def _start_ray() -> float:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     started = time.perf_counter()
-    ray.init(num_cpus=14, num_gpus=1, include_dashboard=False, log_to_driver=False,
+    # address="local": a cluster of its own, never one another process left running on this machine
+    ray.init(address="local", num_cpus=14, num_gpus=1, include_dashboard=False, log_to_driver=False,
              object_store_memory=10**9, _node_ip_address="127.0.0.1")
     return time.perf_counter() - started
 
@@ -356,7 +358,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="skip the sections that would start after this many seconds")
     parser.add_argument("--only", nargs="*", help="section names to run (default: all)")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from bench.__main__ import write_results
+from bench.common import RESULTS, machine, write_results
 
 PLATEAU_TOLERANCE = 0.15
 LARGEST = 3  # the largest dataset sizes of each shape compared on the plateau
@@ -74,12 +73,10 @@ def main() -> int:
                         help="run the sweep unpacked, then packed, and report the wall-time ratio")
     args = parser.parse_args()
     root = Path(args.root or tempfile.mkdtemp(prefix="laptop-sweep-"))
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-               "python": platform.python_version()}
 
     if args.compare_packing:
         load_before = os.getloadavg()
-        ok, results = True, {"machine": machine, "load_before": load_before}
+        ok, results = True, {"machine": machine(), "load_before": load_before}
         for name, overrides in (("unpacked", ["pack.enabled=false"]), ("packed", [])):
             run_ok, figures = check(*run_sweep(root / name, overrides), args.budget_s, f"laptop sweep, {name}")
             ok &= run_ok
@@ -92,9 +89,9 @@ def main() -> int:
         name = "laptop_sweep_packing"
     else:
         ok, results = check(*run_sweep(root, []), args.budget_s)
-        results["machine"] = machine
+        results["machine"] = machine()
         name = "laptop_sweep"
-    write_results(results, str(Path(__file__).resolve().parent / "results"), prefix=f"{name}-")
+    write_results(results, RESULTS, prefix=f"{name}-")
     return 0 if ok else 1
 
 

@@ -40,14 +40,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.__main__ import ratio_stats
+from bench.common import CPU, RESULTS, machine, memsweep_train, ratio_stats, tiny_cell, write_results
 from measure.memorization import summarize_synthetic
 from models.data import synthetic_members, synthetic_nonmembers
 from models.scoring import nll_bits
 from models.spec import CellSpec
 from models.train import train
 
-CPU = torch.device("cpu")
 REPO = Path(__file__).resolve().parent.parent
 EVAL_BATCH = 1024
 
@@ -91,13 +90,11 @@ def grid_overrides(sizes: list[int], seeds: list[int], steps: int) -> list[str]:
 
 def calibrate_steps(cell_s: float) -> int:
     """Steps that make an l1_d16 cell train for about `cell_s` seconds on this machine now."""
-    from bench.__main__ import tiny_cell, no_eval
-
     spec = tiny_cell(128, 0, 200)
     members = synthetic_members(spec.data, spec.seed)
-    train(spec, members, device=CPU, evaluate=no_eval)  # warm-up
+    memsweep_train(spec, members)  # warm-up
     start = time.perf_counter()
-    train(spec, members, device=CPU, evaluate=no_eval)
+    memsweep_train(spec, members)
     per_step = (time.perf_counter() - start) / 200
     return max(100, int(round(cell_s / per_step, -2)))
 
@@ -276,10 +273,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--workers", type=int, default=2, help="CPUs of the embedded Ray cluster")
     parser.add_argument("--cell-s", type=float, help="seconds each cell trains (calibrated here)")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
-    from bench.__main__ import machine, write_results
-
     load = os.getloadavg()
     figure = figure_sweep(args.quick, args.repeats, args.workers, args.cell_s)
     results = {"machine": machine(), "load_before": load, "load_after": os.getloadavg(), "sweep": figure}
