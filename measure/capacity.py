@@ -1,9 +1,9 @@
 """Capacity, bits per parameter and the membership-inference scaling law over a sweep.
 
-SCIENCE.md, "Capacity and bits per parameter" and "Membership inference": a model's capacity is its
-plateau of memorized bits as the dataset grows; alpha (bits per parameter) is the slope through the
-origin of capacity against params; the MIA law ties balanced F1 to sequences per parameter. Inputs
-are plain arrays taken from the sweep's table, one row per cell.
+docs/science.md, "Capacity (sweep)", "Alpha" and "The MIA law": a model's capacity is its plateau of
+memorized bits as the dataset grows; alpha (bits per parameter) is the slope through the origin of
+capacity against params; the MIA law ties balanced F1 to sequences per parameter. Inputs are plain
+arrays taken from the sweep's table, one row per cell.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def fit_alpha(
 def mia_law(x, c1, c2, c3):
     """Balanced F1 predicted by the MIA law, 1/2 * (1 + c1 * sigmoid(c2 * x + c3)).
 
-    x = N / params, training sequences per parameter (SCIENCE.md's form). Broadcasts over arrays.
+    x = N / params, training sequences per parameter (docs/science.md's form). Broadcasts over arrays.
     """
     return 0.5 * (1.0 + c1 * expit(c2 * np.asarray(x, dtype=np.float64) + c3))
 
@@ -194,7 +194,7 @@ def published_mia_law_as_printed(capacity_bits, num_sequences):
 
     F1 = 1/2 * (1 + 1.34 * sigmoid(-0.034 * (Capacity/|D| - 33.14))). Kept for comparison only: it
     tends to about 1.0, not 0.5, as |D| grows, contradicting the paper's text
-    (shared/reference/README.md).
+    (measure/paper.py, docs/science.md).
     """
     bits_per_sequence = np.asarray(capacity_bits, dtype=np.float64) / np.asarray(
         num_sequences, dtype=np.float64
@@ -207,7 +207,7 @@ def published_mia_law_corrected(num_sequences, params):
 
     F1 = 1/2 * (1 + 1.34 * sigmoid(-33.14 * (|D|/P - 0.0337))), where |D| is the number of 64-token
     training sequences and P the parameter count. This form reproduces every predicted F1 of
-    shared/reference/mia_validation.csv.
+    measure/reference/mia_validation.csv.
     """
     per_param = np.asarray(num_sequences, dtype=np.float64) / np.asarray(params, dtype=np.float64)
     return 0.5 * (1.0 + 1.34 * expit(-33.14 * (per_param - 0.0337)))
@@ -216,7 +216,7 @@ def published_mia_law_corrected(num_sequences, params):
 def mem_prediction_error(measured_bits, predicted_bits):
     """Signed relative error (measured - predicted) / predicted, a fraction; float64 array.
 
-    The paper's error_pct column (shared/reference/seq_len_vocab_sweep.csv) is 100 times its
+    The paper's error_pct column (measure/reference/seq_len_vocab_sweep.csv) is 100 times its
     absolute value.
     """
     measured = np.asarray(measured_bits, dtype=np.float64)

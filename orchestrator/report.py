@@ -14,7 +14,6 @@ Published figures: Morris et al., "How much do language models memorize?" (arXiv
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
 import time
@@ -25,12 +24,12 @@ import numpy as np
 import pyarrow as pa
 
 from measure.memorization import PAPER_ALPHA_BITS_PER_PARAM
-from measure.metrics import METRICS, SYNTHETIC, TEXT, attack_names
+from measure.metrics import EXTRACTION_PREFIXES, METRICS, SYNTHETIC, TEXT, attack_names
+from measure.paper import reference_rows
 from measure.sweep import PRECISION_ORDER, TEXT_SUMMARY_METRICS, alpha_for, capacity_groups, data_kinds, finished_columns
 from orchestrator.aggregate import GROUPING, IDENTITY_SCHEMA, AggregateResult, aggregate, aggregate_from, table_metadata
 
-REFERENCE_FILES = ("capacity_by_precision.csv", "seq_len_vocab_sweep.csv", "mia_validation.csv")
-# The paper's column means of bits per parameter (reference/README.md); amp_bf16 is not in the paper.
+# The paper's column means of bits per parameter (measure/paper.py); amp_bf16 is not in the paper.
 PAPER_MEAN_ALPHA = {p: PAPER_ALPHA_BITS_PER_PARAM[p] for p in ("fp32", "bf16")}
 PAPER_HEADLINE_ALPHA = 3.6  # "about 3.6 bits per parameter", when the sweep fitted none
 FIGURES = (
@@ -53,43 +52,14 @@ TEXT_FIGURES = (
                                   "over sequences of max(0, nll under the reference model - nll), against the "
                                   "pool size N; seed means, bars: seed std."),
     ("text_mia_extraction", "Text cells: membership-inference balanced F1 of the loss and reference attacks "
-                            "(left), and the exact greedy extraction rate from 8, 16 and 32-token prefixes on "
-                            "training and test sequences (right), against the pool size N; seed means."),
+                            "(left), and the exact greedy extraction rate from "
+                            f"{', '.join(map(str, EXTRACTION_PREFIXES[:-1]))} and {EXTRACTION_PREFIXES[-1]}-token "
+                            "prefixes on training and test sequences (right), against the pool size N; seed means."),
     ("text_test_loss_vs_capacity_ratio", "Text cells: test loss against the capacity ratio H(X) / (alpha * params), "
                                          "with H(X) the training set's code length under the reference model; "
                                          "seed means per pool size. The paper finds double descent starts where "
                                          "the ratio crosses 1."),
 )
-
-
-def reference_dir() -> Path | None:
-    """The paper's tables: shared/reference beside the repository when there is one."""
-    beside = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
-    return beside if (beside / REFERENCE_FILES[0]).is_file() else None
-
-
-def reference_rows(name: str) -> list[dict]:
-    """Rows of one reference CSV, numbers as floats: from shared/reference, else the copy installed
-    with the package (measure/reference/)."""
-    if name not in REFERENCE_FILES:
-        raise ValueError(f"{name}: not a reference table ({', '.join(REFERENCE_FILES)})")
-    folder = reference_dir()
-    if folder is not None:
-        text = (folder / name).read_text()
-    else:
-        import importlib.resources
-
-        text = (importlib.resources.files("measure") / "reference" / name).read_text()
-    rows = []
-    for row in csv.DictReader(io.StringIO(text)):
-        parsed = {}
-        for key, value in row.items():
-            try:
-                parsed[key] = float(value)
-            except ValueError:
-                parsed[key] = value
-        rows.append(parsed)
-    return rows
 
 
 # -- figure inputs from the tables ------------------------------------------------------------------------
@@ -410,7 +380,7 @@ report written {html.escape(time.strftime('%Y-%m-%dT%H:%M:%S%z'))}. Code version
 <h2>Configuration</h2>
 {_configuration(cells, meta)}
 <p style="font-size:0.85em;color:#555">Reference points and laws: Morris et al., "How much do language models
-memorize?" (arXiv 2505.24832, v3). Definitions: SCIENCE.md.</p>
+memorize?" (arXiv 2505.24832, v3). Definitions of every number: docs/science.md in the memsweep repository.</p>
 </body></html>
 """
 

@@ -1,10 +1,5 @@
-"""measure/ against the paper's published tables in ../shared/reference (see its README).
-
-CI and every checkout have ../shared beside the repository; a missing table fails loudly.
-"""
-
-import csv
-from pathlib import Path
+"""measure/ against the paper's published tables, as the package ships them (measure/reference/, read
+through measure.paper, whose docstring says what each table holds)."""
 
 import numpy as np
 import pytest
@@ -16,13 +11,30 @@ from measure.capacity import (
     published_mia_law_corrected,
 )
 from measure.memorization import dataset_entropy_bits, params_paper, predicted_mem_bits
+from measure.paper import REFERENCE_COLUMNS, REFERENCE_TABLES, reference_rows, reference_text
 
-REFERENCE_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "reference"
+
+def test_the_three_tables_ship_with_their_columns_and_rows():
+    sizes = {"capacity_by_precision.csv": 16, "seq_len_vocab_sweep.csv": 12, "mia_validation.csv": 6}
+    assert set(REFERENCE_TABLES) == set(sizes)
+    for name, size in sizes.items():
+        rows = reference_rows(name)
+        assert len(rows) == size and all(tuple(row) == REFERENCE_COLUMNS[name] for row in rows), name
+    assert {row["sweep"] for row in reference_rows("seq_len_vocab_sweep.csv")} == {"seq_len", "vocab"}
+    assert reference_rows("capacity_by_precision.csv")[0]["params"] == 8.04e4  # "8.04e4" read as a float
 
 
-def read_reference(name: str) -> list[dict[str, str]]:
-    with (REFERENCE_DIR / name).open(newline="") as f:
-        return list(csv.DictReader(f))
+def test_capacity_table_column_means_are_the_papers():
+    rows = reference_rows("capacity_by_precision.csv")
+    assert round(np.mean([r["bits_per_param_fp32"] for r in rows]), 2) == 3.83
+    assert round(np.mean([r["bits_per_param_bf16"] for r in rows]), 2) == 3.51
+
+
+def test_an_unknown_table_is_refused_by_name():
+    with pytest.raises(ValueError, match="not a reference table.*mia_validation.csv"):
+        reference_rows("capacity_by_precision")  # the file name, with .csv, names a table
+    with pytest.raises(ValueError, match="not a reference table"):
+        reference_text("../../pyproject.toml")
 
 
 def round_3sf(value: float) -> float:
@@ -31,30 +43,30 @@ def round_3sf(value: float) -> float:
 
 
 def test_params_paper_matches_capacity_table():
-    rows = read_reference("capacity_by_precision.csv")
+    rows = reference_rows("capacity_by_precision.csv")
     assert len(rows) == 16
     for row in rows:
         count = params_paper(2048, 64, int(row["n_layer"]), int(row["d_model"]))
-        assert round_3sf(count) == float(row["params"]), row
+        assert round_3sf(count) == row["params"], row
 
 
 def test_expected_bits_of_seq_len_vocab_sweep():
     # The appendix's "expected" column is min(alpha * params, N * S * log2 V) with alpha = 3.54.
-    rows = read_reference("seq_len_vocab_sweep.csv")
+    rows = reference_rows("seq_len_vocab_sweep.csv")
     for row in rows:
         seq_len, vocab_size = int(row["seq_len"]), int(row["vocab_size"])
         params = params_paper(vocab_size, seq_len, int(row["n_layer"]), int(row["d_model"]))
-        assert round_3sf(params) == float(row["params"]), row
+        assert round_3sf(params) == row["params"], row
         entropy_bits = dataset_entropy_bits(int(row["n_samples"]), seq_len, vocab_size)
         expected = predicted_mem_bits(3.54, params, entropy_bits)
-        assert round_3sf(expected) == float(row["expected_bits"]), row
+        assert round_3sf(expected) == row["expected_bits"], row
 
 
 def mia_validation_columns():
-    rows = read_reference("mia_validation.csv")
-    num_sequences = np.array([float(r["n_train_sequences"]) for r in rows])
-    params = np.array([float(r["params"]) for r in rows])
-    predicted_f1 = np.array([float(r["predicted_f1"]) for r in rows])
+    rows = reference_rows("mia_validation.csv")
+    num_sequences = np.array([r["n_train_sequences"] for r in rows])
+    params = np.array([r["params"] for r in rows])
+    predicted_f1 = np.array([r["predicted_f1"] for r in rows])
     return num_sequences, params, predicted_f1
 
 
@@ -80,9 +92,9 @@ def test_printed_law_does_not_tend_to_half():
 
 def test_prediction_error_matches_appendix_column():
     # error_pct is 100 * |measured - expected| / expected, up to the tables' 3-figure rounding.
-    rows = read_reference("seq_len_vocab_sweep.csv")
-    measured = np.array([float(r["measured_bits"]) for r in rows])
-    expected = np.array([float(r["expected_bits"]) for r in rows])
-    error_pct = np.array([float(r["error_pct"]) for r in rows])
+    rows = reference_rows("seq_len_vocab_sweep.csv")
+    measured = np.array([r["measured_bits"] for r in rows])
+    expected = np.array([r["expected_bits"] for r in rows])
+    error_pct = np.array([r["error_pct"] for r in rows])
     got_pct = 100 * np.abs(mem_prediction_error(measured, expected))
     np.testing.assert_allclose(got_pct, error_pct, atol=0.5)

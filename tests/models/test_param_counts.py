@@ -1,26 +1,21 @@
 """Parameter counts: the 16 shapes of the paper's capacity table, composed from conf/model/, give
 the paper's printed counts, and the real module has exactly `params` = `params_paper` + d weights."""
 
-import csv
 import functools
-from pathlib import Path
 
 import pytest
 import torch
 
+from measure.paper import reference_rows
 from models.gpt import GPT
 from orchestrator.compose import compose_cell
 
-REFERENCE = Path("/work/shared/reference/capacity_by_precision.csv")
 PAPER_SHAPES = [(n_layer, d) for n_layer in (1, 2, 4, 8) for d in (32, 64, 128, 256)]
 
 
 def paper_counts() -> dict[tuple[int, int], float]:
     """(n_layer, d_model) -> the paper's printed parameter count (3 significant figures)."""
-    if not REFERENCE.exists():
-        pytest.skip(f"{REFERENCE} is not on this machine")
-    with REFERENCE.open() as f:
-        return {(int(r["n_layer"]), int(r["d_model"])): float(r["params"]) for r in csv.DictReader(f)}
+    return {(int(r["n_layer"]), int(r["d_model"])): r["params"] for r in reference_rows("capacity_by_precision.csv")}
 
 
 @functools.cache

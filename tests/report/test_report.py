@@ -16,7 +16,8 @@ from mlflow.tracking import MlflowClient
 
 from measure import figures
 from orchestrator.cli import main
-from orchestrator.report import REFERENCE_FILES, draw_figures, reference_dir, reference_rows, report
+from measure.paper import reference_rows
+from orchestrator.report import draw_figures, report
 
 pytestmark = pytest.mark.slow  # uses the session's real smoke sweep (about 40 s)
 
@@ -152,19 +153,6 @@ def test_figures_of_an_empty_sweep_still_render():
     for name, (fig, data) in draw_figures(cells, None, fit_sweep(cells, GROUPING)).items():
         assert fig.axes, name
         figures.close(fig)
-
-
-def test_reference_tables_ship_with_the_package(monkeypatch):
-    import orchestrator.report
-
-    packaged = Path(figures.__file__).parent / "reference"
-    for name in REFERENCE_FILES:
-        assert (packaged / name).is_file(), name
-        if reference_dir() is not None:
-            assert (packaged / name).read_text() == (reference_dir() / name).read_text(), f"{name} is stale"
-    monkeypatch.setattr(orchestrator.report, "reference_dir", lambda: None)  # an installed package
-    rows = reference_rows("capacity_by_precision.csv")
-    assert len(rows) == 16 and np.mean([r["bits_per_param_fp32"] for r in rows]) == pytest.approx(3.83, abs=0.01)
 
 
 def test_measure_figures_imports_no_framework():
