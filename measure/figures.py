@@ -3,7 +3,7 @@ synthetic cells and three for text cells (`text_*`).
 
 Each function takes numbers already taken from a sweep's table (orchestrator/report.py does that),
 returns the matplotlib Figure and the data it plotted (a dict of float lists), so a test can check
-what is on the axes rather than only that a file exists. Units follow SCIENCE.md: bits, parameters,
+what is on the axes rather than only that a file exists. Units follow docs/science.md: bits, parameters,
 sequences per parameter, bits per token.
 """
 
@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from measure.capacity import mia_law, published_mia_law_as_printed, published_mia_law_corrected  # noqa: E402
+from measure.metrics import EXTRACTION_PREFIXES, EXTRACTION_SPLITS, extraction_name  # noqa: E402
 
 FIGSIZE = (7.5, 5.0)  # inches; 110 dpi gives PNGs of about 800 x 550 pixels
 DPI = 110
@@ -329,8 +330,7 @@ def mem_curves(cells: list[dict], max_curves: int = MAX_CURVES) -> tuple[Figure,
 # -- text cells: seed means per pool size N, one line per (model shape, precision) group ------------------
 # Each text figure takes `groups`: one dict per group with `label`, `num_sequences` (the pool sizes N,
 # ascending) and dicts `mean` and `std` mapping a metric name to one value per N (NaN or None where no
-# seed has it): the `text` section of fits.json (orchestrator/aggregate.summarise_text).
-TEXT_PREFIXES = (8, 16, 32)  # tokens of the greedy-extraction prefixes
+# seed has it): the `text` section of fits.json (measure/sweep.summarise_text).
 
 
 def _series(group: dict, metric: str) -> tuple[list[float], list[float], list[float]] | None:
@@ -385,9 +385,9 @@ def text_mia_extraction(groups: list[dict]) -> tuple[Figure, dict]:
         entry = {"label": group["label"], "f1": {}, "extraction": {}}
         curves = [(ax_f1, f"{attack}_f1", attack, ls, "o", f"{attack} attack")
                   for attack, ls in (("loss", "-"), ("reference", "--"))]
-        curves += [(ax_ex, f"extract_{split}_p{prefix}", f"{split}_p{prefix}", ls, marker, None)
-                   for split, ls in (("train", "-"), ("test", ":"))
-                   for prefix, marker in zip(TEXT_PREFIXES, ("o", "s", "^"))]
+        curves += [(ax_ex, extraction_name(split, prefix), f"{split}_p{prefix}", ls, marker, None)
+                   for split, ls in zip(EXTRACTION_SPLITS, ("-", ":"))
+                   for prefix, marker in zip(EXTRACTION_PREFIXES, ("o", "s", "^"))]
         for ax, metric, key, ls, marker, style_label in curves:
             series = _series(group, metric)
             if series is None:

@@ -1,4 +1,4 @@
-"""Memorized bits from per-sequence code lengths (SCIENCE.md, "Memorization").
+"""Memorized bits from per-sequence code lengths (docs/science.md, "Memorization").
 
 Inputs are `nll_bits`: the arithmetic-coding length of each sequence under the model, in bits, as
 produced by the models package (float32 log-softmax, float64 sums). A uniform-random sequence of S
@@ -95,6 +95,6 @@ def params_paper(vocab_size: int, seq_len: int, n_layer: int, n_embd: int) -> in
     return int(vocab_size * d + seq_len * d + n_layer * (12 * d * d + 13 * d) + 2 * d)
 
 
-# The paper's mean bits per parameter by the dtype the weights are kept in (reference/README.md);
+# The paper's mean bits per parameter by the dtype the weights are kept in (measure/paper.py);
 # amp_bf16 keeps float32 weights. Cells log predictions with these; `aggregate` fits its own alpha.
 PAPER_ALPHA_BITS_PER_PARAM = {"fp32": 3.83, "bf16": 3.51, "amp_bf16": 3.83}

@@ -2,8 +2,12 @@
 
 Cell logging (orchestrator/cell.py through measure/cell.py), the columns of `cells.parquet`
 (orchestrator/aggregate.py), the report's tables and the metric table of docs/science.md all read these
-declarations; none of them writes a metric name out by hand. `python -m measure.metrics` prints the
-markdown table that docs/science.md embeds (a test keeps the two equal).
+declarations; none of them writes a metric name out by hand.
+
+    python -m measure.metrics                          # the markdown tables of every metric
+    python -m measure.metrics --write docs/science.md  # refresh them between the file's markers
+
+tests/test_docs.py keeps docs/science.md's tables equal to these declarations.
 
 Names carry their unit (STYLE.md): `_bits`, `_bits_per_token`, `_s`; fractions and counts are plain.
 """
@@ -153,5 +157,20 @@ def markdown_table() -> str:
     return "\n".join(lines)
 
 
+MARKERS = ("<!-- metrics:start -->", "<!-- metrics:end -->")  # around the generated tables in a markdown file
+
+
+def with_tables(markdown: str) -> str:
+    """`markdown` with the text between MARKERS replaced by the current tables."""
+    start, end = markdown.index(MARKERS[0]) + len(MARKERS[0]), markdown.index(MARKERS[1])
+    return f"{markdown[:start]}\n{markdown_table()}\n{markdown[end:]}"
+
+
 if __name__ == "__main__":
-    sys.stdout.write(markdown_table() + "\n")
+    if sys.argv[1:2] == ["--write"]:
+        from pathlib import Path
+
+        path = Path(sys.argv[2])
+        path.write_text(with_tables(path.read_text()))
+    else:
+        sys.stdout.write(markdown_table() + "\n")

@@ -1,4 +1,4 @@
-"""Membership-inference metrics (SCIENCE.md, "Membership inference").
+"""Membership-inference metrics (docs/science.md, "Membership inference").
 
 Scores follow one convention: higher means "more likely a member" (the loss attack scores
 -nll_bits). Each metric takes the members' and the non-members' scores as 1-D arrays and treats the
@@ -89,7 +89,7 @@ class MiaMetrics:
 
 
 def mia_metrics(member_scores, nonmember_scores) -> MiaMetrics:
-    """Every SCIENCE.md metric of one attack, from its member and non-member scores."""
+    """Every docs/science.md metric of one attack, from its member and non-member scores."""
     return MiaMetrics(
         auc=roc_auc(member_scores, nonmember_scores),
         tpr_at_1pct_fpr=tpr_at_fpr(member_scores, nonmember_scores, 0.01),

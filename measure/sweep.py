@@ -388,7 +388,7 @@ def summarise_text(cols: dict[str, np.ndarray], keys: tuple[str, ...]) -> dict:
 
 
 def fit_sweep(table: pa.Table, groups: Grouping, n_boot: int = N_BOOT) -> dict:
-    """Every sweep-level fit of SCIENCE.md from a cells table; degenerate sweeps give partial results
+    """Every sweep-level fit of docs/science.md from a cells table; degenerate sweeps give partial results
     with the reason for what was skipped, never an exception. Capacity, alpha, the MIA law and the
     predictions use synthetic cells only; `skipped` gives the reason for each that could not be
     fitted, and `text` summarises the text cells."""

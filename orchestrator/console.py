@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from measure.metrics import EXTRACTION_PREFIXES, extraction_name
 from models.spec import CellSpec
 
 # Progress and messages go to stderr; tables (plans, summaries, status) to stdout, so they can be piped.
@@ -84,10 +85,10 @@ def _text_summary_rows(spec: CellSpec, metrics: dict) -> list[tuple]:
         rows.append(("MIA AUC (reference)", f"{metrics['reference_auc']:.3f}", f"balanced F1 {metrics['reference_f1']:.3f}"))
     rows.append(("test loss", f"{metrics['test_nll_bits_per_token']:.3f} bits/token",
                  f"train {metrics['train_nll_bits_per_token']:.3f}"))
-    for k in (8, 16, 32):
-        if f"extract_train_p{k}" in metrics:
-            rows.append((f"extraction, {k}-token prefix", f"{metrics[f'extract_train_p{k}']:.3f}",
-                         f"test {metrics.get(f'extract_test_p{k}', float('nan')):.3f}"))
+    for k in EXTRACTION_PREFIXES:
+        if extraction_name("train", k) in metrics:
+            rows.append((f"extraction, {k}-token prefix", f"{metrics[extraction_name('train', k)]:.3f}",
+                         f"test {metrics.get(extraction_name('test', k), float('nan')):.3f}"))
     return rows
 
 

@@ -1,6 +1,10 @@
 """Imports point down (STYLE.md item 1), checked on the source: models/ never imports Ray, Hydra,
 OmegaConf or MLflow, and models/spec.py not even torch; in orchestrator/ each third-party system has
-one home module; and the driver plans a sweep without importing torch.
+one home module, analysis (aggregate, report) and execution (launch, scheduler, cell) stand side by
+side without importing each other, and no chain of imports inside it is more than five modules deep
+(the CLI, then analysis or execution, then tracking, compose, corpus and resources); the driver plans a
+sweep, and aggregates and reports one, without importing torch. No function outside tests is longer
+than 80 lines.
 
 measure/ (no torch, Ray, Hydra, OmegaConf or MLflow: numeric libraries only) is checked by
 tests/measure/test_measure_imports.py; this file checks that that test is still there."""
@@ -17,6 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 ORCHESTRATION = {"ray", "hydra", "omegaconf", "mlflow"}
 # In orchestrator/, the only module allowed to import each system (STYLE.md: one home per system).
 HOMES = {"hydra": "compose.py", "omegaconf": "compose.py", "mlflow": "tracking.py", "ray": "scheduler.py"}
+ANALYSIS, EXECUTION = {"aggregate", "report"}, {"launch", "scheduler", "cell"}
+MAX_IMPORT_DEPTH = 5  # modules in the longest chain of imports inside orchestrator/
+MAX_FUNCTION_LINES = 80
 
 
 def imports(path: Path, module_level_only: bool = False) -> set[str]:
@@ -80,3 +87,51 @@ def test_importing_the_driver_does_not_load_torch():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def orchestrator_imports() -> dict[str, set[str]]:
+    """Each orchestrator module -> the orchestrator modules it imports, at module level or deferred."""
+    graph = {}
+    for path in sources("orchestrator"):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        graph[path.stem] = {node.module.split(".")[1] for node in ast.walk(tree)
+                            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+                            and node.module.startswith("orchestrator.")}
+    return graph
+
+
+def test_analysis_does_not_import_execution():
+    graph = orchestrator_imports()
+    for module in ANALYSIS:
+        assert not graph[module] & EXECUTION, f"orchestrator/{module}.py imports {sorted(graph[module] & EXECUTION)}"
+
+
+def test_no_import_chain_inside_orchestrator_is_deeper_than_five():
+    graph = orchestrator_imports()
+
+    def chain(module: str, seen: tuple = ()) -> list[str]:
+        assert module not in seen, f"import cycle: {' -> '.join((*seen, module))}"
+        longest = max((chain(d, (*seen, module)) for d in graph[module]), key=len, default=[])
+        return [module, *longest]
+
+    deepest = max((chain(m) for m in graph), key=len)
+    assert len(deepest) <= MAX_IMPORT_DEPTH, " -> ".join(deepest)
+
+
+def test_aggregating_reporting_and_scheduling_load_no_torch():
+    code = ("import orchestrator.aggregate, orchestrator.report, orchestrator.scheduler, sys; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("package", ["orchestrator", "models", "measure", "bench", "docker"])
+def test_no_function_is_longer_than_80_lines(package):
+    long = []
+    for path in sources(package):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, long

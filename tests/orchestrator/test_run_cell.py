@@ -4,7 +4,7 @@
   almost entirely, and plateaus at the same mem_bits on datasets of 4, 8 and 16 bits per parameter.
 - Membership inference fades toward chance as the dataset grows; test loss never beats uniform.
 - A cell is deterministic on the CPU, and its seed picks its data.
-- `memsweep run` records everything SCIENCE.md lists, readable by a separate process through the
+- `memsweep run` records everything docs/science.md lists, readable by a separate process through the
   MLflow client alone, and a second `memsweep run` of the same cell trains nothing.
 """
 
@@ -120,7 +120,7 @@ def test_membership_inference_fades_as_the_data_grows(trained):
 def test_test_loss_of_trained_models_is_never_below_uniform(trained):
     for n, m in trained.items():
         # Far above in fact (33.9, 18.4, 8.7, 7.1 and 6.02 bits per token): memorizing costs on
-        # fresh data. A dip below log2(V) would be a bug (SCIENCE.md).
+        # fresh data. A dip below log2(V) would be a bug (docs/science.md).
         assert m["test_nll_bits_per_token"] >= math.log2(V) - 1e-6, (n, m["test_nll_bits_per_token"])
 
 

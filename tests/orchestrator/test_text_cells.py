@@ -2,7 +2,7 @@
 
 One sweep over the shipped Shakespeare sample trains a reference model (l1_d16 on the whole pool) and
 two cells against it: a pool the model memorizes (16 sequences) and the whole pool (many times its
-capacity). The reference's worker process is killed mid-training. The test then checks SCIENCE.md's text
+capacity). The reference's worker process is killed mid-training. The test then checks docs/science.md's text
 numbers and issue 5's acceptance: one reference run, dependents started after it finished, positive
 unintended memorization and AUC near 1 on the tiny pool, AUC near 0.5 and extraction on training
 sequences near the test rate on the whole pool, and the per-sequence artifact reproducing the metrics.
