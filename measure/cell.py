@@ -99,11 +99,17 @@ def measure_cell(shape: CellShape, scores: Scores) -> Measurement:
     return _text(shape, scores)
 
 
-def training_metrics(steps: int, converged: bool, resumed_from_step: int, wall_s: float,
-                     tokens_per_s: float) -> dict[str, float]:
-    """The metrics of how a cell was trained, as floats (MLflow holds floats only)."""
-    return {"steps": float(steps), "converged": float(converged), "resumed_from_step": float(resumed_from_step),
-            "wall_s": wall_s, "tokens_per_s": tokens_per_s}
+def training_metrics(steps: int, converged: bool, resumed_from_step: int, wall_s: float, tokens_per_s: float,
+                     converged_step: int | None = None, gain_last_doubling: float | None = None,
+                     decay_start_step: int | None = None) -> dict[str, float]:
+    """The metrics of how a cell was trained, as floats (MLflow holds floats only); those that do not
+    apply (None) are left out."""
+    metrics = {"steps": float(steps), "converged": float(converged), "resumed_from_step": float(resumed_from_step),
+               "wall_s": wall_s, "tokens_per_s": tokens_per_s}
+    optional = {"converged_step": converged_step, "mem_gain_last_doubling": gain_last_doubling,
+                "decay_start_step": decay_start_step}
+    metrics.update({name: float(value) for name, value in optional.items() if value is not None})
+    return metrics
 
 
 def _loss_attack(scores: Scores) -> dict[str, float]:

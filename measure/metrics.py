@@ -88,7 +88,15 @@ CELL_METRICS: tuple[Metric, ...] = (
            label="test loss (bits/token)"),
     *_attack("loss"),
     Metric("steps", "steps", "optimizer steps taken, across resumes"),
-    Metric("converged", "0 or 1", "1 when training stopped because mem_bits had converged, 0 at the step cap"),
+    Metric("converged", "0 or 1",
+           "1 when, after the schedule's final decay, mem_bits grew by less than converge_tol over the last "
+           "doubling of the steps (the cell then stopped); 0 when it reached max_steps without that"),
+    Metric("converged_step", "steps", "the evaluation step at which the convergence rule held (absent when "
+           "unconverged)"),
+    Metric("mem_gain_last_doubling", "fraction",
+           "(m(t) - m(t/2)) / m(t) at the last evaluation t: mem_bits' relative growth over the last doubling "
+           "of the steps, m(t/2) read at the last evaluation at or before t/2"),
+    Metric("decay_start_step", "steps", "wsd: the step the cool-down started (absent for other schedules)"),
     Metric("resumed_from_step", "steps", "the step this process resumed from (0 for a fresh start)"),
     Metric("wall_s", "s", "training wall time, summed across resumes"),
     Metric("tokens_per_s", "tokens/s", "training throughput of the last process that trained the cell"),

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field
 
 PRECISIONS = ("fp32", "bf16", "amp_bf16")
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("wsd", "cosine", "constant")
 FORMATS = ("text", "jsonl", "parquet")  # corpus file formats models/text.py reads
 TOKENIZERS = ("bytes", "bpe")
 BYTE_VOCAB_SIZE = 257  # the byte tokenizer's ids: 256 bytes, then the end of a document
@@ -175,14 +175,24 @@ class ReferenceOptions:
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """The training recipe. AdamW with linear warm-up, then a cosine decay to `min_lr_ratio * lr`
-    (or a constant rate), stopped at `max_steps` or earlier once mem_bits has converged: its relative
-    spread over the last `converge_window` evaluations is below `converge_tol`."""
+    """The training recipe: AdamW with a linear warm-up, then one of three schedules
+    (models/progress.py has the rules, docs/science.md the definitions):
+
+    - `wsd` (warmup-stable-decay): the constant rate `lr` until mem_bits gains less than `trigger_tol`
+      (relative) over the last doubling of the steps, then a linear cool-down over `cooldown_fraction`
+      of the steps taken so far to `min_lr_ratio * lr`, which it keeps. The cool-down starts in time
+      to end at `max_steps` at the latest.
+    - `cosine`: a cosine decay from `lr` to `min_lr_ratio * lr` over `max_steps`.
+    - `constant`: `lr` throughout (no decay).
+
+    A cell has converged when, at an evaluation after the schedule's final decay, mem_bits grew by less
+    than `converge_tol` (relative) over the last doubling of its steps: m(t) - m(t/2) < tol * m(t). It
+    then stops; `max_steps` is a cap, and a cell that reaches it without converging is unconverged."""
 
     max_steps: int
     batch_size: int
     lr: float
-    schedule: str = "cosine"
+    schedule: str = "wsd"
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
@@ -191,7 +201,8 @@ class TrainSpec:
     grad_clip: float = 1.0
     eval_interval: int = 250
     converge_tol: float = 0.01
-    converge_window: int = 4
+    trigger_tol: float = 0.02  # wsd: the stable phase ends when the gain per doubling falls below it
+    cooldown_fraction: float = 0.2  # wsd: the cool-down lasts this fraction of the steps taken so far
     checkpoint_interval: int = 1000
 
     def __post_init__(self) -> None:
@@ -202,6 +213,8 @@ class TrainSpec:
             lr=self.lr,
             eval_interval=self.eval_interval,
             converge_tol=self.converge_tol,
+            trigger_tol=self.trigger_tol,
+            cooldown_fraction=self.cooldown_fraction,
             checkpoint_interval=self.checkpoint_interval,
         )
         if self.schedule not in SCHEDULES:
@@ -217,8 +230,6 @@ class TrainSpec:
                 raise SpecError(f"train.{name}={getattr(self, name)} must be in [0, 1)")
         if self.grad_clip < 0:
             raise SpecError(f"train.grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
-        if self.converge_window < 2:
-            raise SpecError(f"train.converge_window={self.converge_window} must be at least 2")
 
 
 @dataclass(frozen=True)

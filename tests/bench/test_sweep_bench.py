@@ -14,5 +14,4 @@ def test_the_grid_is_the_same_cells_for_memsweep_and_tune(memsweep_root):
     for spec in specs.values():
         assert spec.model.name == "l1_d16" and spec.precision == "fp32"
         assert spec.train.max_steps == steps
-        evaluations = steps // spec.train.eval_interval
-        assert spec.train.converge_window > evaluations, "a cell could stop early"
+        assert spec.train.schedule == "cosine", "a cell could stop early"

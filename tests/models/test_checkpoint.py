@@ -93,13 +93,20 @@ class Crash(RuntimeError):
     pass
 
 
-def resume_spec(precision: str) -> CellSpec:
+# Schedules under test: cosine, and wsd whose cool-down is triggered at step K (the gain per doubling
+# falls under 90% there) and ends at K + 5: the checkpoint at K holds a triggered schedule, the crash
+# comes mid-way through the floor phase, and nothing converges (tolerance 1e-12).
+SCHEDULES = {"cosine": {"schedule": "cosine"},
+             "wsd": {"schedule": "wsd", "trigger_tol": 0.9, "cooldown_fraction": 0.25}}
+
+
+def resume_spec(precision: str, schedule: str = "cosine") -> CellSpec:
     return CellSpec(
         model=ModelSpec("l2_d16", n_layer=2, n_head=2, n_embd=16),
         data=DataSpec(vocab_size=64, seq_len=32, num_sequences=16, num_nonmembers=16),
         train=TrainSpec(
-            max_steps=2 * K, batch_size=12, lr=1e-2, schedule="cosine", warmup_steps=5,
-            eval_interval=10, checkpoint_interval=K, converge_tol=1e-12,  # never stops early
+            max_steps=2 * K, batch_size=12, lr=1e-2, warmup_steps=5, eval_interval=10, checkpoint_interval=K,
+            converge_tol=1e-12, **SCHEDULES[schedule],  # never stops early
         ),
         precision=precision,
         seed=3,
@@ -124,9 +131,9 @@ def run(spec, members, store, crash_at=None):
     return result, seen
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_crash_after_k_then_resume_to_2k_equals_2k_straight(tmp_path, precision):
-    spec = resume_spec(precision)
+@pytest.mark.parametrize("precision, schedule", [("fp32", "cosine"), ("bf16", "cosine"), ("fp32", "wsd")])
+def test_crash_after_k_then_resume_to_2k_equals_2k_straight(tmp_path, precision, schedule):
+    spec = resume_spec(precision, schedule)
     members = synthetic_members(spec.data, spec.seed)
     straight, straight_seen = run(spec, members, CheckpointStore(str(tmp_path / "a"), spec.cell_id))
 
@@ -142,6 +149,7 @@ def test_crash_after_k_then_resume_to_2k_equals_2k_straight(tmp_path, precision)
     for step in resumed_seen:  # the same batches, learning rates and optimizer state
         assert resumed_seen[step] == straight_seen[step], step
     assert resumed.mem_history == straight.mem_history  # the history before K came from the checkpoint
+    assert resumed.decay_start_step == straight.decay_start_step == (K if schedule == "wsd" else None)
     straight_params = dict(straight.model.named_parameters())
     for name, p in resumed.model.named_parameters():
         assert p.dtype == straight_params[name].dtype

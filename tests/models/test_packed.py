@@ -30,7 +30,8 @@ def one_torch_thread():
 
 def cell(num_sequences: int, seed: int, precision: str = "fp32", **train) -> CellSpec:
     recipe = dict(max_steps=240, batch_size=32, lr=1e-2, warmup_steps=20, eval_interval=20,
-                  converge_window=3, converge_tol=0.02, checkpoint_interval=60)
+                  schedule="wsd", trigger_tol=0.02, cooldown_fraction=0.25, converge_tol=0.02,
+                  checkpoint_interval=60)
     recipe.update(train)
     return CellSpec(ModelSpec("l1_d16", 1, 2, 16), DataSpec(64, 32, num_sequences, 64), TrainSpec(**recipe),
                     precision, seed)
@@ -86,10 +87,12 @@ def test_incompatible_cells_are_refused():
 
 @pytest.mark.slow
 def test_packed_equals_separate_with_an_early_stop():
-    specs = [cell(16, 0), cell(128, 1), cell(48, 2)]
+    # The small cell's gain per doubling falls under 5% by step 200: it cools down and converges at 250.
+    early = dict(max_steps=300, trigger_tol=0.05)
+    specs = [cell(16, 0, **early), cell(128, 1, **early), cell(48, 2, **early)]
     alone, together = separately(specs), packed(specs)
-    assert together[0].converged and together[0].steps < 240, "the small cell stopped early"
-    assert not together[1].converged and together[1].steps == 240, "the large one went on to the end"
+    assert together[0].converged and together[0].steps < 300, "the small cell stopped early"
+    assert not together[1].converged and together[1].steps == 300, "the large one went on to the end"
     for a, b in zip(alone, together):
         assert_same(a, b)
 

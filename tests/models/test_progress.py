@@ -1,10 +1,14 @@
 """One cell's training rules (models/progress.py), without training: when to evaluate, checkpoint and
-stop, the learning rate of each step, and the bookkeeping a checkpoint keeps and a resume restores."""
+stop, the learning rate of each step under each schedule, the scale-free convergence rule, and the
+bookkeeping a checkpoint keeps and a resume restores."""
 
+import math
+
+import pytest
 import torch
 
 from models.checkpoint import CheckpointStore
-from models.progress import CellProgress, learning_rate
+from models.progress import CellProgress, forced_decay_start, gain_over_last_doubling, learning_rate
 from models.spec import CellSpec, DataSpec, ModelSpec, TrainSpec
 
 MEM_BITS = [10.0, 20.0, 25.0, 25.0, 25.0, 25.0]  # a curve that flattens after the third evaluation
@@ -12,19 +16,24 @@ MEM_BITS = [10.0, 20.0, 25.0, 25.0, 25.0, 25.0]  # a curve that flattens after t
 
 def spec(**train) -> CellSpec:
     recipe = dict(max_steps=10, batch_size=4, lr=1e-2, warmup_steps=2, eval_interval=3, checkpoint_interval=4,
-                  converge_window=3, converge_tol=1e-12)
+                  schedule="cosine", converge_tol=1e-12)
     return CellSpec(ModelSpec("l1_d16", 1, 2, 16), DataSpec(64, 8, 16, 16), TrainSpec(**{**recipe, **train}),
                     "fp32", 0)
 
 
-def walk(progress: CellProgress) -> dict[str, list]:
-    """Run the loop's bookkeeping to the end, as train() does; what was due at which step."""
+def from_list(progress: CellProgress) -> float:
+    return MEM_BITS[len(progress.mem_history) % len(MEM_BITS)]
+
+
+def walk(progress: CellProgress, curve=from_list) -> dict[str, list]:
+    """Run the loop's bookkeeping to the end, as train() does; what was due at which step. `curve`
+    gives mem_bits at an evaluation (from the progress, e.g. its step)."""
     seen = {"lr": [], "evaluations": [], "checkpoints": []}
     while not progress.done:
         seen["lr"].append(progress.learning_rate())
         progress.advance()
         if progress.evaluation_due:
-            progress.record_evaluation(MEM_BITS[len(progress.mem_history) % len(MEM_BITS)])
+            progress.record_evaluation(curve(progress))
             seen["evaluations"].append(progress.step)
         if progress.checkpoint_due:
             seen["checkpoints"].append(progress.step)
@@ -42,48 +51,113 @@ def test_cadence_of_evaluations_checkpoints_and_learning_rates():
     assert progress.step == 10 and not progress.converged and progress.done
 
 
-def test_a_converged_cell_stops_and_saves_its_final_state_off_the_checkpoint_interval():
-    progress = CellProgress.resume(spec(max_steps=100, converge_tol=0.01), None)
-    seen = walk(progress)
-    # mem_bits 25, 25, 25 at steps 9, 12, 15: the third flat evaluation converges the cell.
-    assert progress.converged and progress.step == 15
-    assert seen["evaluations"] == [3, 6, 9, 12, 15]
-    assert seen["checkpoints"] == [4, 8, 12, 15]
+def test_gain_over_the_last_doubling_reads_the_evaluation_at_or_before_half_the_steps():
+    assert gain_over_last_doubling([]) is None
+    assert gain_over_last_doubling([(100, 5.0)]) is None  # nothing at or before step 50
+    assert gain_over_last_doubling([(50, 4.0), (100, 5.0)]) == pytest.approx(0.2)
+    assert gain_over_last_doubling([(40, 2.0), (60, 4.0), (100, 5.0)]) == pytest.approx(0.6)  # 40, not 60
+    assert gain_over_last_doubling([(50, 0.0), (100, 0.0)]) is None
 
 
-def test_a_checkpoint_round_trips_the_bookkeeping(tmp_path):
-    cell = spec(max_steps=100, converge_tol=0.01)
+@pytest.mark.parametrize("scale", [1, 100, 10_000])
+def test_the_rule_fires_on_a_plateau_and_never_on_a_slow_climb_at_any_step_scale(scale):
+    """A saturating curve converges a few doublings after it flattens, wherever that is; a power-law
+    climb gains the same 3.4% per doubling at every scale and never converges (a fixed window of
+    steps would fire on it once the steps are many)."""
+    def recipe(max_steps):
+        return spec(schedule="constant", warmup_steps=0, max_steps=max_steps, eval_interval=scale,
+                    checkpoint_interval=max_steps, converge_tol=0.01)
+
+    plateau = CellProgress.resume(recipe(1000 * scale), None)
+    walk(plateau, lambda p: 1000.0 * (1 - math.exp(-p.step / (20 * scale))))
+    assert plateau.converged and 100 * scale <= plateau.converged_step <= 200 * scale
+    assert plateau.gain < 0.01
+
+    climb = CellProgress.resume(recipe(1000 * scale), None)
+    walk(climb, lambda p: p.step ** 0.05)
+    assert not climb.converged and climb.step == 1000 * scale
+    assert climb.gain == pytest.approx(1 - 2 ** -0.05, rel=0.01)
+
+
+def test_cosine_is_measured_only_when_its_decay_is_over():
+    flat = CellProgress.resume(spec(schedule="cosine", max_steps=60, converge_tol=0.01), None)
+    seen = walk(flat, lambda p: 25.0)  # flat from the start: the rule would hold at once
+    assert flat.converged_step == 60 and seen["evaluations"][-1] == 60
+
+
+def test_wsd_holds_the_rate_cools_down_once_the_gain_is_small_then_stops_when_the_rule_holds():
+    cell = spec(schedule="wsd", max_steps=10_000, warmup_steps=10, eval_interval=100, checkpoint_interval=1000,
+                trigger_tol=0.02, cooldown_fraction=0.25, min_lr_ratio=0.1, converge_tol=0.01)
     progress = CellProgress.resume(cell, None)
-    for _ in range(8):
+    # Saturates with a time scale of 100 steps: the gain per doubling falls under 2% by step 600.
+    seen = walk(progress, lambda p: 1000.0 * (1 - math.exp(-p.step / 100)))
+    start, end = progress.decay
+    assert start % 100 == 0 and 400 <= start <= 800 and end == start + round(0.25 * start)
+    assert end in seen["evaluations"]  # measured right where the cool-down ends
+    lr = seen["lr"]  # lr[s]: the rate of the step taken from s
+    assert lr[9] == 1e-2 and all(rate == 1e-2 for rate in lr[10:start])  # warm-up done, then stable
+    assert lr[start] == 1e-2 and lr[start + 1] < 1e-2 and lr[end - 1] > 1e-3
+    assert all(a > b for a, b in zip(lr[start:end], lr[start + 1:end]))  # a linear decay ...
+    assert all(rate == pytest.approx(1e-3) for rate in lr[end:])  # ... to the floor, kept
+    assert progress.converged_step == end  # this curve is flat by then
+    assert progress.result(model=None).decay_start_step == start
+
+
+def test_wsd_starts_its_cool_down_in_time_to_end_at_the_cap():
+    cell = spec(schedule="wsd", max_steps=1200, warmup_steps=10, eval_interval=100, checkpoint_interval=1000,
+                trigger_tol=0.02, cooldown_fraction=0.2, converge_tol=0.01)
+    progress = CellProgress.resume(cell, None)
+    walk(progress, lambda p: float(p.step))  # doubles with the steps: never triggers by itself
+    assert forced_decay_start(cell.train) == 1000 and progress.decay == (1000, 1200)
+    assert progress.step == 1200 and not progress.converged  # the cap: unconverged
+    assert progress.learning_rate() == pytest.approx(cell.train.min_lr_ratio * cell.train.lr)
+
+
+def test_a_checkpoint_mid_cool_down_round_trips_and_goes_on_as_the_straight_run(tmp_path):
+    cell = spec(schedule="wsd", max_steps=400, warmup_steps=5, eval_interval=10, checkpoint_interval=7,
+                trigger_tol=0.5, cooldown_fraction=1.0, converge_tol=1e-12)
+
+    def curve(p):
+        return 100.0 + p.step
+
+    progress = CellProgress.resume(cell, None)
+    while progress.decay is None or progress.step < progress.decay[0] + 3:
         progress.advance()
         if progress.evaluation_due:
-            progress.record_evaluation(MEM_BITS[len(progress.mem_history)])
+            progress.record_evaluation(curve(progress))
     progress.prior_wall_s = 5.0
     store = CheckpointStore(str(tmp_path), cell.cell_id)
     store.save(progress.step, {"weights": {}, "optimizer": {}, **progress.checkpoint_state()})
 
     saved = store.load_latest()
-    assert set(saved) == {"weights", "optimizer", "rng", "step", "wall_s", "mem_history", "cell_id"}
+    assert set(saved) == {"weights", "optimizer", "rng", "step", "wall_s", "mem_history", "schedule", "cell_id"}
     assert torch.equal(saved["rng"]["torch"], torch.get_rng_state())
     resumed = CellProgress.resume(cell, saved)
-    assert (resumed.step, resumed.resumed_from_step) == (8, 8)
-    assert resumed.mem_history == [(3, 10.0), (6, 20.0)] == progress.mem_history
-    assert resumed.prior_wall_s == saved["wall_s"] >= 5.0 and not resumed.converged
+    assert (resumed.step, resumed.resumed_from_step, resumed.decay) == (progress.step,) * 2 + (progress.decay,)
+    assert resumed.mem_history == progress.mem_history and resumed.prior_wall_s >= 5.0
 
-    # It goes on exactly as the straight run does.
-    straight, later = CellProgress.resume(cell, None), resumed
-    walk(straight)
-    walk(later)
-    assert later.mem_history == straight.mem_history and later.step == straight.step
+    straight = CellProgress.resume(cell, None)
+    straight_seen, resumed_seen = walk(straight, curve), walk(resumed, curve)
+    assert resumed_seen["lr"] == straight_seen["lr"][-len(resumed_seen["lr"]):]
+    assert (resumed.mem_history, resumed.decay, resumed.step) == (straight.mem_history, straight.decay, straight.step)
 
 
 def test_a_converged_checkpoint_resumes_done_with_nothing_to_save():
-    cell = spec(max_steps=100, converge_tol=0.01)
-    # A checkpoint in the format train() has always written (these keys, histories as lists).
+    cell = spec(max_steps=100, converge_tol=0.01, schedule="wsd")
+    saved = {"weights": {}, "optimizer": {}, "rng": {"torch": torch.get_rng_state()}, "step": 60,
+             "wall_s": 2.0, "mem_history": [[30, 25.0], [60, 25.0]], "cell_id": cell.cell_id,
+             "schedule": {"decay": [48, 60], "converged_step": 60}}
+    progress = CellProgress.resume(cell, saved)
+    assert progress.converged and progress.done and not progress.checkpoint_due
+    assert progress.decay == (48, 60)
+
+
+def test_a_checkpoint_from_before_schedules_had_state_resumes_unconverged_in_the_first_phase():
+    cell = spec(max_steps=100, converge_tol=0.01, schedule="wsd")
     saved = {"weights": {}, "optimizer": {}, "rng": {"torch": torch.get_rng_state()}, "step": 15,
              "wall_s": 2.0, "mem_history": [[9, 25.0], [12, 25.0], [15, 25.0]], "cell_id": cell.cell_id}
     progress = CellProgress.resume(cell, saved)
-    assert progress.converged and progress.done and not progress.checkpoint_due
+    assert not progress.converged and not progress.done and progress.decay is None
     assert progress.mem_history == [(9, 25.0), (12, 25.0), (15, 25.0)]
 
 
@@ -98,3 +172,4 @@ def test_the_result_counts_this_sessions_steps_and_time():
     assert result.wall_s == 3.0 + progress.session_s and progress.session_s > 0
     assert result.tokens_per_s == 6 * 4 * 8 / progress.session_s  # steps * batch_size * seq_len / s
     assert result.mem_history == [(3, 10.0), (6, 20.0), (9, 25.0), (10, 25.0)]
+    assert result.gain_last_doubling == pytest.approx((25.0 - 10.0) / 25.0)  # step 10 against step 3 (<= 5)

@@ -17,7 +17,7 @@ from tests.orchestrator.test_sweeps import assert_one_finished_run_each
 pytestmark = pytest.mark.slow
 
 GRID = ["sweep=smoke", "cluster.num_gpus=1", "cluster.num_cpus=4", "seed=0,1", "train.max_steps=200",
-        "train.eval_interval=50", "train.converge_window=100"]
+        "train.eval_interval=50", "train.schedule=cosine"]
 
 
 def launch(root, tmp_path, *extra) -> dict:

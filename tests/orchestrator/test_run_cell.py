@@ -39,8 +39,9 @@ FINAL_METRICS = [
     "params", "params_paper", "entropy_bits", "mem_bits", "mem_bits_unclipped", "mem_fraction",
     "bits_per_param", "predicted_mem_bits", "sequences_per_param", "train_nll_bits_per_token",
     "test_nll_bits_per_token", "loss_auc", "loss_tpr_at_1pct_fpr", "loss_tpr_at_0p1pct_fpr", "loss_f1",
-    "steps", "converged", "resumed_from_step", "wall_s", "tokens_per_s",
+    "steps", "converged", "resumed_from_step", "wall_s", "tokens_per_s", "mem_gain_last_doubling",
 ]
+OPTIONAL = {"converged_step", "decay_start_step"}  # logged when the cell converged / cooled down
 TIMING = {"wall_s", "tokens_per_s"}
 
 
@@ -54,10 +55,16 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+# The figures below were measured with this short recipe (4,000 steps of cosine at lr 1e-2, batch 64);
+# these tests check measurement on trained models, not the default recipe's convergence (bench.convergence
+# and the laptop sweep do that), and the short recipe keeps them affordable in CI.
+SHORT_RECIPE = ["train.schedule=cosine", "train.max_steps=4000"]
+
+
 def cell_for(num_sequences: int, root: Path, *more: str):
-    """l1_d16 with the default `train=cpu` recipe (lr 1e-2, batch 64, 4,000 steps), on the CPU."""
+    """l1_d16 with the short cosine recipe, on the CPU."""
     return compose_cell(["model=l1_d16", f"data.num_sequences={num_sequences}", f"root_dir={root}",
-                         "device=cpu", *more])
+                         "device=cpu", *SHORT_RECIPE, *more])
 
 
 # -- capacity and membership inference (the default recipe, 5 cells) -----------------------------------
@@ -156,7 +163,7 @@ def test_a_cell_is_deterministic_and_its_seed_picks_its_data(tmp_path):
     (m3, t3), _ = train_and_measure(other)
     assert m1["resumed_from_step"] == m2["resumed_from_step"] == 0 and m1["steps"] == 200
 
-    assert sorted(m1) == sorted(FINAL_METRICS)
+    assert set(FINAL_METRICS) <= set(m1) <= set(FINAL_METRICS) | OPTIONAL
     for key in set(FINAL_METRICS) - TIMING:
         assert m1[key] == m2[key], key
     np.testing.assert_array_equal(t1["nll_bits"].to_numpy(), t2["nll_bits"].to_numpy())
