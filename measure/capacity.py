@@ -1,9 +1,10 @@
 """Capacity, bits per parameter and the membership-inference scaling law over a sweep.
 
 docs/science.md, "Capacity (sweep)", "Alpha" and "The MIA law": a model's capacity is its plateau of
-memorized bits as the dataset grows; alpha (bits per parameter) is the slope through the origin of
-capacity against params; the MIA law ties balanced F1 to sequences per parameter. Inputs are plain
-arrays taken from the sweep's table, one row per cell.
+memorized bits as the dataset grows; alpha (bits per parameter) is given by two statistics over the
+shapes of one precision, the slope through the origin of capacity against params and the mean of
+capacity / params, each with a two-level bootstrap interval (shapes, then seeds); the MIA law ties
+balanced F1 to sequences per parameter. Inputs are plain arrays taken from the sweep's table.
 """
 
 from __future__ import annotations
@@ -22,106 +23,145 @@ class CapacityEstimate:
     capacity_bits: float  # seed-mean mem_bits at the dataset size where that mean is largest
     seed_std_bits: float  # sample std (ddof=1) of mem_bits over seeds at that size; 0 for one seed
     num_sequences_at_max: int  # the dataset size N of the maximum
-    lower_bound: bool  # True when a cell at that size had not converged: capacity may be higher
+    lower_bound: bool  # True when a plateau cell had not converged: capacity may be higher
+    unconverged_plateau_cells: tuple[int, ...]  # input positions of those cells (H(X) > capacity)
 
 
-def capacity(dataset_sizes, mem_bits, converged) -> CapacityEstimate:
+def capacity(dataset_sizes, mem_bits, converged, entropy_bits) -> CapacityEstimate:
     """Capacity of one (model shape, precision) from its cells, each argument shape (num_cells,).
 
     `dataset_sizes` holds each cell's N (number of training sequences), `mem_bits` its dataset
-    memorization, `converged` whether its mem_bits had settled. Cells sharing N are the seeds of
-    that size and are averaged first; the capacity is the largest of those means (the smallest N
-    wins a tie). It is flagged a lower bound when any seed at that N had not converged, since
-    training longer could only have memorized more.
+    memorization, `converged` whether its mem_bits had settled, `entropy_bits` its H(X). Cells
+    sharing N are the seeds of that size and are averaged first; the capacity is the largest of
+    those means (the smallest N wins a tie).
+
+    It is a lower bound when any cell whose H(X) exceeds the capacity had not converged, wherever
+    its N: those cells hold more bits than the capacity, so training one longer could lift its size's
+    mean above the maximum. A cell with H(X) <= capacity cannot, whatever its state.
     """
     sizes = np.asarray(dataset_sizes).ravel()
     bits = np.asarray(mem_bits, dtype=np.float64).ravel()
     done = np.asarray(converged, dtype=bool).ravel()
-    if not sizes.size == bits.size == done.size:
+    entropy = np.asarray(entropy_bits, dtype=np.float64).ravel()
+    if not sizes.size == bits.size == done.size == entropy.size:
         raise ValueError(
-            f"dataset_sizes, mem_bits and converged differ in length: "
-            f"{sizes.size}, {bits.size}, {done.size}"
+            f"dataset_sizes, mem_bits, converged and entropy_bits differ in length: "
+            f"{sizes.size}, {bits.size}, {done.size}, {entropy.size}"
         )
     if sizes.size == 0:
         raise ValueError("no cells: capacity needs at least one (dataset size, mem_bits) pair")
-    if not np.all(np.isfinite(bits)):
-        raise ValueError("mem_bits contains NaN or infinite values")
+    if not (np.all(np.isfinite(bits)) and np.all(np.isfinite(entropy))):
+        raise ValueError("mem_bits or entropy_bits contains NaN or infinite values")
 
     unique_sizes, cell_to_size = np.unique(sizes, return_inverse=True)  # sorted ascending
     mean_bits = np.bincount(cell_to_size, weights=bits) / np.bincount(cell_to_size)
     best = int(np.argmax(mean_bits))
-    at_best = cell_to_size == best
-    seeds = bits[at_best]
+    seeds = bits[cell_to_size == best]
+    unconverged = np.flatnonzero((entropy > mean_bits[best]) & ~done)
     return CapacityEstimate(
         capacity_bits=float(mean_bits[best]),
         seed_std_bits=float(seeds.std(ddof=1)) if seeds.size > 1 else 0.0,
         num_sequences_at_max=int(unique_sizes[best]),
-        lower_bound=bool(not done[at_best].all()),
+        lower_bound=bool(unconverged.size),
+        unconverged_plateau_cells=tuple(int(i) for i in unconverged),
     )
+
+
+def alpha_slope(params, capacity_bits) -> np.ndarray:
+    """Least-squares slope through the origin of capacity against params along the last axis,
+    sum(P * C) / sum(P^2), in bits per parameter. It weights each shape by P^2, so the largest
+    shapes dominate (the paper's largest fp32 shape carries 65% of the weight)."""
+    p = np.asarray(params, dtype=np.float64)
+    c = np.asarray(capacity_bits, dtype=np.float64)
+    return (p * c).sum(axis=-1) / (p * p).sum(axis=-1)
+
+
+def alpha_mean_ratio(params, capacity_bits) -> np.ndarray:
+    """Mean over shapes of capacity / params along the last axis, in bits per parameter: every shape
+    weighs the same (the paper's "3.83 / 3.51" is this statistic)."""
+    return (np.asarray(capacity_bits, dtype=np.float64) / np.asarray(params, dtype=np.float64)).mean(axis=-1)
+
+
+# The two alpha statistics of docs/science.md, by their name in fits.json.
+ALPHA_STATISTICS = {"slope": alpha_slope, "mean_ratio": alpha_mean_ratio}
 
 
 @dataclass(frozen=True)
 class AlphaFit:
-    """Bits per parameter: least-squares slope through the origin, with a bootstrap interval."""
+    """One alpha statistic over the shapes of a precision, bits per parameter, with its interval."""
 
-    alpha: float  # bits per parameter
-    ci_low: float
-    ci_high: float
+    alpha: float
+    ci_low: float | None  # None with one shape: resampling shapes cannot show their scatter
+    ci_high: float | None
     n_models: int
 
 
-def _slope_through_origin(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Least-squares slope of y = a * x along the last axis: sum(x*y) / sum(x*x)."""
-    return (x * y).sum(axis=-1) / (x * x).sum(axis=-1)
+def _check_shapes(params: np.ndarray, per_shape: list[list[np.ndarray]]) -> None:
+    if params.size == 0 or params.size != len(per_shape):
+        raise ValueError(f"need one entry per shape and at least one shape: "
+                         f"{params.size} params, {len(per_shape)} mem_bits entries")
+    if not (np.all(np.isfinite(params)) and np.all(params > 0)):
+        raise ValueError("params must be positive and finite")
+    for sizes in per_shape:
+        if not sizes or any(seeds.size == 0 for seeds in sizes):
+            raise ValueError("every shape needs at least one dataset size with at least one seed")
+        if not all(np.all(np.isfinite(seeds)) for seeds in sizes):
+            raise ValueError("mem_bits contains NaN or infinite values")
 
 
-def fit_alpha(
-    params, capacity_bits_by_seed, *, n_boot: int = 1000, seed: int = 0, ci: float = 0.95
-) -> AlphaFit:
-    """Fit capacity_bits = alpha * params over M models of one precision.
+def _resampled_capacity(sizes: list[np.ndarray], rng, shape: tuple[int, ...]) -> np.ndarray:
+    """Capacities of one model shape with its seeds resampled, an array of `shape`: at every dataset
+    size the seeds are drawn with replacement and averaged, then the maximum over sizes is taken."""
+    means = [seeds[rng.integers(0, seeds.size, size=(*shape, seeds.size))].mean(axis=-1) for seeds in sizes]
+    return np.max(means, axis=0)
 
-    `params` has shape (M,). `capacity_bits_by_seed` has one entry per model: an array of that
-    model's per-seed capacities (any length >= 1), or a single number. The point estimate fits the
-    seed means.
 
-    The interval is a percentile bootstrap over seeds: each of `n_boot` replicates resamples every
-    model's seeds with replacement, averages them and refits the slope. A model with one seed then
-    adds no spread. When every model has a single seed that interval would collapse to the point, so
-    the replicates instead resample the models themselves (with replacement) and refit.
+def bootstrap_capacities(params, mem_bits_by_size, *, n_boot: int = 1000, seed: int = 0):
+    """Two-level bootstrap replicates of a precision's shapes: (params, capacity_bits), each of shape
+    (n_boot, M) for M shapes.
+
+    Each replicate draws M shapes with replacement; within each drawn shape it resamples the seeds
+    at each dataset size and retakes the capacity (maximum over sizes of the seed means). A shape
+    drawn twice gets two independent seed resamples. The replicates thus carry the scatter between
+    shapes as well as the seed noise. `mem_bits_by_size[m]` is shape m's list of per-size arrays of
+    seed mem_bits (bits).
     """
     p = np.asarray(params, dtype=np.float64).ravel()
-    per_model = [np.asarray(c, dtype=np.float64).ravel() for c in capacity_bits_by_seed]
-    if p.size == 0 or p.size != len(per_model):
-        raise ValueError(
-            f"need one capacity entry per model and at least one model: "
-            f"{p.size} params, {len(per_model)} capacity entries"
-        )
-    if any(c.size == 0 for c in per_model):
-        raise ValueError("a model has no capacity values")
-    if not (np.all(np.isfinite(p)) and all(np.all(np.isfinite(c)) for c in per_model)):
-        raise ValueError("params or capacity_bits_by_seed contain NaN or infinite values")
-    if np.any(p <= 0):
-        raise ValueError("params must be positive")
+    per_shape = [[np.asarray(s, dtype=np.float64).ravel() for s in sizes] for sizes in mem_bits_by_size]
+    _check_shapes(p, per_shape)
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, p.size, size=(n_boot, p.size))  # (n_boot, M) shape indices
+    # (shape, n_boot, slot): shape m's resampled capacity in every slot, of which `picks` keeps one.
+    candidates = np.stack([_resampled_capacity(sizes, rng, picks.shape) for sizes in per_shape])
+    rows, slots = np.indices(picks.shape)
+    return p[picks], candidates[picks, rows, slots]
+
+
+def fit_alpha(params, mem_bits_by_size, *, n_boot: int = 1000, seed: int = 0,
+              ci: float = 0.95) -> dict[str, AlphaFit]:
+    """Both alpha statistics (ALPHA_STATISTICS) of M shapes of one precision, with percentile
+    intervals from the two-level bootstrap of bootstrap_capacities (the same replicates for both).
+
+    `params` has shape (M,); `mem_bits_by_size[m]` is shape m's list of per-size arrays of seed
+    mem_bits. The point estimates use each shape's capacity, the maximum over sizes of the seed
+    means. With one shape every replicate draws it again: the interval would show seed noise only,
+    so it is None.
+    """
     if not 0.0 < ci < 1.0:
         raise ValueError(f"ci={ci} must lie strictly between 0 and 1")
-
-    mean_bits = np.array([c.mean() for c in per_model])
-    alpha = float(_slope_through_origin(p, mean_bits))
-
-    rng = np.random.default_rng(seed)
-    if all(c.size == 1 for c in per_model):
-        picks = rng.integers(0, p.size, size=(n_boot, p.size))  # (n_boot, M) model indices
-        boot_alpha = _slope_through_origin(p[picks], mean_bits[picks])
-    else:
-        # (n_boot, M): each column is one model's mean over its resampled seeds.
-        boot_means = np.stack(
-            [c[rng.integers(0, c.size, size=(n_boot, c.size))].mean(axis=1) for c in per_model],
-            axis=1,
-        )
-        boot_alpha = _slope_through_origin(p, boot_means)
+    p = np.asarray(params, dtype=np.float64).ravel()
+    per_shape = [[np.asarray(s, dtype=np.float64).ravel() for s in sizes] for sizes in mem_bits_by_size]
+    _check_shapes(p, per_shape)
+    capacities = np.array([max(seeds.mean() for seeds in sizes) for sizes in per_shape])
+    replicates = bootstrap_capacities(p, per_shape, n_boot=n_boot, seed=seed) if p.size > 1 else None
     tail = (1.0 - ci) / 2.0
-    ci_low, ci_high = np.quantile(boot_alpha, [tail, 1.0 - tail])
-    return AlphaFit(alpha=alpha, ci_low=float(ci_low), ci_high=float(ci_high), n_models=int(p.size))
+    fits = {}
+    for name, statistic in ALPHA_STATISTICS.items():
+        low = high = None
+        if replicates is not None:
+            low, high = (float(q) for q in np.quantile(statistic(*replicates), [tail, 1.0 - tail]))
+        fits[name] = AlphaFit(float(statistic(p, capacities)), low, high, int(p.size))
+    return fits
 
 
 def mia_law(x, c1, c2, c3):
@@ -187,6 +227,23 @@ def fit_mia_law(x, f1, p0=None) -> MiaLawFit:
     stds = np.sqrt(np.diag(pcov))
     rmse = float(np.sqrt(np.mean((ys - mia_law(xs, *popt)) ** 2)))
     return MiaLawFit(*(float(v) for v in popt), *(float(s) for s in stds), rmse=rmse)
+
+
+NO_TRANSITION_TOL = 0.02  # F1 this close to 1 (or to 0.5) in every cell: the cells show no transition
+
+
+def mia_law_unidentifiable(f1, tol: float = NO_TRANSITION_TOL) -> str | None:
+    """Why the MIA law cannot be fitted to these F1 values (fractions, shape (num_cells,)), or None.
+
+    When every cell sits within `tol` of 1 (all memorized) or of 0.5 (chance), the cells lie on one
+    flat tail of the sigmoid: any step placed beyond the data fits them to rounding error, so the
+    constants carry no information and are not reported.
+    """
+    values = np.asarray(f1, dtype=np.float64).ravel()
+    for level, what in ((1.0, "1 (every cell fully distinguished)"), (0.5, "0.5 (chance in every cell)")):
+        if values.size and np.all(np.abs(values - level) <= tol):
+            return f"no transition: all {values.size} F1 within {tol:g} of {what}"
+    return None
 
 
 def published_mia_law_as_printed(capacity_bits, num_sequences):

@@ -23,6 +23,7 @@ from measure.metrics import EXTRACTION_PREFIXES, EXTRACTION_SPLITS, extraction_n
 FIGSIZE = (7.5, 5.0)  # inches; 110 dpi gives PNGs of about 800 x 550 pixels
 DPI = 110
 MAX_CURVES = 60  # more lines than this are unreadable: a figure draws an even subset and says so
+PRECISIONS = ("fp32", "bf16", "amp_bf16")  # the order precisions are drawn (and coloured) in
 
 
 def _new(title: str, figsize=FIGSIZE, ncols: int = 1):
@@ -132,62 +133,86 @@ def mem_vs_entropy(groups: list[dict], reference: dict | None = None) -> tuple[F
 
 
 # -- 2: capacity against parameters -------------------------------------------------------------------------
+# The two alpha statistics (docs/science.md, "Alpha"), each drawn as a line alpha * params: the sweep's fit
+# in a full line weight, the paper's (computed the same way from its table) thinner.
+STATISTIC_LABELS = {"slope": "slope through origin", "mean_ratio": "mean of capacity/params"}
+STATISTIC_STYLES = {"slope": {"fit": "-", "paper": ":"}, "mean_ratio": {"fit": "--", "paper": "-."}}
+
+
+def _interval(fit: dict) -> str:
+    if fit.get("ci_low") is None or fit.get("ci_high") is None:
+        return "no interval (one shape)"
+    return f"[{fit['ci_low']:.2f}, {fit['ci_high']:.2f}]"
+
+
+def _alpha_lines(ax, line_p: np.ndarray, precision: str, alphas: dict, source: str, color) -> dict:
+    """One line alpha * params per statistic in `alphas` (statistic -> alpha, or -> {alpha, ci_low,
+    ci_high} for the sweep's fit); returns the plotted data by statistic."""
+    plotted = {}
+    for statistic, label in STATISTIC_LABELS.items():
+        value = alphas.get(statistic)
+        if value is None:
+            continue
+        alpha = float(value["alpha"] if isinstance(value, dict) else value)
+        text = f"{source} {precision}, {label}: {alpha:.3f} bits/param"
+        if isinstance(value, dict):
+            text += f" {_interval(value)}"
+        ax.plot(line_p, alpha * line_p, color=color, ls=STATISTIC_STYLES[statistic][source],
+                lw=1.4 if source == "fit" else 0.9, label=text)
+        plotted[statistic] = {"alpha": alpha, "params": _floats(line_p), "capacity_bits": _floats(alpha * line_p)}
+    return plotted
+
+
+def _sweep_points(ax, rows: list[dict], precision: str, color) -> dict:
+    """The sweep's capacities with seed-std bars; hollow where a capacity is a lower bound."""
+    params = _floats([m["params"] for m in rows])
+    bits = _floats([m["capacity_bits"] for m in rows])
+    std = _floats([m["seed_std_bits"] for m in rows])
+    lower = [bool(m["lower_bound"]) for m in rows]
+    for hollow, label in ((False, f"this sweep, {precision}"),
+                          (True, f"this sweep, {precision} (an unconverged plateau cell: lower bound)")):
+        chosen = [i for i, low in enumerate(lower) if low == hollow]
+        if chosen:
+            ax.errorbar([params[i] for i in chosen], [bits[i] for i in chosen], yerr=[std[i] for i in chosen],
+                        fmt="o", mfc="none" if hollow else color, color=color, ms=6 if hollow else 5, capsize=2,
+                        label=label)
+    return {"params": params, "capacity_bits": bits, "seed_std_bits": std, "lower_bound": lower}
+
+
 def capacity_vs_params(models: list[dict], alphas: dict[str, dict], reference: list[dict],
-                       paper_alpha: dict[str, float]) -> tuple[Figure, dict]:
-    """Capacity against params per precision with the fitted alpha lines, beside the paper's points.
+                       paper_alpha: dict[str, dict]) -> tuple[Figure, dict]:
+    """Capacity against params per precision with a line for each fitted alpha statistic, beside the
+    paper's points and its lines for the same statistics.
 
     `models`: one dict per (shape, precision) with `precision`, `params`, `capacity_bits`,
-    `seed_std_bits`, `lower_bound`. `alphas`: precision -> {alpha, ci_low, ci_high}. `reference`:
-    rows of the paper's table with `params` and `capacity_bits_<precision>`. `paper_alpha`: the
-    paper's mean bits per parameter by precision (3.83 fp32, 3.51 bf16).
+    `seed_std_bits`, `lower_bound`. `alphas`: precision -> fits.json's alpha entry, whose `slope` and
+    `mean_ratio` hold {alpha, ci_low, ci_high}. `reference`: rows of the paper's table with `params`
+    and `capacity_bits_<precision>`. `paper_alpha`: precision -> {"slope": ..., "mean_ratio": ...},
+    the paper's alpha by each statistic (measure.paper.paper_alpha).
     """
     fig, (ax,) = _new("Capacity against parameters")
     data = {"sweep": {}, "fit_lines": {}, "paper_points": {}, "paper_lines": {}}
-    known = ("fp32", "bf16", "amp_bf16")
     precisions = sorted(dict.fromkeys([m["precision"] for m in models] + list(alphas)),
-                        key=lambda p: (known.index(p) if p in known else len(known), p))
-    all_params = [m["params"] for m in models] + [r["params"] for r in reference]
-    lo, hi = _log_range(all_params, pad=1.5)
+                        key=lambda p: (PRECISIONS.index(p) if p in PRECISIONS else len(PRECISIONS), p))
+    lo, hi = _log_range([m["params"] for m in models] + [r["params"] for r in reference], pad=1.5)
     line_p = np.geomspace(lo, hi, 50)
     colors = {p: f"C{i}" for i, p in enumerate(precisions + [p for p in paper_alpha if p not in precisions])}
     for precision in precisions:
         rows = [m for m in models if m["precision"] == precision]
-        params = _floats([m["params"] for m in rows])
-        bits = _floats([m["capacity_bits"] for m in rows])
-        std = _floats([m["seed_std_bits"] for m in rows])
-        lower = [bool(m["lower_bound"]) for m in rows]
-        exact = [i for i, low in enumerate(lower) if not low]
-        bound = [i for i, low in enumerate(lower) if low]
-        color = colors[precision]
-        if exact:
-            ax.errorbar([params[i] for i in exact], [bits[i] for i in exact], yerr=[std[i] for i in exact],
-                        fmt="o", color=color, ms=5, capsize=2, label=f"this sweep, {precision}")
-        if bound:
-            ax.errorbar([params[i] for i in bound], [bits[i] for i in bound], yerr=[std[i] for i in bound],
-                        fmt="o", mfc="none", color=color, ms=6, capsize=2,
-                        label=f"this sweep, {precision} (not converged: lower bound)")
-        data["sweep"][precision] = {"params": params, "capacity_bits": bits, "seed_std_bits": std,
-                                    "lower_bound": lower}
+        data["sweep"][precision] = _sweep_points(ax, rows, precision, colors[precision])
         if precision in alphas:
-            fit = alphas[precision]
-            ax.plot(line_p, fit["alpha"] * line_p, color=color, lw=1.4,
-                    label=f"fit {precision}: {fit['alpha']:.2f} bits/param "
-                          f"[{fit['ci_low']:.2f}, {fit['ci_high']:.2f}]")
-            data["fit_lines"][precision] = {"alpha": float(fit["alpha"]), "params": _floats(line_p),
-                                            "capacity_bits": _floats(fit["alpha"] * line_p)}
+            data["fit_lines"][precision] = _alpha_lines(ax, line_p, precision, alphas[precision], "fit",
+                                                        colors[precision])
     for precision, alpha in paper_alpha.items():
         column = f"capacity_bits_{precision}"
         points = [r for r in reference if r.get(column) is not None]
         color = colors.get(precision, "0.4")
         if points:
             ax.scatter([r["params"] for r in points], [r[column] for r in points], marker="x", s=24,
-                       color=color, alpha=0.6, label=f"paper, {precision} (16 models)")
+                       color=color, alpha=0.6, label=f"paper, {precision} ({len(points)} models)")
             data["paper_points"][precision] = {"params": _floats([r["params"] for r in points]),
                                                "capacity_bits": _floats([r[column] for r in points])}
-        ax.plot(line_p, alpha * line_p, color=color, lw=0.9, ls=":",
-                label=f"paper mean {precision}: {alpha:.2f} bits/param")
-        data["paper_lines"][precision] = {"alpha": float(alpha), "params": _floats(line_p),
-                                          "capacity_bits": _floats(alpha * line_p)}
+        data["paper_lines"][precision] = _alpha_lines(ax, line_p, precision, alpha, "paper", color)
     if not models:
         _empty_note(ax, "no capacities from this sweep")
     ax.set_xscale("log")
@@ -195,54 +220,70 @@ def capacity_vs_params(models: list[dict], alphas: dict[str, dict], reference: l
     ax.set_xlabel("parameters (count)")
     ax.set_ylabel("capacity (bits)")
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")  # at most 3 entries per precision
+    _legend(fig, ax, len(ax.get_legend_handles_labels()[1]))
     return _finish(fig), data
 
 
 # -- 3: membership inference against sequences per parameter -------------------------------------------------
-def mia_vs_sequences_per_param(attacks: list[dict], alpha: float,
-                               validation: dict | None = None) -> tuple[Figure, dict]:
-    """MIA ROC AUC and balanced F1 against N / params, with the fitted law and the published forms.
+PAPER_SEQ_LEN = 64  # the paper's MIA law counts 64-token sequences: x64 = x * S / 64
 
-    `attacks`: one dict per attack with `attack`, arrays `x` (sequences per parameter), `auc`, `f1`,
-    and `fit` (dict with c1, c2, c3) or None when the law was not fitted. `alpha` (bits per parameter)
-    turns x into the as-printed law's Capacity/|D| = alpha / x. `validation`: optional published
-    observations, a dict with `label` and arrays `x`, `f1`, `f1_std`, drawn in grey on the F1 panel.
-    """
-    fig, (ax_auc, ax_f1) = _new("Membership inference against sequences per parameter",
-                                figsize=(11.0, 4.8), ncols=2)
-    data = {"attacks": {}, "published": {}}
-    xs = [v for a in attacks for v in _floats(a["x"])] + (_floats(validation["x"]) if validation else [])
-    # Wide enough to show the published law fall from ~1 to ~0.5 (x from ~0.01 to ~0.2).
-    lo, hi = _log_range(xs + [0.0337 / 3, 0.1], pad=3.0)
-    curve_x = np.geomspace(lo, hi, 300)
+
+def _mia_attacks(ax_auc, ax_f1, attacks: list[dict], curve_x: np.ndarray) -> dict:
+    """Each attack's cells on both panels, and its fitted law on the F1 panel when it was identifiable."""
+    plotted = {}
     for i, attack in enumerate(attacks):
-        color = f"C{i % 10}"
+        color, name, fit = f"C{i % 10}", attack["attack"], attack.get("fit")
         x, auc, f1 = _floats(attack["x"]), _floats(attack["auc"]), _floats(attack["f1"])
-        name = attack["attack"]
-        fit = attack.get("fit")
         size, alpha_pts = _marker_size(len(x))
         ax_auc.scatter(x, auc, color=color, s=size, alpha=alpha_pts, label=f"{name} attack")
         ax_f1.scatter(x, f1, color=color, s=size, alpha=alpha_pts,
-                      label=f"{name} attack" + ("" if fit else " (law not fitted)"))
+                      label=f"{name} attack" + ("" if fit else f" (no law: {attack.get('reason') or 'not fitted'})"))
         entry = {"x": x, "auc": auc, "f1": f1}
         if fit:
             fitted = mia_law(curve_x, fit["c1"], fit["c2"], fit["c3"])
             ax_f1.plot(curve_x, fitted, color=color, lw=1.5,
                        label=f"fit ({name}): c1={fit['c1']:.3g}, c2={fit['c2']:.3g}, c3={fit['c3']:.3g}")
             entry["fit_x"], entry["fit_f1"] = _floats(curve_x), _floats(fitted)
-        data["attacks"][name] = entry
-    if validation:
-        ax_f1.errorbar(validation["x"], validation["f1"], yerr=validation["f1_std"], fmt="s", ms=4,
-                       color="0.45", capsize=2, label=validation["label"])
-        data["validation"] = {k: _floats(validation[k]) for k in ("x", "f1", "f1_std")}
-    corrected = published_mia_law_corrected(curve_x, 1.0)  # |D|/P = x
-    printed = published_mia_law_as_printed(alpha, curve_x)  # Capacity/|D| = alpha * P / N = alpha / x
-    ax_f1.plot(curve_x, corrected, color="0.3", lw=1.0, ls="--", label="paper, as computed (Table 2)")
+        plotted[name] = entry
+    return plotted
+
+
+def _mia_published(ax_f1, published: dict, validation: dict | None, curve_x: np.ndarray) -> dict:
+    """The paper's two forms and its GPT-2 validation on this panel's x = N / params, converted from
+    its 64-token sequences: x64 = x * S / 64 (the identity when S = 64)."""
+    scale = published["seq_len"] / PAPER_SEQ_LEN
+    alpha = published["alpha"]
+    corrected = published_mia_law_corrected(curve_x * scale, 1.0)  # |D|/P = x64
+    printed = published_mia_law_as_printed(alpha, curve_x * scale)  # Capacity/|D| = alpha / x64
+    converted = "" if scale == 1 else f", x converted: x64 = x * {published['seq_len']:g} / 64"
+    ax_f1.plot(curve_x, corrected, color="0.3", lw=1.0, ls="--", label=f"paper, as computed (Table 2){converted}")
     ax_f1.plot(curve_x, printed, color="0.3", lw=1.0, ls=":",
                label=f"paper, as printed (Capacity = {alpha:.2f} bits/param x P)")
-    data["published"] = {"x": _floats(curve_x), "corrected_f1": _floats(corrected),
-                         "as_printed_f1": _floats(printed), "alpha": float(alpha)}
+    plotted = {"x": _floats(curve_x), "corrected_f1": _floats(corrected), "as_printed_f1": _floats(printed),
+               "alpha": float(alpha), "seq_len": float(published["seq_len"])}
+    if validation:
+        x = np.asarray(validation["x"], dtype=np.float64) / scale
+        ax_f1.errorbar(x, validation["f1"], yerr=validation["f1_std"], fmt="s", ms=4, color="0.45", capsize=2,
+                       label=validation["label"])
+        plotted["validation"] = {"x": _floats(x), "f1": _floats(validation["f1"]),
+                                 "f1_std": _floats(validation["f1_std"])}
+    return plotted
+
+
+def _mia_row(ax_auc, ax_f1, kind: dict, validation: dict | None) -> dict:
+    """One data kind's row: ROC AUC (left) and balanced F1 with the laws (right)."""
+    published = kind.get("published")
+    xs = [v for a in kind["attacks"] for v in _floats(a["x"])]
+    if published:  # wide enough to show the paper's law fall from ~1 to ~0.5 (x64 from ~0.01 to ~0.2)
+        xs += [v * PAPER_SEQ_LEN / published["seq_len"] for v in (0.0337 / 3, 0.1)]
+    lo, hi = _log_range(xs, pad=3.0)
+    curve_x = np.geomspace(lo, hi, 300)
+    plotted = {"attacks": _mia_attacks(ax_auc, ax_f1, kind["attacks"], curve_x)}
+    if published:
+        plotted["published"] = _mia_published(ax_f1, published, validation, curve_x)
+    elif kind.get("published_note"):
+        ax_f1.text(0.98, 0.02, kind["published_note"], ha="right", va="bottom", fontsize=7,
+                   transform=ax_f1.transAxes, color="0.4")
     for ax, what in ((ax_auc, "ROC AUC"), (ax_f1, "balanced F1")):
         ax.axhline(0.5, color="0.7", lw=0.8)
         ax.set_xscale("log")
@@ -251,11 +292,35 @@ def mia_vs_sequences_per_param(attacks: list[dict], alpha: float,
         ax.set_xlabel("sequences per parameter N / params (sequences/param)")
         ax.set_ylabel(f"{what} (fraction; 0.5 = chance)")
         ax.grid(True, which="major", alpha=0.3)
-        ax.legend(fontsize=7, loc="lower left")
-        if not attacks:
+        if kind["attacks"]:
+            ax.legend(fontsize=6, loc="lower left")
+        else:
             _empty_note(ax, "no finished cells")
-    ax_auc.set_title("ROC AUC", fontsize=10)
-    ax_f1.set_title("balanced F1 and the scaling law", fontsize=10)
+    ax_auc.set_title(f"{kind['kind']} cells: ROC AUC", fontsize=10)
+    ax_f1.set_title(f"{kind['kind']} cells: balanced F1 and the law fitted on them", fontsize=10)
+    return plotted
+
+
+def mia_vs_sequences_per_param(kinds: list[dict], validation: dict | None = None) -> tuple[Figure, dict]:
+    """MIA ROC AUC and balanced F1 against N / params, one row per data kind, with the law fitted on
+    that kind's cells; the paper's two published forms (and its GPT-2 validation on text) only where
+    `published` is given: the text row, the kind the paper fitted on.
+
+    `kinds`: one dict per data kind with `kind` (its name), `attacks` (one dict per attack with
+    `attack`, arrays `x` (sequences per parameter), `auc`, `f1`, `fit` ({c1, c2, c3}, or None when
+    the law is not identifiable) and `reason`), and `published`: None, or {seq_len (tokens per
+    sequence of the kind's cells), alpha (bits per parameter, for the as-printed form's Capacity)};
+    `published_note` says why a kind has none. `validation`: the paper's observations, a dict with
+    `label` and arrays `x` (|D|/P in 64-token sequences), `f1`, `f1_std`. No kind: one empty row.
+    """
+    rows = kinds or [{"kind": "no", "attacks": [], "published": None}]
+    fig, axes = plt.subplots(len(rows), 2, figsize=(11.0, 4.6 * len(rows)), dpi=DPI, squeeze=False)
+    fig.suptitle("Membership inference against sequences per parameter")
+    data = {"kinds": {}}
+    for (ax_auc, ax_f1), kind in zip(axes, rows):
+        plotted = _mia_row(ax_auc, ax_f1, kind, validation)
+        if kinds:
+            data["kinds"][kind["kind"]] = plotted
     return _finish(fig), data
 
 

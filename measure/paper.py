@@ -7,7 +7,9 @@ The three tables:
 - capacity_by_precision.csv: the paper's capacity table. 16 GPT-2-style shapes (1, 2, 4, 8 layers x
   d_model 32, 64, 128, 256) trained on uniform random tokens (V = 2048, S = 64): the parameter count,
   the capacity in bits trained in fp32 and in bf16, and bits per parameter (column means 3.83 fp32,
-  3.51 bf16).
+  3.51 bf16). paper_alpha() computes from it both alpha statistics a sweep reports, by the same
+  functions: the slope through the origin (3.875 fp32, 3.602 bf16) and the mean of capacity / params
+  (3.828, 3.517; the printed column's mean differs in the third decimal because it is rounded).
 - seq_len_vocab_sweep.csv: the appendix check that memorization is min(capacity, dataset entropy)
   when the sequence length or the vocabulary varies (4,096 sequences, 2 layers, d_model 128): measured
   and expected bits and their error in percent.
@@ -27,8 +29,8 @@ tests/measure/test_reference_tables.py):
   c2 = -0.034, c3 = -33.14, tends to about 1, not 0.5, as the dataset grows, against the paper's own
   text. The predicted F1 of mia_validation.csv are all reproduced by
   F1 = 1/2 * (1 + 1.34 * sigmoid(-33.14 * (|D|/P - 0.0337))): c2 and c3 swapped and |D|/P (training
-  sequences per parameter) in place of Capacity/|D|. measure/capacity.py has both forms; a report fits
-  its own law and shows both beside it.
+  sequences per parameter) in place of Capacity/|D|, for 64-token sequences. measure/capacity.py has
+  both forms; a report shows both beside the law it fits on text cells.
 - Not published: learning rate, schedule, warm-up, Adam betas, weight decay, clipping, dropout, head
   count, the dataset-size grids, and how the MIA threshold was chosen.
 
@@ -40,6 +42,8 @@ from __future__ import annotations
 import csv
 import importlib.resources
 import io
+
+from measure.capacity import ALPHA_STATISTICS
 
 # Each shipped table and its columns, in file order; the text columns stay strings, the rest are
 # numbers (the tables print most of them to 3 significant figures, "8.04e4").
@@ -77,3 +81,22 @@ def reference_rows(name: str) -> list[dict[str, float | str]]:
         except (TypeError, ValueError) as err:
             raise ValueError(f"{name}, line {line}: {err}") from err
     return rows
+
+
+# The paper's capacity column for each precision: the dtype the weights are kept in (amp_bf16 keeps
+# float32 weights; the paper has no autocast run).
+PAPER_CAPACITY_COLUMN = {"fp32": "fp32", "bf16": "bf16", "amp_bf16": "fp32"}
+
+
+def paper_alpha(precision: str) -> dict[str, float] | None:
+    """The paper's alpha (bits per parameter) for `precision`'s weight dtype by each statistic of
+    measure.capacity.ALPHA_STATISTICS, computed from capacity_by_precision.csv exactly as a sweep's
+    own: {"slope": 3.875, "mean_ratio": 3.828} for fp32 and amp_bf16, {"slope": 3.602,
+    "mean_ratio": 3.517} for bf16. None for a precision the table cannot stand for."""
+    column = PAPER_CAPACITY_COLUMN.get(precision)
+    if column is None:
+        return None
+    rows = reference_rows("capacity_by_precision.csv")
+    params = [r["params"] for r in rows]
+    capacities = [r[f"capacity_bits_{column}"] for r in rows]
+    return {name: float(statistic(params, capacities)) for name, statistic in ALPHA_STATISTICS.items()}

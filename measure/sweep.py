@@ -1,6 +1,6 @@
-"""Sweep-level fits from a table of cells: capacity per group, alpha per precision, the MIA law and the
-predictions, plus seed means of text cells (docs/science.md, "Capacity and bits per parameter" and
-"Membership inference").
+"""Sweep-level fits from a table of cells: capacity per group, alpha per precision (two statistics with
+two-level bootstrap intervals, beside the paper's), the MIA law per data kind and the predictions, plus
+seed means of text cells (docs/science.md, "Capacity (sweep)", "Alpha" and "The MIA law").
 
     fits = fit_sweep(cells, grouping(config_keys))   # a JSON-able dict: what fits.json holds
 
@@ -26,10 +26,11 @@ from measure.capacity import (
     fit_alpha,
     fit_mia_law,
     mem_prediction_error,
+    mia_law_unidentifiable,
     published_mia_law_as_printed,
     published_mia_law_corrected,
 )
-from measure.memorization import PAPER_ALPHA_BITS_PER_PARAM, predicted_mem_bits
+from measure.memorization import predicted_mem_bits
 from measure.metrics import (
     EXTRACTION_PREFIXES,
     EXTRACTION_SPLITS,
@@ -39,6 +40,7 @@ from measure.metrics import (
     extraction_name,
     metric_names,
 )
+from measure.paper import PAPER_CAPACITY_COLUMN, paper_alpha
 
 # -- grouping ---------------------------------------------------------------------------------------------
 SIZE, SEED = "data.num_sequences", "seed"
@@ -186,70 +188,111 @@ def plateau_reached(sizes, mem_bits, entropy_bits, capacity_bits: float) -> bool
     return bool(beyond.size >= 2 and abs(beyond[-1] - beyond[-2]) <= PLATEAU_TOL * abs(beyond[-2]))
 
 
-def fit_capacities(cols: dict[str, np.ndarray], keys: tuple[str, ...]) -> list[dict]:
-    """Capacity per (model shape, precision, data shape, recipe) group of finished cells."""
-    results = []
+def seed_mem_bits_by_size(sizes: np.ndarray, mem_bits: np.ndarray) -> list[np.ndarray]:
+    """One group's mem_bits split by dataset size (ascending): each entry holds that size's seeds."""
+    return [mem_bits[sizes == n] for n in np.unique(sizes)]
+
+
+def capacity_entry(group: CapacityGroup, cols: dict[str, np.ndarray]) -> dict:
+    """fits.json's record of one capacity group: the capacity, its seeds, and why it is a lower
+    bound when it is one (the unconverged cells whose H(X) exceeds it, and their N)."""
+    key_dict, rows = group.key, group.rows
+    sizes = cols["data.num_sequences"][rows].astype(np.int64)
+    mem, entropy = cols["mem_bits"][rows], cols["entropy_bits"][rows]
+    converged = np.nan_to_num(cols["converged"][rows], nan=0.0) > 0.5
+    estimate = capacity(sizes, mem, converged, entropy)
+    at_max = sizes == estimate.num_sequences_at_max
+    unconverged = list(estimate.unconverged_plateau_cells)
+    params = float(cols["params"][rows][0])
+    return {
+        "label": group.label,
+        "model": key_dict.get("model.name"),
+        "precision": key_dict.get("precision.name"),
+        "n_layer": key_dict.get("model.n_layer"),
+        "n_embd": key_dict.get("model.n_embd"),
+        "vocab_size": key_dict.get("data.vocab_size"),
+        "seq_len": key_dict.get("data.seq_len"),
+        "group": group.varying,
+        "params": params,
+        "params_paper": float(cols["params_paper"][rows][0]),
+        "capacity_bits": estimate.capacity_bits,
+        "seed_std_bits": estimate.seed_std_bits,
+        "num_sequences_at_max": estimate.num_sequences_at_max,
+        "entropy_bits_at_max": float(entropy[at_max][0]),
+        "lower_bound": estimate.lower_bound,
+        "lower_bound_cells": [str(c) for c in cols["cell_id"][rows][unconverged]],
+        "lower_bound_num_sequences": sorted({int(n) for n in sizes[unconverged]}),
+        "plateau_reached": plateau_reached(sizes, mem, entropy, estimate.capacity_bits),
+        "bits_per_param": estimate.capacity_bits / params,
+        "seed_capacities_bits": [float(v) for v in mem[at_max]],
+        "num_cells": int(rows.sum()),
+        "num_dataset_sizes": int(np.unique(sizes).size),
+    }
+
+
+def fit_capacities(cols: dict[str, np.ndarray], keys: tuple[str, ...]) -> tuple[list[dict], list[list[np.ndarray]]]:
+    """Capacity per (model shape, precision, data shape, recipe) group of finished cells, and beside
+    each group its seeds' mem_bits per dataset size (what the alpha bootstrap resamples)."""
+    entries, seeds = [], []
     for group in capacity_groups(cols, keys):
-        key_dict, rows = group.key, group.rows
-        sizes = cols["data.num_sequences"][rows].astype(np.int64)
-        mem = cols["mem_bits"][rows]
-        converged = np.nan_to_num(cols["converged"][rows], nan=0.0) > 0.5
-        estimate = capacity(sizes, mem, converged)
-        at_max = sizes == estimate.num_sequences_at_max
-        params = float(cols["params"][rows][0])
-        results.append({
-            "label": group.label,
-            "model": key_dict.get("model.name"),
-            "precision": key_dict.get("precision.name"),
-            "n_layer": key_dict.get("model.n_layer"),
-            "n_embd": key_dict.get("model.n_embd"),
-            "vocab_size": key_dict.get("data.vocab_size"),
-            "seq_len": key_dict.get("data.seq_len"),
-            "group": group.varying,
-            "params": params,
-            "params_paper": float(cols["params_paper"][rows][0]),
-            "capacity_bits": estimate.capacity_bits,
-            "seed_std_bits": estimate.seed_std_bits,
-            "num_sequences_at_max": estimate.num_sequences_at_max,
-            "entropy_bits_at_max": float(cols["entropy_bits"][rows][at_max][0]),
-            "lower_bound": estimate.lower_bound,
-            "plateau_reached": plateau_reached(sizes, mem, cols["entropy_bits"][rows], estimate.capacity_bits),
-            "bits_per_param": estimate.capacity_bits / params,
-            "seed_capacities_bits": [float(v) for v in mem[at_max]],
-            "num_cells": int(rows.sum()),
-            "num_dataset_sizes": int(np.unique(sizes).size),
-        })
-    return results
+        entries.append(capacity_entry(group, cols))
+        sizes = cols["data.num_sequences"][group.rows].astype(np.int64)
+        seeds.append(seed_mem_bits_by_size(sizes, cols["mem_bits"][group.rows]))
+    return entries, seeds
 
 
-def fit_alphas(capacities: list[dict], n_boot: int = N_BOOT) -> dict[str, dict]:
-    """Alpha (bits per parameter) per precision, fitted through the origin over its capacities."""
+ALPHA_DESCRIPTIONS = {
+    "slope": "least-squares slope through the origin of capacity against params, sum(P C) / sum(P^2): "
+             "weights each shape by params squared, so the largest shapes dominate",
+    "mean_ratio": "mean over shapes of capacity / params: every shape weighs the same",
+}
+ALPHA_FOR_PREDICTIONS = "slope"  # the one alpha per precision that predictions and figures use
+
+
+def _precision_order(precision) -> tuple:
+    return (PRECISION_ORDER.index(precision) if precision in PRECISION_ORDER else 99, str(precision))
+
+
+def fit_alphas(capacities: list[dict], seeds: list[list[np.ndarray]], n_boot: int = N_BOOT) -> dict[str, dict]:
+    """Alpha (bits per parameter) per precision over its capacity groups, by both statistics, each
+    with its two-level bootstrap interval (shapes, then seeds) and the paper's value computed the same
+    way from its table. `seeds` is fit_capacities' second result, parallel to `capacities`."""
     alphas = {}
-    precisions = sorted({c["precision"] for c in capacities},
-                        key=lambda p: (PRECISION_ORDER.index(p) if p in PRECISION_ORDER else 99, p))
-    for precision in precisions:
-        models = [c for c in capacities if c["precision"] == precision]
-        fit = fit_alpha([c["params"] for c in models], [c["seed_capacities_bits"] for c in models],
-                        n_boot=n_boot, seed=0)
-        multi_seed = any(len(c["seed_capacities_bits"]) > 1 for c in models)
-        alphas[precision] = {
-            "alpha": fit.alpha, "ci_low": fit.ci_low, "ci_high": fit.ci_high, "ci": 0.95,
-            "n_models": fit.n_models,
-            "bootstrap": "seeds" if multi_seed else ("models" if len(models) > 1 else "none"),
-            "lower_bound": any(c["lower_bound"] for c in models),
+    for precision in sorted({c["precision"] for c in capacities}, key=_precision_order):
+        chosen = [i for i, c in enumerate(capacities) if c["precision"] == precision]
+        models = [capacities[i] for i in chosen]
+        fits = fit_alpha([c["params"] for c in models], [seeds[i] for i in chosen], n_boot=n_boot, seed=0)
+        paper = paper_alpha(precision) or {}
+        entry = {"alpha": fits[ALPHA_FOR_PREDICTIONS].alpha, "alpha_statistic": ALPHA_FOR_PREDICTIONS}
+        for name, fit in fits.items():
+            entry[name] = {"alpha": fit.alpha, "ci_low": fit.ci_low, "ci_high": fit.ci_high,
+                           "paper": paper.get(name), "statistic": ALPHA_DESCRIPTIONS[name]}
+        bounds = [c["label"] for c in models if c["lower_bound"]]
+        entry.update({
+            "ci": 0.95, "n_models": len(models),
+            "bootstrap": f"{n_boot} replicates: shapes with replacement, then each drawn shape's seeds at "
+                         "every dataset size, its capacity retaken" if len(models) > 1 else "none",
+            "paper_column": PAPER_CAPACITY_COLUMN.get(precision),
+            "lower_bound": bool(bounds), "lower_bound_models": bounds,
             "plateaus_reached": all(c["plateau_reached"] for c in models),
-            "paper_alpha": PAPER_ALPHA_BITS_PER_PARAM.get(precision),
-        }
-        if alphas[precision]["bootstrap"] == "none":
-            alphas[precision]["note"] = "one model with one seed: the interval is the point"
+        })
+        if len(models) == 1:
+            entry["note"] = ("one shape: an interval must resample shapes to carry their scatter, and one "
+                             "shape has none to show, so no interval is given")
+        alphas[precision] = entry
     return alphas
 
 
 def alpha_for(precision: str, alphas: dict) -> tuple[float, str]:
-    """The alpha used to predict a cell: the sweep's own fit for its precision, else the paper's."""
+    """The alpha (bits per parameter) used to predict a cell, and where it came from: the sweep's own
+    slope for its precision, else the paper's slope for that weight dtype (3.6, the paper's headline,
+    for a precision the paper's table cannot stand for)."""
     if precision in alphas:
-        return alphas[precision]["alpha"], "fitted"
-    return PAPER_ALPHA_BITS_PER_PARAM.get(precision, 3.6), "paper"
+        return alphas[precision]["alpha"], f"fitted {ALPHA_FOR_PREDICTIONS}"
+    paper = paper_alpha(precision)
+    if paper is None:
+        return 3.6, "paper headline"
+    return paper[ALPHA_FOR_PREDICTIONS], f"paper {ALPHA_FOR_PREDICTIONS} ({PAPER_CAPACITY_COLUMN[precision]})"
 
 
 def published_constants() -> dict:
@@ -257,58 +300,88 @@ def published_constants() -> dict:
         "as_printed": {
             "formula": "F1 = 1/2 * (1 + c1 * sigmoid(c2 * (Capacity/|D| + c3)))",
             "c1": 1.34, "c2": -0.034, "c3": -33.14,
-            "note": "tends to about 1.0, not 0.5, as |D| grows (reference/README.md)",
+            "note": "tends to about 1.0, not 0.5, as |D| grows (measure/paper.py)",
         },
         "corrected": {
             "formula": "F1 = 1/2 * (1 + c1 * sigmoid(c2 * x + c3)), x = |D|/P",
             "c1": 1.34, "c2": -33.14, "c3": 33.14 * 0.0337,
-            "note": "reproduces the paper's Table 2 (reference/mia_validation.csv)",
+            "note": "reproduces the paper's Table 2 (measure/paper.py, mia_validation.csv)",
         },
     }
 
 
-def fit_mia(cols: dict[str, np.ndarray], alphas: dict, why_none: str | None = None) -> dict[str, dict]:
-    """The MIA law per attack (every `<attack>_f1` column) against x = N / params, beside both
-    published forms evaluated on the same cells. `why_none`: the reason to give for an attack that
-    no cell in `cols` measured (the law is fitted on synthetic cells only)."""
+PAPER_SEQ_LEN = 64  # tokens per sequence in the paper's MIA-law experiments
+
+
+def published_comparison(f1, sizes, params, seq_len, alpha) -> dict:
+    """RMSE of F1 of the paper's two published forms on text cells (arrays over the cells). The
+    paper counts 64-token sequences: where a cell's S differs, |D| becomes N * S / 64, so its x is
+    converted through tokens per parameter, x64 = N * S / (64 * params)."""
+    sequences64 = sizes * seq_len / PAPER_SEQ_LEN
+    corrected = published_mia_law_corrected(sequences64, params)
+    printed = published_mia_law_as_printed(alpha * params, sequences64)
+    lengths = ", ".join(f"{s:g}" for s in np.unique(seq_len))
+    same = bool(np.all(seq_len == PAPER_SEQ_LEN))
+    return {
+        "x": "N / params: the cells' sequences are 64 tokens, as the paper's" if same else
+             f"converted through tokens per parameter, x64 = N * S / (64 * params): the cells' sequences "
+             f"are S = {lengths} tokens, the paper's 64",
+        "converted": not same,
+        "corrected": {"rmse": float(np.sqrt(np.mean((f1 - corrected) ** 2)))},
+        "as_printed": {"rmse": float(np.sqrt(np.mean((f1 - printed) ** 2))),
+                       "capacity": "alpha * params, alpha the sweep's slope for each cell's precision "
+                                   "(the paper's slope where the sweep fitted none)"},
+    }
+
+
+def mia_law_entry(x: np.ndarray, f1: np.ndarray) -> dict:
+    """The law's constants fitted to (x, f1), or `identifiable: false` and the reason: too few cells
+    or distinct x for 3 constants, no transition in the cells, or a fit that did not converge."""
+    distinct = int(np.unique(x).size)
+    if x.size < MIN_MIA_CELLS or distinct < MIN_MIA_CELLS:
+        return {"identifiable": False,
+                "reason": f"the law's 3 constants need at least {MIN_MIA_CELLS} cells at {MIN_MIA_CELLS} "
+                          f"distinct sequences-per-parameter values; have {x.size} cells at {distinct}"}
+    flat = mia_law_unidentifiable(f1)
+    if flat is not None:
+        return {"identifiable": False, "reason": flat}
+    try:
+        fit = fit_mia_law(x, f1)
+    except (RuntimeError, ValueError) as err:  # curve_fit did not converge
+        return {"identifiable": False, "reason": f"the fit failed: {err}"}
+    return {"identifiable": True, "c1": fit.c1, "c2": fit.c2, "c3": fit.c3,
+            "c1_std": fit.c1_std, "c2_std": fit.c2_std, "c3_std": fit.c3_std,
+            "rmse": fit.rmse, "c1_at_bound": bool(fit.c1 >= 10.0 - 1e-9)}
+
+
+def fit_mia_kind(cols: dict[str, np.ndarray], kind: str, alphas: dict) -> dict[str, dict]:
+    """The MIA law per attack over the cells of one data kind in `cols`, against x = N / params; the
+    paper's published forms beside it for text cells only (it fitted its law on text)."""
     results = {}
     for attack in attack_names(cols):
-        f1 = cols[f"{attack}_f1"]
-        x = cols["sequences_per_param"]
+        f1, x = cols[f"{attack}_f1"], cols["sequences_per_param"]
         ok = np.isfinite(f1) & np.isfinite(x)
-        x, f1 = x[ok], f1[ok]
-        entry = {"attack": attack, "num_cells": int(ok.sum()), "x": "sequences_per_param (N / params)"}
-        alpha = np.array([alpha_for(p, alphas)[0] for p in cols["precision.name"][ok]])
-        params, sizes = cols["params"][ok], cols["data.num_sequences"][ok]
-        if ok.any():
-            entry["x_min"], entry["x_max"] = float(x.min()), float(x.max())
-            corrected = published_mia_law_corrected(sizes, params)
-            printed = published_mia_law_as_printed(alpha * params, sizes)
-            entry["published"] = {
-                "corrected": {"rmse": float(np.sqrt(np.mean((f1 - corrected) ** 2)))},
-                "as_printed": {"rmse": float(np.sqrt(np.mean((f1 - printed) ** 2))),
-                               "capacity": "alpha * params with the sweep's alpha of each cell's precision"},
-            }
-        distinct = int(np.unique(x).size)
-        if not ok.any() and why_none:
-            entry["skipped"] = why_none.format(metric=f"{attack}_f1")
-        elif ok.sum() < MIN_MIA_CELLS or distinct < MIN_MIA_CELLS:
-            entry["skipped"] = (f"the law's 3 constants need at least {MIN_MIA_CELLS} cells at "
-                                f"{MIN_MIA_CELLS} distinct sequences-per-parameter values; "
-                                f"have {int(ok.sum())} cells at {distinct}")
-        else:
-            try:
-                fit = fit_mia_law(x, f1)
-            except (RuntimeError, ValueError) as err:  # curve_fit did not converge
-                entry["skipped"] = f"the fit failed: {err}"
-            else:
-                entry.update({
-                    "c1": fit.c1, "c2": fit.c2, "c3": fit.c3,
-                    "c1_std": fit.c1_std, "c2_std": fit.c2_std, "c3_std": fit.c3_std,
-                    "rmse": fit.rmse, "c1_at_bound": bool(fit.c1 >= 10.0 - 1e-9),
-                })
+        if not ok.any():
+            continue  # an attack this kind never measures (the reference attack on synthetic cells)
+        entry = {"kind": kind, "attack": attack, "num_cells": int(ok.sum()),
+                 "x": "sequences_per_param (N / params)", "x_min": float(x[ok].min()), "x_max": float(x[ok].max())}
+        entry.update(mia_law_entry(x[ok], f1[ok]))
+        seq_len = cols.get("data.seq_len", np.full(len(f1), np.nan))[ok]
+        if kind == TEXT and np.all(np.isfinite(seq_len)):
+            alpha = np.array([alpha_for(p, alphas)[0] for p in cols["precision.name"][ok]])
+            entry["published"] = published_comparison(f1[ok], cols["data.num_sequences"][ok], cols["params"][ok],
+                                                      seq_len, alpha)
+        elif kind == TEXT:
+            entry["published_skipped"] = "a cell lacks data.seq_len: x cannot be put in the paper's 64-token terms"
         results[attack] = entry
     return results
+
+
+def fit_mia(cols: dict[str, np.ndarray], alphas: dict) -> dict[str, dict]:
+    """fits.json's `mia`: data kind -> attack -> entry, for each kind with FINISHED cells in `cols`."""
+    kinds = data_kinds(cols)
+    return {kind: fit_mia_kind(select_rows(cols, kinds == kind), kind, alphas)
+            for kind in (SYNTHETIC, TEXT) if np.any(kinds == kind)}
 
 
 def predict_cells(cols: dict[str, np.ndarray], alphas: dict) -> dict:
@@ -389,36 +462,34 @@ def summarise_text(cols: dict[str, np.ndarray], keys: tuple[str, ...]) -> dict:
 
 def fit_sweep(table: pa.Table, groups: Grouping, n_boot: int = N_BOOT) -> dict:
     """Every sweep-level fit of docs/science.md from a cells table; degenerate sweeps give partial results
-    with the reason for what was skipped, never an exception. Capacity, alpha, the MIA law and the
-    predictions use synthetic cells only; `skipped` gives the reason for each that could not be
-    fitted, and `text` summarises the text cells."""
+    with the reason for what was skipped, never an exception. Capacity, alpha and the predictions use
+    synthetic cells only; the MIA law is fitted per data kind; `skipped` gives the reason for each fit
+    that could not be made, and `text` summarises the text cells."""
     statuses = table.column("status").to_pylist() if table.num_rows else []
     finished = finished_columns(table, groups)
     kinds = data_kinds(finished)
     cols, text = select_rows(finished, kinds == SYNTHETIC), select_rows(finished, kinds == TEXT)
     num_text = len(text["cell_id"])
-    notes, skipped, why_none = [], {}, None
-    capacities = fit_capacities(cols, groups.capacity)
+    notes, skipped = [], {}
+    capacities, seeds = fit_capacities(cols, groups.capacity)
     if not capacities:
         if num_text:
             reason = (f"no FINISHED synthetic cells (the sweep has {num_text} FINISHED text cells): capacity, "
-                      "alpha, the MIA law and predictions are fitted on synthetic cells only (SCIENCE.md); "
-                      "the text cells are summarised under `text`")
+                      "alpha and predictions are fitted on synthetic cells only (docs/science.md); the text "
+                      "cells are summarised under `text` and have their own MIA law under `mia.text`")
             notes.append(reason)
         else:
             reason = "no FINISHED cells with mem_bits"
             notes.append(f"{reason}: no capacity, alpha or prediction")
         skipped = {"capacity": reason, "alpha": reason, "prediction": reason}
     elif num_text:
-        notes.append(f"{num_text} FINISHED text cells are left out of capacity, alpha, the MIA law and predictions "
-                     "(synthetic cells only) and summarised under `text`")
-    if num_text:
-        why_none = "no FINISHED synthetic cell has {metric}: the law is fitted on synthetic cells only"
+        notes.append(f"{num_text} FINISHED text cells are left out of capacity, alpha and predictions (synthetic "
+                     "cells only), summarised under `text`, with their own MIA law under `mia.text`")
     others = sorted(set(kinds) - {SYNTHETIC, TEXT})
     if others:
         notes.append(f"{int(np.isin(kinds, others).sum())} FINISHED cells of data.kind {', '.join(others)} "
                      "are in no fit")
-    alphas = fit_alphas(capacities, n_boot=n_boot)
+    alphas = fit_alphas(capacities, seeds, n_boot=n_boot)
     prediction = predict_cells(cols, alphas)
     if "prediction" in skipped:
         prediction["skipped"] = skipped["prediction"]
@@ -427,7 +498,7 @@ def fit_sweep(table: pa.Table, groups: Grouping, n_boot: int = N_BOOT) -> dict:
                   "by_status": {s: statuses.count(s) for s in sorted(set(statuses))}},
         "capacity": capacities,
         "alpha": alphas,
-        "mia": fit_mia(cols, alphas, why_none),
+        "mia": fit_mia(finished, alphas),
         "mia_published": published_constants(),
         "prediction": prediction,
         "skipped": skipped,
@@ -437,17 +508,22 @@ def fit_sweep(table: pa.Table, groups: Grouping, n_boot: int = N_BOOT) -> dict:
 
 
 def fit_metrics(fits: dict) -> dict[str, float]:
-    """The fits as flat MLflow metrics for the launch run (finite values only)."""
+    """The fits as flat MLflow metrics for the launch run (finite values only): `alpha_<precision>` is
+    the slope (the alpha of predictions), `alpha_<precision>_<statistic>[_ci_low|_ci_high]` each
+    statistic, `mia_<kind>_<attack>_<constant>` each identifiable law."""
     metrics = {"cells_total": fits["cells"]["total"], "cells_finished": fits["cells"]["finished"]}
     for precision, fit in fits["alpha"].items():
-        for name in ("alpha", "ci_low", "ci_high"):
-            metrics[f"alpha_{precision}" + ("" if name == "alpha" else f"_{name}")] = fit[name]
-    for attack, fit in fits["mia"].items():
-        for name in ("c1", "c2", "c3", "c1_std", "c2_std", "c3_std", "rmse"):
-            metrics[f"mia_{attack}_{name}"] = fit.get(name)
+        metrics[f"alpha_{precision}"] = fit["alpha"]
+        for statistic in ALPHA_DESCRIPTIONS:
+            for name in ("alpha", "ci_low", "ci_high"):
+                suffix = "" if name == "alpha" else f"_{name}"
+                metrics[f"alpha_{precision}_{statistic}{suffix}"] = fit[statistic][name]
+    for kind, attacks in fits["mia"].items():
+        for attack, fit in attacks.items():
+            for name in ("c1", "c2", "c3", "c1_std", "c2_std", "c3_std", "rmse"):
+                metrics[f"mia_{kind}_{attack}_{name}"] = fit.get(name)
     for c in fits["capacity"]:
         metrics["capacity_bits/" + re.sub(r"[^A-Za-z0-9_.\- ]", "_", c["label"]).replace(" ", "/")] = c["capacity_bits"]
     summary = fits["prediction"]["summary"]
     metrics["mem_prediction_mean_abs_error"] = summary.get("mean_abs_error")
     return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
-

@@ -221,17 +221,36 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def _aggregate_summary(result) -> None:
+    """The fits on the console: lower-bound capacities and why, both alpha statistics beside the
+    paper's, and each data kind's MIA law (or why it is not identifiable) beside the paper's forms."""
     fits = result.fits
     counts = ", ".join(f"{s.lower()} {n}" for s, n in fits["cells"]["by_status"].items())
     console.print(f"sweep {fits['sweep']}: {fits['cells']['total']} cells ({counts or 'none'})")
+    for c in fits["capacity"]:
+        if c["lower_bound"]:
+            sizes = ", ".join(f"{n:,}" for n in c["lower_bound_num_sequences"])
+            console.print(f"  capacity {escape(c['label'])}: {c['capacity_bits']:,.0f} bits "
+                          f"({c['bits_per_param']:.3f} bits/param) is a lower bound: "
+                          f"{len(c['lower_bound_cells'])} unconverged plateau cell(s) at N = {sizes}")
     for precision, fit in fits["alpha"].items():
-        bound = " (lower bound: a cell had not converged)" if fit["lower_bound"] else ""
-        console.print(f"  alpha {precision}: {fit['alpha']:.3f} bits/param, 95% interval "
-                      f"[{fit['ci_low']:.3f}, {fit['ci_high']:.3f}] over {fit['n_models']} model(s){bound}")
-    for attack, fit in fits["mia"].items():
-        law = (f"c1={fit['c1']:.3g} c2={fit['c2']:.3g} c3={fit['c3']:.3g} (RMSE {fit['rmse']:.3g})"
-               if "c1" in fit else f"skipped: {fit.get('skipped')}")
-        console.print(f"  MIA law ({attack}): {escape(law)}")
+        bound = f"; a lower bound: {', '.join(fit['lower_bound_models'])}" if fit["lower_bound"] else ""
+        console.print(f"  alpha {precision} (bits/param, over {fit['n_models']} shape(s){escape(bound)}):")
+        for statistic, name in (("slope", "slope through origin"), ("mean_ratio", "mean of capacity/params")):
+            value = fit[statistic]
+            interval = (f"95% [{value['ci_low']:.3f}, {value['ci_high']:.3f}]" if value["ci_low"] is not None
+                        else "no interval (one shape)")
+            paper = f"; paper {value['paper']:.3f}" if value["paper"] is not None else ""
+            console.print(f"    {name} {value['alpha']:.3f}, {interval}{paper}")
+    for kind, laws in fits["mia"].items():
+        for attack, law in laws.items():
+            text = (f"c1={law['c1']:.3g} c2={law['c2']:.3g} c3={law['c3']:.3g} (RMSE {law['rmse']:.3g})"
+                    if law["identifiable"] else f"not identifiable: {law['reason']}")
+            published = law.get("published")
+            if published:
+                text += (f"; paper's forms, RMSE as computed {published['corrected']['rmse']:.3g}, as printed "
+                         f"{published['as_printed']['rmse']:.3g}" + (" (x converted to 64-token sequences)"
+                                                                     if published["converted"] else ""))
+            console.print(f"  MIA law ({kind}, {attack}): {escape(text)}")
     for note in fits.get("notes", []):
         console.print(f"  [yellow]note:[/yellow] {escape(note)}")
 

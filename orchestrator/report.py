@@ -23,25 +23,33 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from measure.memorization import PAPER_ALPHA_BITS_PER_PARAM
 from measure.metrics import EXTRACTION_PREFIXES, METRICS, SYNTHETIC, TEXT, attack_names
-from measure.paper import reference_rows
-from measure.sweep import PRECISION_ORDER, TEXT_SUMMARY_METRICS, alpha_for, capacity_groups, data_kinds, finished_columns
+from measure.paper import paper_alpha, reference_rows
+from measure.sweep import (
+    PRECISION_ORDER,
+    TEXT_SUMMARY_METRICS,
+    alpha_for,
+    capacity_groups,
+    data_kinds,
+    finished_columns,
+    select_rows,
+)
 from orchestrator.aggregate import GROUPING, IDENTITY_SCHEMA, AggregateResult, aggregate, aggregate_from, table_metadata
 
-# The paper's column means of bits per parameter (measure/paper.py); amp_bf16 is not in the paper.
-PAPER_MEAN_ALPHA = {p: PAPER_ALPHA_BITS_PER_PARAM[p] for p in ("fp32", "bf16")}
-PAPER_HEADLINE_ALPHA = 3.6  # "about 3.6 bits per parameter", when the sweep fitted none
+PAPER_PRECISIONS = ("fp32", "bf16")  # the paper's capacity table has these two columns
 FIGURES = (
     ("mem_vs_entropy", "Memorized bits against dataset entropy H(X), per model shape, with the prediction "
                        "min(alpha * params, H(X)) using the sweep's fitted alpha of each precision; grey: the "
                        "paper's sequence-length and vocabulary check (a 2-layer d128 model, 4,096 sequences)."),
     ("capacity_vs_params", "Capacity (seed-averaged maximum of mem_bits over dataset sizes) against "
-                           "parameters, with the fitted alpha per precision, the paper's 16 models and its "
-                           "3.83 (fp32) and 3.51 (bf16) bits-per-parameter means. Hollow: lower bounds."),
-    ("mia", "Loss-attack ROC AUC and balanced F1 against training sequences per parameter, with the law "
-            "fitted on this sweep (when it could be) and the paper's two forms: as its Table 2 was computed, "
-            "and as printed; grey squares: the paper's GPT-2 validation on text."),
+                           "parameters, with both alpha statistics per precision: the slope through the origin "
+                           "(solid; weights shapes by params squared) and the mean of capacity / params (dashed), "
+                           "beside the paper's 16 models and the same two statistics computed from its table "
+                           "(dotted, dash-dot). Hollow: lower bounds (an unconverged plateau cell)."),
+    ("mia", "ROC AUC and balanced F1 against training sequences per parameter, one row per data kind, with "
+            "the law fitted on that kind's cells where the cells show a transition. The paper fitted its law "
+            "on text: its two forms (as its Table 2 was computed, and as printed) and its GPT-2 validation "
+            "(grey squares) are drawn on the text row only, converted to 64-token sequences where needed."),
     ("double_descent", "Test loss on non-members against the capacity ratio H(X) / (alpha * params); the paper "
                        "finds double descent starts where the ratio crosses 1."),
     ("mem_curves", "Memorized bits at each evaluation step, per cell; dotted lines mark each cell's H(X)."),
@@ -85,7 +93,8 @@ def _finished_columns(cells: pa.Table) -> dict[str, np.ndarray]:
 
 
 def figure_inputs(cells: pa.Table, curves: pa.Table | None, fits: dict) -> dict[str, dict]:
-    """The arguments of each figure function, taken from the cells table, the curves and the fits."""
+    """The arguments of each synthetic figure but `mia` (mia_inputs), from the cells table, the
+    curves and the fits."""
     cols = _finished_columns(cells)
     alphas = fits["alpha"]
     shape_groups, ratio_groups = [], []
@@ -98,14 +107,6 @@ def figure_inputs(cells: pa.Table, curves: pa.Table | None, fits: dict) -> dict[
                              "entropy_bits": entropy, "mem_bits": cols["mem_bits"][group.rows]})
         ratio_groups.append({"label": group.label, "ratio": entropy / (alpha * params),
                              "test_nll_bits_per_token": cols["test_nll_bits_per_token"][group.rows]})
-    attacks = []
-    for attack in attack_names(cols):
-        entry = fits["mia"].get(attack, {})
-        auc = cols.get(f"{attack}_auc", np.full(len(cols[f"{attack}_f1"]), np.nan))
-        attacks.append({"attack": attack, "x": cols["sequences_per_param"], "auc": auc,
-                        "f1": cols[f"{attack}_f1"],
-                        "fit": {k: entry[k] for k in ("c1", "c2", "c3")} if "c1" in entry else None})
-    alpha_printed = next(iter(alphas.values()))["alpha"] if alphas else PAPER_HEADLINE_ALPHA
     vocab = cols["data.vocab_size"]
     # Precision by precision, smallest model first: colours then run along model size.
     order = sorted(range(len(shape_groups)), key=lambda i: (
@@ -114,7 +115,6 @@ def figure_inputs(cells: pa.Table, curves: pa.Table | None, fits: dict) -> dict[
     shape_groups = [shape_groups[i] for i in order]
     ratio_groups = [ratio_groups[i] for i in order]
     seq_vocab = reference_rows("seq_len_vocab_sweep.csv")
-    validation = reference_rows("mia_validation.csv")
     return {
         "mem_vs_entropy": {"groups": shape_groups, "reference": {
             "label": "paper: 2-layer d128, S and V varied (measured)",
@@ -122,15 +122,50 @@ def figure_inputs(cells: pa.Table, curves: pa.Table | None, fits: dict) -> dict[
             "mem_bits": [r["measured_bits"] for r in seq_vocab]}},
         "capacity_vs_params": {"models": fits["capacity"], "alphas": alphas,
                                "reference": reference_rows("capacity_by_precision.csv"),
-                               "paper_alpha": PAPER_MEAN_ALPHA},
-        "mia": {"attacks": attacks, "alpha": alpha_printed, "validation": {
-            "label": "paper: GPT-2 small and XL on text (observed)",
-            "x": [r["n_train_sequences"] / r["params"] for r in validation],
-            "f1": [r["observed_f1"] for r in validation], "f1_std": [r["observed_f1_std"] for r in validation]}},
+                               "paper_alpha": {p: paper_alpha(p) for p in PAPER_PRECISIONS}},
         "double_descent": {"groups": ratio_groups,
                            "log2_vocab": sorted({float(np.log2(v)) for v in vocab if np.isfinite(v)})},
         "mem_curves": {"cells": curve_inputs(cells, curves)},
     }
+
+
+def _published_inputs(cols: dict[str, np.ndarray], fits: dict) -> tuple[dict | None, str | None]:
+    """What the text row needs to draw the paper's forms: the cells' sequence length and an alpha for
+    the as-printed form's Capacity (that of the most common precision), or why it cannot."""
+    seq_len = cols.get("data.seq_len", np.array([np.nan]))
+    if not np.all(np.isfinite(seq_len)) or np.unique(seq_len).size != 1:
+        return None, "sequences of several (or unknown) lengths: the paper's forms are compared in the table only"
+    precisions, counts = np.unique(cols["precision.name"].astype(str), return_counts=True)
+    alpha = alpha_for(str(precisions[np.argmax(counts)]), fits["alpha"])[0]
+    return {"seq_len": float(seq_len[0]), "alpha": alpha}, None
+
+
+def mia_inputs(cells: pa.Table, fits: dict) -> dict:
+    """The `mia` figure's arguments: one row per data kind with MIA laws in fits.json, its cells and
+    its laws; the paper's forms and validation beside the text row only."""
+    finished = finished_columns(cells, GROUPING)
+    kinds = data_kinds(finished)
+    rows = []
+    for kind, laws in fits["mia"].items():
+        cols = select_rows(finished, kinds == kind)
+        attacks = []
+        for attack in attack_names(cols):
+            if attack not in laws:
+                continue  # never measured on this kind
+            entry, f1 = laws[attack], cols[f"{attack}_f1"]
+            attacks.append({"attack": attack, "x": cols["sequences_per_param"], "f1": f1,
+                            "auc": cols.get(f"{attack}_auc", np.full(len(f1), np.nan)),
+                            "fit": {k: entry[k] for k in ("c1", "c2", "c3")} if entry.get("identifiable") else None,
+                            "reason": entry.get("reason")})
+        row = {"kind": kind, "attacks": attacks, "published": None}
+        if kind == TEXT:
+            row["published"], row["published_note"] = _published_inputs(cols, fits)
+        rows.append(row)
+    validation = reference_rows("mia_validation.csv")
+    return {"kinds": rows, "validation": {
+        "label": "paper: GPT-2 small and XL on text (observed)",
+        "x": [r["n_train_sequences"] / r["params"] for r in validation],
+        "f1": [r["observed_f1"] for r in validation], "f1_std": [r["observed_f1_std"] for r in validation]}}
 
 
 def curve_inputs(cells: pa.Table, curves: pa.Table | None) -> list[dict]:
@@ -160,20 +195,19 @@ def curve_inputs(cells: pa.Table, curves: pa.Table | None) -> list[dict]:
 def draw_figures(cells: pa.Table, curves: pa.Table | None, fits: dict) -> dict[str, tuple]:
     """Every figure the sweep's cells call for, as name -> (Figure, plotted data): the synthetic
     figures (FIGURES) when it has synthetic cells, the text figures (TEXT_FIGURES) when it has text
-    cells."""
+    cells; `mia` (one row per data kind) in either case."""
     from measure import figures
 
     synthetic, text = figure_kinds(cells)
     drawn = {}
+    inputs = figure_inputs(cells, curves, fits) if synthetic else {}
     if synthetic:
-        inputs = figure_inputs(cells, curves, fits)
-        drawn.update({
-            "mem_vs_entropy": figures.mem_vs_entropy(**inputs["mem_vs_entropy"]),
-            "capacity_vs_params": figures.capacity_vs_params(**inputs["capacity_vs_params"]),
-            "mia": figures.mia_vs_sequences_per_param(**inputs["mia"]),
-            "double_descent": figures.double_descent(**inputs["double_descent"]),
-            "mem_curves": figures.mem_curves(**inputs["mem_curves"]),
-        })
+        drawn["mem_vs_entropy"] = figures.mem_vs_entropy(**inputs["mem_vs_entropy"])
+        drawn["capacity_vs_params"] = figures.capacity_vs_params(**inputs["capacity_vs_params"])
+    drawn["mia"] = figures.mia_vs_sequences_per_param(**mia_inputs(cells, fits))
+    if synthetic:
+        drawn["double_descent"] = figures.double_descent(**inputs["double_descent"])
+        drawn["mem_curves"] = figures.mem_curves(**inputs["mem_curves"])
     if text:
         groups = fits.get("text", {}).get("groups", [])
         drawn.update({
@@ -238,67 +272,114 @@ def _configuration(cells: pa.Table, meta: dict) -> str:
     return "\n".join(parts)
 
 
-def _fits_tables(fits: dict) -> str:
-    parts = ["<h2>Capacity per model shape and precision</h2>"]
+def _lower_bound_reason(c: dict) -> str:
+    """The capacity table's lower-bound cell: which unconverged plateau cells make it one."""
+    if not c["lower_bound"]:
+        return "no"
+    cells = c.get("lower_bound_cells", [])
+    sizes = ", ".join(f"{n:,}" for n in c.get("lower_bound_num_sequences", []))
+    shown = ", ".join(cells[:4]) + (f", ... ({len(cells)} in all)" if len(cells) > 4 else "")
+    return f"yes: {len(cells)} unconverged plateau cell(s) at N = {sizes} ({shown})"
+
+
+def _capacity_table(fits: dict) -> str:
     caps = fits["capacity"]
-    parts.append(_table(
+    parts = ["<h2>Capacity per model shape and precision</h2>", _table(
         ["group", "params", "capacity (bits)", "seed std (bits)", "bits/param", "N at max",
-         "H(X) at max (bits)", "cells", "lower bound (not converged)", "plateau seen"],
+         "H(X) at max (bits)", "cells", "lower bound", "plateau seen"],
         [[c["label"], c["params"], c["capacity_bits"], c["seed_std_bits"], c["bits_per_param"],
-          c["num_sequences_at_max"], c["entropy_bits_at_max"], c["num_cells"], c["lower_bound"],
-          c["plateau_reached"]] for c in caps]) if caps else "<p>No finished cells: no capacity.</p>")
-    parts.append("<p>A capacity flagged <em>lower bound</em> comes from a cell that had not converged. "
-                 "<em>Plateau seen</em> means at least two dataset sizes held more bits than the capacity and "
-                 "memorization changed by under 5% between the two largest; without it, more data might "
-                 "still raise the capacity.</p>")
-    parts.append("<h2>Bits per parameter (alpha)</h2>")
-    alphas = fits["alpha"]
-    parts.append(_table(
-        ["precision", "alpha (bits/param)", "95% interval", "models", "bootstrap over", "lower bound",
-         "paper mean"],
-        [[p, a["alpha"], f"[{_fmt(a['ci_low'])}, {_fmt(a['ci_high'])}]", a["n_models"], a["bootstrap"],
-          a["lower_bound"], a.get("paper_alpha")] for p, a in alphas.items()]) if alphas else "<p>No alpha.</p>")
-    parts.append("<h2>Membership-inference scaling law</h2>"
-                 "<p>F1 = 1/2 (1 + c1 sigmoid(c2 x + c3)), x = N / params (sequences per parameter), fitted "
-                 "by nonlinear least squares; &plusmn; one standard error.</p>")
-    rows = []
-    for attack, entry in fits["mia"].items():
-        if "c1" in entry:
-            rows.append([attack, f"{_fmt(entry['c1'])} ± {_fmt(entry['c1_std'])}",
-                         f"{_fmt(entry['c2'])} ± {_fmt(entry['c2_std'])}",
-                         f"{_fmt(entry['c3'])} ± {_fmt(entry['c3_std'])}", entry["rmse"], entry["num_cells"], ""])
-        else:
-            rows.append([attack, "-", "-", "-", None, entry["num_cells"], f"skipped: {entry.get('skipped')}"])
-        for form, published in entry.get("published", {}).items():
-            constants = fits["mia_published"][form]
-            rows.append([f"{attack}: paper {form.replace('_', ' ')}", constants["c1"], constants["c2"],
-                         constants["c3"], published["rmse"], entry["num_cells"],
-                         f"{constants['formula']}; {constants['note']}"])
-    parts.append(_table(["law", "c1", "c2", "c3", "RMSE of F1 on this sweep", "cells", "note"], rows)
-                 if rows else "<p>No MIA metrics.</p>")
-    prediction = fits["prediction"]
-    summary = prediction["summary"]
-    parts.append("<h2>Measured against predicted memorization</h2>")
-    if summary["num_cells"]:
-        parts.append(f"<p>Predicted mem_bits = min(alpha * params, H(X)) with the fitted alpha of each cell's "
-                     f"precision; error = (measured - predicted) / predicted. Over {summary['num_cells']} cells: "
-                     f"mean |error| {_fmt(100 * summary['mean_abs_error'], 3)}%, median "
-                     f"{_fmt(100 * summary['median_abs_error'], 3)}%, max {_fmt(100 * summary['max_abs_error'], 3)}%."
-                     "</p>")
-        worst = sorted(prediction["cells"], key=lambda r: -abs(r["error"]))[:200]
-        parts.append(("<details><summary>Per cell (largest errors first"
-                      + (f", 200 of {len(prediction['cells'])}" if len(prediction["cells"]) > 200 else "")
-                      + ")</summary>")
-                     + _table(["cell", "precision", "alpha", "params", "H(X) (bits)", "H(X)/(alpha params)",
-                               "measured (bits)", "predicted (bits)", "error (%)"],
-                              [[r["cell_id"], r["precision"], r["alpha"], r["params"], r["entropy_bits"],
-                                r["capacity_ratio"], r["mem_bits"], r["predicted_mem_bits"], 100 * r["error"]]
-                               for r in worst]) + "</details>")
-    else:
-        parts.append("<p>No finished cells.</p>")
+          c["num_sequences_at_max"], c["entropy_bits_at_max"], c["num_cells"], _lower_bound_reason(c),
+          c["plateau_reached"]] for c in caps]) if caps else "<p>No finished cells: no capacity.</p>"]
+    parts.append("<p>A capacity is a <em>lower bound</em> when any of its cells whose H(X) exceeds it (the plateau "
+                 "cells, at any N, where the maximum could lie) had not converged: training that cell longer could "
+                 "raise the maximum. <em>Plateau seen</em> means at least two dataset sizes held more bits than the "
+                 "capacity and memorization changed by under 5% between the two largest; without it, more data "
+                 "might still raise the capacity.</p>")
     return "\n".join(parts)
 
 
+def _alpha_table(fits: dict) -> str:
+    alphas = fits["alpha"]
+    parts = ["<h2>Bits per parameter (alpha)</h2>",
+             "<p>Two statistics over the shapes of a precision, each beside the paper's value computed the same "
+             "way from its capacity table: the least-squares <em>slope through the origin</em> of capacity against "
+             "params (it weights shapes by params squared, so the largest dominate; predictions and figures use "
+             "it) and the <em>mean of capacity / params</em> (every shape weighs the same; the paper's "
+             "&ldquo;3.83 / 3.51&rdquo;). Intervals: 95% percentile, a two-level bootstrap that resamples shapes, "
+             "then each drawn shape's seeds at every dataset size, and retakes its capacity, so they carry the "
+             "scatter between shapes and not only seed noise.</p>"]
+    rows = []
+    for precision, a in alphas.items():
+        for statistic, name in (("slope", "slope through origin"), ("mean_ratio", "mean of capacity/params")):
+            fit = a[statistic]
+            interval = ("- (one shape)" if fit["ci_low"] is None
+                        else f"[{_fmt(fit['ci_low'])}, {_fmt(fit['ci_high'])}]")
+            bound = "yes: " + ", ".join(a["lower_bound_models"]) if a["lower_bound"] else "no"
+            rows.append([precision, name, fit["alpha"], interval, fit["paper"], a["n_models"], bound])
+    parts.append(_table(["precision", "statistic", "alpha (bits/param)", "95% interval",
+                         "paper, same statistic", "shapes", "lower bound"], rows) if rows else "<p>No alpha.</p>")
+    parts += [f"<p>{html.escape(p)}: {html.escape(a['note'])}.</p>" for p, a in alphas.items() if a.get("note")]
+    return "\n".join(parts)
+
+
+def _prediction_table(fits: dict) -> str:
+    prediction = fits["prediction"]
+    summary = prediction["summary"]
+    parts = ["<h2>Measured against predicted memorization</h2>"]
+    if not summary["num_cells"]:
+        return parts[0] + "<p>No finished cells.</p>"
+    parts.append(f"<p>Predicted mem_bits = min(alpha * params, H(X)) with alpha the fitted slope of each cell's "
+                 f"precision; error = (measured - predicted) / predicted. Over {summary['num_cells']} cells: "
+                 f"mean |error| {_fmt(100 * summary['mean_abs_error'], 3)}%, median "
+                 f"{_fmt(100 * summary['median_abs_error'], 3)}%, max {_fmt(100 * summary['max_abs_error'], 3)}%."
+                 "</p>")
+    worst = sorted(prediction["cells"], key=lambda r: -abs(r["error"]))[:200]
+    parts.append(("<details><summary>Per cell (largest errors first"
+                  + (f", 200 of {len(prediction['cells'])}" if len(prediction["cells"]) > 200 else "")
+                  + ")</summary>")
+                 + _table(["cell", "precision", "alpha", "params", "H(X) (bits)", "H(X)/(alpha params)",
+                           "measured (bits)", "predicted (bits)", "error (%)"],
+                          [[r["cell_id"], r["precision"], r["alpha"], r["params"], r["entropy_bits"],
+                            r["capacity_ratio"], r["mem_bits"], r["predicted_mem_bits"], 100 * r["error"]]
+                           for r in worst]) + "</details>")
+    return "\n".join(parts)
+
+
+def _fits_tables(fits: dict) -> str:
+    return "\n".join((_capacity_table(fits), _alpha_table(fits), _prediction_table(fits)))
+
+
+def _mia_rows(kind: str, attack: str, entry: dict, published: dict) -> list[list]:
+    """One law's row, and beside a text law the paper's two forms evaluated on the same cells."""
+    span = f"{_fmt(entry['x_min'])} to {_fmt(entry['x_max'])}"
+    if entry.get("identifiable"):
+        rows = [[kind, attack, *(f"{_fmt(entry[c])} ± {_fmt(entry[c + '_std'])}" for c in ("c1", "c2", "c3")),
+                 entry["rmse"], entry["num_cells"], span, "c1 at its bound of 10" if entry["c1_at_bound"] else ""]]
+    else:
+        rows = [[kind, attack, "-", "-", "-", None, entry["num_cells"], span, f"not identifiable: {entry['reason']}"]]
+    if entry.get("published_skipped"):
+        skipped = f"paper's forms not compared: {entry['published_skipped']}"
+        rows[0][-1] = "; ".join(filter(None, (rows[0][-1], skipped)))
+    for form, comparison in entry.get("published", {}).items():
+        if form in published:
+            constants = published[form]
+            rows.append([kind, f"{attack}: paper {form.replace('_', ' ')}", constants["c1"], constants["c2"],
+                         constants["c3"], comparison["rmse"], entry["num_cells"], span,
+                         f"{constants['formula']}; {constants['note']}; x: {entry['published']['x']}"])
+    return rows
+
+
+def _mia_tables(fits: dict) -> str:
+    rows = [row for kind, laws in fits["mia"].items() for attack, entry in laws.items()
+            for row in _mia_rows(kind, attack, entry, fits["mia_published"])]
+    return ("<h2>Membership-inference scaling law</h2>"
+            "<p>F1 = 1/2 (1 + c1 sigmoid(c2 x + c3)), x = N / params (sequences per parameter), fitted by nonlinear "
+            "least squares per data kind; &plusmn; one standard error. A law whose cells show no transition (every "
+            "F1 within 0.02 of 1, or of 0.5) is not identifiable and has no constants. The paper fitted its law on "
+            "text: its two published forms are evaluated beside the text laws only, with x in its 64-token "
+            "sequences.</p>"
+            + (_table(["data kind", "law", "c1", "c2", "c3", "RMSE of F1", "cells", "x range (sequences/param)",
+                       "note"], rows) if rows else "<p>No MIA metrics.</p>"))
 
 
 def _text_tables(fits: dict) -> str:
@@ -307,8 +388,8 @@ def _text_tables(fits: dict) -> str:
              "<p>Seed means per model shape, precision and pool size N (fits.json's <code>text</code> section "
              "also holds the seed std). Unintended memorization is measured against the reference model; "
              "H(X) is the training set's code length under it; extraction is the fraction of sequences whose "
-             "greedy continuation from the prefix matches exactly. The capacity, alpha and MIA-law fits use "
-             "synthetic cells only.</p>"]
+             "greedy continuation from the prefix matches exactly. Capacity, alpha and predictions use synthetic "
+             "cells only; the text cells' MIA law is in the membership-inference table.</p>"]
     columns = [(m, METRICS[m].header) for m in TEXT_SUMMARY_METRICS if m in text["metrics"]]
     rows = []
     for group in text["groups"]:
@@ -322,7 +403,7 @@ def _text_tables(fits: dict) -> str:
 
 def _skipped_fits(fits: dict) -> str:
     reasons = dict.fromkeys((fits.get("skipped") or {}).values())
-    return ("<h2>Capacity, alpha and the membership-inference law</h2><p>Skipped: "
+    return ("<h2>Capacity, alpha and predictions</h2><p>Skipped: "
             + html.escape("; ".join(reasons) or "no synthetic cells") + ".</p>")
 
 
@@ -375,6 +456,7 @@ report written {html.escape(time.strftime('%Y-%m-%dT%H:%M:%S%z'))}. Code version
 <h2>Figures</h2>
 {figures}
 {_fits_tables(fits) if synthetic else _skipped_fits(fits)}
+{_mia_tables(fits)}
 {_text_tables(fits) if text else ''}
 {_problem_cells(cells)}
 <h2>Configuration</h2>

@@ -8,6 +8,7 @@ RunRecords whose params are strings, as MLflow stores them), so grouping sees re
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -71,31 +72,57 @@ def test_capacity_and_alpha_per_precision_recover_the_plateau():
         assert c["capacity_bits"] == pytest.approx(planted, rel=0.03)
         assert len(c["seed_capacities_bits"]) == 3 and c["seed_std_bits"] > 0
         assert not c["lower_bound"] and c["plateau_reached"]
+        assert c["lower_bound_cells"] == [] and c["lower_bound_num_sequences"] == []
         assert c["bits_per_param"] == pytest.approx(c["capacity_bits"] / c["params"])
+    paper = {"fp32": (3.875, 3.828), "bf16": (3.602, 3.517)}
     for precision, planted in PLANTED_ALPHA.items():
         alpha = fits["alpha"][precision]
-        assert alpha["alpha"] == pytest.approx(planted, rel=0.02)
-        assert alpha["ci_low"] < alpha["alpha"] < alpha["ci_high"]
-        assert alpha["ci_high"] - alpha["ci_low"] < 0.05 * planted  # 1% noise, 3 seeds: a tight interval
-        assert alpha["n_models"] == 3 and alpha["bootstrap"] == "seeds"
+        assert alpha["alpha"] == alpha["slope"]["alpha"] and alpha["alpha_statistic"] == "slope"
+        for statistic, paper_value in zip(("slope", "mean_ratio"), paper[precision]):
+            fit = alpha[statistic]
+            assert fit["alpha"] == pytest.approx(planted, rel=0.02), statistic
+            assert fit["ci_low"] < fit["alpha"] < fit["ci_high"], statistic
+            assert fit["ci_high"] - fit["ci_low"] < 0.05 * planted  # 1% noise, 3 seeds: a tight interval
+            assert round(fit["paper"], 3) == paper_value, statistic  # the paper's, computed the same way
+        assert alpha["n_models"] == 3 and "shapes" in alpha["bootstrap"] and "note" not in alpha
     metrics = fit_metrics(fits)
-    assert metrics["alpha_fp32"] == pytest.approx(fits["alpha"]["fp32"]["alpha"])
-    assert {"alpha_bf16_ci_low", "alpha_bf16_ci_high", "cells_finished"} <= set(metrics)
+    assert metrics["alpha_fp32"] == pytest.approx(fits["alpha"]["fp32"]["slope"]["alpha"])
+    assert metrics["alpha_bf16_mean_ratio"] == pytest.approx(fits["alpha"]["bf16"]["mean_ratio"]["alpha"])
+    assert {"alpha_bf16_slope_ci_low", "alpha_bf16_slope_ci_high", "alpha_fp32_mean_ratio_ci_low",
+            "cells_finished"} <= set(metrics)
 
 
-def test_an_unconverged_cell_at_the_maximum_makes_a_lower_bound():
+def _with_unconverged(runs, model, choose):
+    """The runs with `converged` = 0 on the cells of `model` at the size `choose(sizes, capacity_sizes)`
+    picks, where capacity_sizes are the sizes whose H(X) exceeds the plateau."""
+    sizes = sorted({int(r.params["data.num_sequences"]) for r in runs if r.params["model.name"] == model})
+    layers, width = SHAPES[model]
+    beyond = [n for n in sizes if n * BITS_PER_SEQUENCE > PLANTED_ALPHA["fp32"] * params_of(layers, width)]
+    target = choose(sizes, beyond)
+    for r in runs:
+        if r.params["model.name"] == model and int(r.params["data.num_sequences"]) == target:
+            r.metrics["converged"] = 0.0
+    return runs, target
+
+
+def test_an_unconverged_plateau_cell_away_from_the_maximum_makes_a_lower_bound():
     runs = planted_sweep(precisions=("fp32",), seeds=(0,), noise=0.0)
-    # Plateau cells all equal alpha*P; the smallest N among them wins the tie: flag that one.
+    # Plateau cells all equal alpha*P, the smallest N among them wins the tie: flag the LARGEST one.
+    runs, target = _with_unconverged(runs, "l2_d64", lambda sizes, beyond: beyond[-1])
     fits = fit_sweep(build_cells_table(runs), GROUPING)
-    at_max = {c["model"]: c["num_sequences_at_max"] for c in fits["capacity"]}
-    runs = [cell(i, r.params["model.name"], "fp32", int(r.params["data.num_sequences"]), 0, r.metrics["mem_bits"],
-                 converged=0.0 if int(r.params["data.num_sequences"]) == at_max[r.params["model.name"]]
-                 and r.params["model.name"] == "l2_d64" else 1.0)
-            for i, r in enumerate(runs)]
-    fits = fit_sweep(build_cells_table(runs), GROUPING)
-    flags = {c["model"]: c["lower_bound"] for c in fits["capacity"]}
-    assert flags == {"l1_d32": False, "l2_d64": True, "l4_d128": False}
+    caps = {c["model"]: c for c in fits["capacity"]}
+    assert caps["l2_d64"]["num_sequences_at_max"] != target
+    assert {m: c["lower_bound"] for m, c in caps.items()} == {"l1_d32": False, "l2_d64": True, "l4_d128": False}
+    assert caps["l2_d64"]["lower_bound_num_sequences"] == [target] and len(caps["l2_d64"]["lower_bound_cells"]) == 1
     assert fits["alpha"]["fp32"]["lower_bound"] is True
+    assert fits["alpha"]["fp32"]["lower_bound_models"] == ["l2_d64 fp32"]
+
+
+def test_an_unconverged_cell_below_the_capacity_makes_no_lower_bound():
+    runs = planted_sweep(precisions=("fp32",), seeds=(0,), noise=0.0)
+    runs, _ = _with_unconverged(runs, "l2_d64", lambda sizes, beyond: sizes[0])  # H(X) far below alpha*P
+    fits = fit_sweep(build_cells_table(runs), GROUPING)
+    assert not any(c["lower_bound"] for c in fits["capacity"]) and fits["alpha"]["fp32"]["lower_bound"] is False
 
 
 def test_mia_law_recovers_a_planted_sigmoid_with_its_uncertainty():
@@ -108,30 +135,50 @@ def test_mia_law_recovers_a_planted_sigmoid_with_its_uncertainty():
         r.metrics["reference_f1"] = float(mia_law(x, 1.0, -20.0, 0.5))  # a second attack, exact
         runs.append(r)
     fits = fit_sweep(build_cells_table(runs), GROUPING)
-    loss = fits["mia"]["loss"]
-    assert "skipped" not in loss and loss["num_cells"] == 24
+    assert list(fits["mia"]) == ["synthetic"]  # no text cells: no text law
+    loss = fits["mia"]["synthetic"]["loss"]
+    assert loss["identifiable"] is True and loss["num_cells"] == 24 and loss["kind"] == "synthetic"
     for name, planted, tolerance in (("c1", C1, 0.05), ("c2", C2, 0.15), ("c3", C3, 0.15)):
         assert loss[name] == pytest.approx(planted, rel=tolerance), name
         assert abs(loss[name] - planted) < 4 * loss[f"{name}_std"], name  # the interval covers it
     assert loss["rmse"] < 0.01
-    # The corrected published form is this very law: it fits as well; the printed form does not.
-    assert loss["published"]["corrected"]["rmse"] < 0.01 < loss["published"]["as_printed"]["rmse"]
-    reference = fits["mia"]["reference"]  # any <attack>_f1 column is fitted the same way
+    assert "published" not in loss  # the paper fitted on text: its forms sit beside text laws only
+    reference = fits["mia"]["synthetic"]["reference"]  # any <attack>_f1 column is fitted the same way
     assert reference["c1"] == pytest.approx(1.0, rel=1e-3) and reference["c2"] == pytest.approx(-20.0, rel=1e-3)
-    assert fit_metrics(fits)["mia_loss_c2"] == pytest.approx(loss["c2"])
+    assert fit_metrics(fits)["mia_synthetic_loss_c2"] == pytest.approx(loss["c2"])
 
 
-def test_one_shape_still_has_alpha_and_a_reason_for_no_mia_law():
+@pytest.mark.parametrize("level, noise", [(1.0, -0.015), (0.5, 0.015)])
+def test_cells_without_a_transition_give_no_constants(level, noise):
+    """Every F1 ~1 (the laptop sweep: a step placed beyond the data fitted to RMSE 2e-9) or every F1 ~0.5."""
+    rng = np.random.default_rng(2)
+    runs = []
+    for i, size in enumerate(np.geomspace(200, 60000, 12).astype(int)):
+        r = cell(i, "l2_d64", "fp32", int(size), 0, 1000.0)
+        r.metrics["loss_f1"] = level + noise * rng.random()
+        runs.append(r)
+    fits = fit_sweep(build_cells_table(runs), GROUPING)
+    loss = fits["mia"]["synthetic"]["loss"]
+    assert loss["identifiable"] is False and f"within 0.02 of {level:g}" in loss["reason"]
+    assert not {"c1", "c2", "c3", "rmse"} & set(loss) and loss["num_cells"] == 12
+    assert not any(k.startswith("mia_") for k in fit_metrics(fits))
+
+
+def test_one_shape_has_alpha_without_an_interval_and_a_reason_for_no_mia_law():
     runs = [cell(i, "l1_d32", "fp32", size, seed, mem)
             for i, (size, seed, mem) in enumerate([(16, 0, 11000.0), (16, 1, 11200.0), (64, 0, 40000.0), (64, 1, 41000.0)])]
     fits = fit_sweep(build_cells_table(runs), GROUPING)
     (c,) = fits["capacity"]
     assert c["capacity_bits"] == pytest.approx(40500.0) and c["num_sequences_at_max"] == 64
     assert c["plateau_reached"] is False  # one size beyond the capacity: more data might raise it
-    assert fits["alpha"]["fp32"]["alpha"] == pytest.approx(40500.0 / c["params"])
-    assert fits["alpha"]["fp32"]["ci_low"] <= fits["alpha"]["fp32"]["alpha"] <= fits["alpha"]["fp32"]["ci_high"]
-    assert "2 distinct" in fits["mia"]["loss"]["skipped"] or "at 2" in fits["mia"]["loss"]["skipped"]
-    assert "c1" not in fits["mia"]["loss"]
+    alpha = fits["alpha"]["fp32"]
+    for statistic in ("slope", "mean_ratio"):
+        assert alpha[statistic]["alpha"] == pytest.approx(40500.0 / c["params"])
+        assert alpha[statistic]["ci_low"] is None and alpha[statistic]["ci_high"] is None
+    assert "one shape" in alpha["note"] and alpha["bootstrap"] == "none"
+    assert "alpha_fp32_slope_ci_low" not in fit_metrics(fits) and "alpha_fp32_slope" in fit_metrics(fits)
+    loss = fits["mia"]["synthetic"]["loss"]
+    assert loss["identifiable"] is False and "at 2" in loss["reason"] and "c1" not in loss
 
 
 def test_predictions_use_the_fitted_alpha_of_each_cells_precision():
@@ -140,7 +187,7 @@ def test_predictions_use_the_fitted_alpha_of_each_cells_precision():
     assert len(cells) == 30
     for c in cells:
         alpha = fits["alpha"][c["precision"]]["alpha"]
-        assert c["alpha"] == alpha and c["alpha_source"] == "fitted"
+        assert c["alpha"] == alpha and c["alpha_source"] == "fitted slope"
         assert c["predicted_mem_bits"] == pytest.approx(min(alpha * c["params"], c["entropy_bits"]))
         assert c["error"] == pytest.approx((c["mem_bits"] - c["predicted_mem_bits"]) / c["predicted_mem_bits"])
     assert fits["prediction"]["summary"]["mean_abs_error"] < 0.03
@@ -163,3 +210,24 @@ def test_a_plateau_needs_two_sizes_beyond_the_capacity_that_agree():
     assert plateau_reached(sizes, flat, entropy, 2520.0)
     assert not plateau_reached(sizes, growing, entropy, 2900.0)
     assert not plateau_reached(sizes[:3], flat[:3], entropy[:3], 2500.0)  # only one size beyond it
+
+
+def test_the_console_summary_shows_lower_bounds_both_alphas_and_the_laws(capsys):
+    from orchestrator.cli import _aggregate_summary
+
+    runs, target = _with_unconverged(planted_sweep(precisions=("fp32",), seeds=(0,), noise=0.0), "l2_d64",
+                                     lambda sizes, beyond: beyond[-1])
+    fits = {**fit_sweep(build_cells_table(runs), GROUPING, n_boot=50), "sweep": "planted"}
+    _aggregate_summary(SimpleNamespace(fits=fits))
+    captured = capsys.readouterr()
+    text = " ".join((captured.out + captured.err).split())  # the console may wrap long lines
+    (bound,) = [c for c in fits["capacity"] if c["model"] == "l2_d64"]
+    assert f"capacity l2_d64 fp32: {bound['capacity_bits']:,.0f} bits" in text
+    assert f"is a lower bound: 1 unconverged plateau cell(s) at N = {target:,}" in text
+    assert "capacity l1_d32 fp32" not in text  # converged capacities are in the report, not repeated here
+    assert "alpha fp32 (bits/param, over 3 shape(s); a lower bound: l2_d64 fp32):" in text
+    slope, ratio = fits["alpha"]["fp32"]["slope"], fits["alpha"]["fp32"]["mean_ratio"]
+    interval = f"95% [{slope['ci_low']:.3f}, {slope['ci_high']:.3f}]"
+    assert f"slope through origin {slope['alpha']:.3f}, {interval}; paper 3.875" in text
+    assert f"mean of capacity/params {ratio['alpha']:.3f}, 95% [" in text and "paper 3.828" in text
+    assert "MIA law (synthetic, loss): c1=" in text

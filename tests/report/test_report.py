@@ -64,21 +64,25 @@ def test_the_plotted_data_are_the_tables_numbers_and_the_fitted_alpha(smoke_repo
 
     capacity = data["capacity_vs_params"]
     assert capacity["sweep"]["fp32"]["capacity_bits"] == [fits["capacity"][0]["capacity_bits"]]
-    assert capacity["fit_lines"]["fp32"]["alpha"] == alpha
-    np.testing.assert_allclose(capacity["fit_lines"]["fp32"]["capacity_bits"],
-                               alpha * np.array(capacity["fit_lines"]["fp32"]["params"]))
+    for statistic in ("slope", "mean_ratio"):  # one line per alpha statistic, each the fitted value
+        line = capacity["fit_lines"]["fp32"][statistic]
+        assert line["alpha"] == fits["alpha"]["fp32"][statistic]["alpha"]
+        np.testing.assert_allclose(line["capacity_bits"], line["alpha"] * np.array(line["params"]))
+    assert capacity["fit_lines"]["fp32"]["slope"]["alpha"] == alpha  # the alpha of predictions is the slope
     paper = reference_rows("capacity_by_precision.csv")
     assert capacity["paper_points"]["fp32"]["capacity_bits"] == [r["capacity_bits_fp32"] for r in paper]
-    assert capacity["paper_lines"]["fp32"]["alpha"] == 3.83 and capacity["paper_lines"]["bf16"]["alpha"] == 3.51
+    lines = capacity["paper_lines"]
+    assert [round(lines[p][s]["alpha"], 3) for p in ("fp32", "bf16") for s in ("slope", "mean_ratio")] == \
+        [3.875, 3.828, 3.602, 3.517]
 
-    mia = data["mia"]["attacks"]["loss"]
+    assert list(data["mia"]["kinds"]) == ["synthetic"]  # the smoke sweep has no text cells
+    row = data["mia"]["kinds"]["synthetic"]
+    mia = row["attacks"]["loss"]
     assert sorted(zip(mia["x"], mia["f1"], mia["auc"])) == sorted(
         (c["sequences_per_param"], c["loss_f1"], c["loss_auc"]) for c in cells)
-    assert "fit_f1" not in mia  # two distinct x: the law was skipped, and the fits say why
-    assert "skipped" in fits["mia"]["loss"]
-    published = data["mia"]["published"]
-    x = np.array(published["x"])
-    np.testing.assert_allclose(published["corrected_f1"], 0.5 * (1 + 1.34 / (1 + np.exp(33.14 * (x - 0.0337)))))
+    assert "fit_f1" not in mia  # two distinct x: no law, and the fits say why
+    assert fits["mia"]["synthetic"]["loss"]["identifiable"] is False and fits["mia"]["synthetic"]["loss"]["reason"]
+    assert "published" not in row  # the paper fitted its law on text: its forms sit on a text row only
 
     (dd,) = data["double_descent"]["groups"]
     assert sorted(zip(dd["ratio"], dd["test_nll_bits_per_token"])) == sorted(

@@ -1,7 +1,8 @@
-"""Text cells in `aggregate` and `report`: synthetic-only fits (skipped with a reason for a text-only
-sweep, unchanged by text rows in a mixed one), the `text` summary of seed means, the three text
-figures whose plotted data are those seed means, and an HTML page that embeds them, from a saved
-table (`--from`) with no store.
+"""Text cells in `aggregate` and `report`: synthetic-only capacity, alpha and predictions (skipped with a
+reason for a text-only sweep, unchanged by text rows in a mixed one), an MIA law of the text cells' own
+with the paper's published forms beside it (and not beside the synthetic law), the `text` summary of
+seed means, the three text figures whose plotted data are those seed means, the MIA figure's text
+row, and an HTML page that embeds them, from a saved table (`--from`) with no store.
 
 Nothing is trained: rows are RunRecords with string params, as MLflow stores them, turned into a
 table by build_cells_table, the code path `aggregate` uses.
@@ -19,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from measure.capacity import mia_law
+from measure.capacity import mia_law, published_mia_law_corrected
 from measure.sweep import TEXT_SUMMARY_METRICS, fit_metrics, fit_sweep
 from orchestrator.aggregate import CELLS_SCHEMA, GROUPING, aggregate_from, build_cells_table, write_aggregate
 from orchestrator.cli import main
@@ -176,12 +177,45 @@ def test_a_text_only_sweep_skips_the_synthetic_fits_and_says_why(text_table):
     assert set(fits["skipped"]) == {"capacity", "alpha", "prediction"}
     for reason in (*fits["skipped"].values(), fits["prediction"]["skipped"]):
         assert "synthetic cells only" in reason and "44 FINISHED text cells" in reason
-    for attack in ("loss", "reference"):
-        assert "synthetic cells only" in fits["mia"][attack]["skipped"], attack
-        assert "c1" not in fits["mia"][attack]
     assert any("synthetic cells only" in note for note in fits["notes"])
     assert fits["cells"]["finished"] == 44 and fits["cells"]["by_status"] == {"FAILED": 1, "FINISHED": 44}
-    assert fit_metrics(fits) == {"cells_total": 45.0, "cells_finished": 44.0}
+    assert list(fits["mia"]) == ["text"]  # the text cells' own law, nothing for synthetic
+    metrics = fit_metrics(fits)
+    assert {k for k in metrics if not k.startswith("mia_text_")} == {"cells_total", "cells_finished"}
+    assert metrics["mia_text_loss_c2"] == fits["mia"]["text"]["loss"]["c2"]
+
+
+def _law(entry):
+    return {k: entry[k] for k in ("identifiable", "c1", "c2", "c3", "rmse", "num_cells", "x_min", "x_max")}
+
+
+def test_text_cells_get_their_own_mia_law_with_the_published_forms_beside_it(text_table):
+    mia = fit_sweep(text_table, GROUPING, n_boot=10)["mia"]["text"]
+    rows = [r for r in text_table.to_pylist() if r["status"] == "FINISHED"]
+    x = np.array([r["sequences_per_param"] for r in rows])
+    for attack in ("loss", "reference"):
+        law = mia[attack]
+        assert law["kind"] == "text" and law["identifiable"] is True and law["num_cells"] == 44, attack
+        f1 = np.array([r[f"{attack}_f1"] for r in rows])
+        assert law["rmse"] == pytest.approx(np.sqrt(np.mean((f1 - mia_law(x, law["c1"], law["c2"], law["c3"])) ** 2)))
+        # S = 32, the paper's 64: x is converted through tokens per parameter, |D| = N * 32 / 64.
+        published = law["published"]
+        assert published["converted"] is True and "x64 = N * S / (64 * params)" in published["x"]
+        sizes, params = np.array([r["data.num_sequences"] for r in rows]), np.array([r["params"] for r in rows])
+        corrected = published_mia_law_corrected(sizes * TEXT_S / 64, params)
+        assert published["corrected"]["rmse"] == pytest.approx(np.sqrt(np.mean((f1 - corrected) ** 2)))
+
+
+def test_64_token_text_sequences_are_compared_with_the_paper_unconverted():
+    rng = np.random.default_rng(4)
+    runs = [text_cell(i, "l1_d32", "fp32", size, seed, rng) for i, size in enumerate(TEXT_SIZES) for seed in (0,)]
+    for r in runs:
+        r.params["data.seq_len"] = "64"
+    law = fit_sweep(build_cells_table(runs), GROUPING, n_boot=10)["mia"]["text"]["loss"]
+    f1 = np.array([r.metrics["loss_f1"] for r in runs])
+    corrected = published_mia_law_corrected([r.metrics["sequences_per_param"] for r in runs], 1.0)
+    assert law["published"]["converted"] is False and "64 tokens, as the paper's" in law["published"]["x"]
+    assert law["published"]["corrected"]["rmse"] == pytest.approx(np.sqrt(np.mean((f1 - corrected) ** 2)))
 
 
 def test_the_text_section_holds_the_tables_seed_means(text_table):
@@ -225,8 +259,15 @@ def test_a_mixed_sweep_fits_only_its_synthetic_rows(mixed_table):
     assert mixed["capacity"] == alone["capacity"]
     assert mixed["alpha"] == alone["alpha"]  # the same alpha and interval, text rows or not
     assert mixed["prediction"] == alone["prediction"]
-    assert mixed["mia"]["loss"] == alone["mia"]["loss"]
-    assert "synthetic cells only" in mixed["mia"]["reference"]["skipped"]  # measured on text cells alone
+    # One law per data kind: the synthetic law is the synthetic cells' alone, the text law the text
+    # cells' alone, and only the text law carries the paper's forms (it fitted on text).
+    assert mixed["mia"]["synthetic"] == alone["mia"]["synthetic"] and list(alone["mia"]) == ["synthetic"]
+    assert list(mixed["mia"]["synthetic"]) == ["loss"]  # the reference attack is measured on text cells alone
+    assert "published" not in mixed["mia"]["synthetic"]["loss"]
+    text_alone = fit_sweep(build_cells_table(text_runs()), GROUPING, n_boot=50)["mia"]["text"]
+    for attack in ("loss", "reference"):
+        assert _law(mixed["mia"]["text"][attack]) == _law(text_alone[attack]), attack
+        assert "published" in mixed["mia"]["text"][attack]
     assert mixed["skipped"] == {} and "skipped" not in mixed["prediction"]
     assert any("44 FINISHED text cells are left out" in note for note in mixed["notes"])
     assert mixed["text"] == fit_sweep(build_cells_table(text_runs()), GROUPING, n_boot=50)["text"]
@@ -248,22 +289,28 @@ def test_report_from_a_text_only_table(text_table, tmp_path, monkeypatch, capsys
     fits = json.loads((saved / "fits.json").read_text())
     assert fits["capacity"] == [] and "synthetic cells only" in fits["skipped"]["alpha"]
     folder = saved / "report"
-    assert sorted(p.name for p in folder.glob("*.png")) == sorted(f"{n}.png" for n in TEXT_FIGURE_NAMES)
-    for name in TEXT_FIGURE_NAMES:
+    drawn = ["mia", *TEXT_FIGURE_NAMES]  # the MIA figure has a text row: the text cells' own law
+    assert sorted(p.name for p in folder.glob("*.png")) == sorted(f"{n}.png" for n in drawn)
+    for name in drawn:
         png = (folder / f"{name}.png").read_bytes()
         assert png.startswith(PNG) and len(png) > 10_000, name  # drawn lines and legends
     page = (folder / "report.html").read_text()
-    assert sorted(_embedded(page)) == sorted((folder / f"{n}.png").read_bytes() for n in TEXT_FIGURE_NAMES)
+    assert sorted(_embedded(page)) == sorted((folder / f"{n}.png").read_bytes() for n in drawn)
     assert "<h2>Text cells</h2>" in page and "Skipped: no FINISHED synthetic cells" in page
+    assert "Membership-inference scaling law" in page and "<td>text</td><td>loss: paper corrected</td>" in page
     assert "Capacity per model shape" not in page  # no synthetic fit tables for a text-only sweep
-    assert str(folder / "report.html") in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert str(folder / "report.html") in captured.out
+    summary = " ".join(captured.err.split())  # the console may wrap long lines
+    assert "MIA law (text, loss): c1=" in summary and "(x converted to 64-token sequences)" in summary
+    assert "MIA law (synthetic" not in summary
 
 
 def test_text_figures_plot_the_tables_seed_means(text_table, tmp_path):
     saved = tmp_path / "saved"
     write_aggregate(saved, text_table, None, fit_sweep(text_table, GROUPING, n_boot=50))
     result = report("textsweep", from_path=saved)
-    assert set(result.figure_paths) == set(TEXT_FIGURE_NAMES)
+    assert set(result.figure_paths) == {"mia", *TEXT_FIGURE_NAMES}
     expected = table_seed_stats(text_table)
     labels = {f"{m} {p}": (m, p) for m, p in expected}
 
@@ -311,6 +358,17 @@ def test_a_mixed_report_draws_both_kinds_each_from_its_own_rows(mixed_table, tmp
     assert sorted(plotted) == sorted(r["mem_bits"] for r in synthetic)  # no text cell on the synthetic axes
     assert len(result.figure_data["text_mem_vs_num_sequences"]["groups"]) == 4
     assert aggregate_from("mixed", saved).fits["alpha"] == result.aggregate.fits["alpha"]
+    # The MIA figure: one row per kind, each with its own cells; the paper's forms on the text row only.
+    mia = result.figure_data["mia"]["kinds"]
+    assert list(mia) == ["synthetic", "text"] and "published" not in mia["synthetic"]
+    assert sorted(mia["synthetic"]["attacks"]["loss"]["f1"]) == sorted(r["loss_f1"] for r in synthetic)
+    text = [r for r in mixed_table.to_pylist() if r["data.kind"] == "text" and r["status"] == "FINISHED"]
+    assert sorted(mia["text"]["attacks"]["reference"]["f1"]) == sorted(r["reference_f1"] for r in text)
+    published = mia["text"]["published"]
+    assert published["seq_len"] == TEXT_S and "fit_f1" in mia["text"]["attacks"]["loss"]
+    # Drawn against this sweep's x = N / params, the paper's law is read at x64 = x * S / 64.
+    np.testing.assert_allclose(published["corrected_f1"],
+                               published_mia_law_corrected(np.array(published["x"]) * TEXT_S / 64, 1.0))
 
 
 def test_text_figures_of_a_text_sweep_with_nothing_finished_still_render(recwarn):
@@ -322,8 +380,8 @@ def test_text_figures_of_a_text_sweep_with_nothing_finished_still_render(recwarn
     fits = fit_sweep(cells, GROUPING, n_boot=10)
     assert fits["text"]["groups"] == [] and fits["skipped"]["alpha"] == "no FINISHED cells with mem_bits"
     drawn = draw_figures(cells, None, fits)
-    assert list(drawn) == TEXT_FIGURE_NAMES
+    assert list(drawn) == ["mia", *TEXT_FIGURE_NAMES]
     for name, (fig, data) in drawn.items():
-        assert fig.axes and data["groups"] == [], name
+        assert fig.axes and data == ({"kinds": {}} if name == "mia" else {**data, "groups": []}), name
         figures.close(fig)
     assert not [w for w in recwarn if "legend" in str(w.message)]
