@@ -2,8 +2,10 @@
 loop, memsweep's `train()`, cells one after another or as one pack), the comparisons built from
 them, and the machine description and results file every script writes.
 
-Used by `python -m bench` (bench/__main__.py), `python -m bench.gpu`, `python -m bench.sweep_bench`
-and `python -m bench.laptop_sweep`; it runs nothing itself.
+Used by `python -m bench` (bench/__main__.py), `python -m bench.gpu`, `python -m bench.sweep_bench`,
+`python -m bench.laptop_sweep`, `python -m bench.convergence` and `python -m bench.capacity_probe`; it
+runs nothing itself. It imports torch, numpy, PyYAML and this repository's models/ and measure/ only
+(what a bare GPU image holds): the shipped shapes and recipes are read from conf/ without Hydra.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 
+from measure.memorization import summarize_synthetic
 from models.data import BatchOrder, synthetic_members
 from models.gpt import GPT
 from models.packed import train_packed
@@ -31,6 +35,10 @@ from models.train import train
 CPU = torch.device("cpu")
 NO_EVAL = 10**9  # an eval_interval no run reaches: the benchmarks time training alone
 RESULTS = Path(__file__).resolve().parent / "results"  # where every script writes by default
+CONF = Path(__file__).resolve().parent.parent / "conf"  # the shipped Hydra configs, read here as YAML
+# Where the CPU recipe plateaus on the laptop shapes (issue 14: 2.4-2.8): the prior capacity that
+# sizes their datasets past capacity in the convergence study and the capacity probe.
+CPU_PLATEAU_BITS_PER_PARAM = 2.7
 
 
 def tiny_cell(num_sequences: int, seed: int, steps: int, batch_size: int = 64) -> CellSpec:
@@ -172,3 +180,52 @@ def write_results(results: dict, out: str | Path, prefix: str = "") -> Path:
     path.write_text(json.dumps(results, indent=2))
     print(f"wrote {path}")
     return path
+
+
+def results_path(out: str | Path, prefix: str = "") -> Path:
+    """`<out>/<prefix><UTC timestamp>.json` (the folder made), for a script that rewrites one results
+    file after each stage (`save_results`) instead of writing once at the end (`write_results`)."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{prefix}{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
+
+
+def save_results(results: dict, path: Path) -> None:
+    """Write `results` to `path` whole: a reader (or a run cut short) never sees half a file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(path)
+
+
+# -- the shipped shapes and recipes, without Hydra ---------------------------------------------------
+def conf_values(group: str, name: str) -> dict:
+    """The values of conf/<group>/<name>.yaml, with those of the files its `defaults` list names
+    (of the same group, `_self_` last as written) underneath, as Hydra composes a flat group."""
+    raw = yaml.safe_load((CONF / group / f"{name}.yaml").read_text())
+    values = {}
+    for entry in raw.pop("defaults", ["_self_"]):
+        values.update(raw if entry == "_self_" else conf_values(group, entry))
+    return values
+
+
+def model_spec(name: str) -> ModelSpec:
+    """A shipped shape (conf/model/<name>.yaml)."""
+    return ModelSpec(**conf_values("model", name))
+
+
+def train_recipe(name: str) -> TrainSpec:
+    """A shipped recipe (conf/train/<name>.yaml): `cpu` or `paper`."""
+    return TrainSpec(**conf_values("train", name))
+
+
+def mem_bits_evaluator(data: DataSpec, members: np.ndarray, batch_size: int = 1024):
+    """The evaluation hook that measures what training is for: the members' mem_bits (docs/science.md),
+    summed over the training set."""
+    return lambda model: {"mem_bits": summarize_synthetic(nll_bits(model, members, batch_size), data.seq_len,
+                                                          data.vocab_size).mem_bits}
+
+
+def past_capacity(params: int, data: DataSpec, bits_per_param: float, times: float) -> int:
+    """N, the number of sequences of `data`'s kind holding `times` the capacity bits_per_param * params:
+    times * bits_per_param * params / (S log2 V)."""
+    return max(1, round(times * bits_per_param * params / data.sequence_bits))

@@ -1,0 +1,122 @@
+"""bench/convergence.py: its saturating fit finds a planted asymptote (and says when a curve shows
+none), its ground truth's long run resumed at a horizon is the run straight through, its cool-down
+branches start exactly at their horizon, and `--quick`, run as a user runs it, writes results whose
+every derived figure is the one its recorded curves give."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bench.common import mem_bits_evaluator
+from bench.convergence import (
+    HORIZONS_STEPS,
+    REACHED_FRACTION,
+    RIGHT_TOLERANCE,
+    cell,
+    cooldown_train,
+    fit_saturating,
+    handover,
+    stable_train,
+    truth_summary,
+)
+from models.checkpoint import CheckpointStore
+from models.data import synthetic_members
+from models.progress import forced_decay_start
+from models.train import train
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def planted(asymptote: float, gap: float, exponent: float, noise: float, seed: int) -> list[float]:
+    steps = np.array(HORIZONS_STEPS, dtype=float)
+    clean = asymptote - gap * (steps / steps.max()) ** -exponent
+    return list(clean * (1 + noise * np.random.default_rng(seed).standard_normal(len(steps))))
+
+
+def test_the_saturating_fit_recovers_a_planted_asymptote():
+    exact = fit_saturating(list(HORIZONS_STEPS), planted(12_000, 3_000, 0.6, 0.0, 0))
+    assert exact["asymptote"] == pytest.approx(12_000, rel=1e-6)
+    assert exact["exponent"] == pytest.approx(0.6, rel=1e-6)
+    for seed in range(3):  # 0.3% noise, about the scatter of one annealed point
+        noisy = fit_saturating(list(HORIZONS_STEPS), planted(12_000, 3_000, 0.6, 0.003, seed))
+        low, high = noisy["interval"]
+        assert low <= 12_000 <= high and noisy["asymptote"] == pytest.approx(12_000, rel=0.02)
+
+
+def truth_runs(curves: list[list[float]]) -> list[dict]:
+    return [{"shape": "l1_d16", "num_sequences": 547, "params": 4864, "seed": seed,
+             "annealed": [{"horizon_steps": h, "mem_bits": v, "converged": False} for h, v in zip(HORIZONS_STEPS, c)],
+             "stable_mem_bits": [[h, 0.9 * v] for h, v in zip(HORIZONS_STEPS, c)]} for seed, c in enumerate(curves)]
+
+
+def test_the_asymptote_interval_holds_the_fit_and_every_seed():
+    truth = truth_summary(truth_runs([planted(12_000, 3_000, 0.6, 0.003, s) for s in (1, 2)]))
+    assert truth["asymptote_kind"] == "fit"
+    low, high = truth["interval_bits"]
+    assert low <= truth["asymptote_bits"] <= high
+    assert all(low <= a <= high for a in truth["per_seed_asymptote_bits"])
+
+
+def test_a_curve_that_never_saturates_gives_a_lower_bound_not_an_asymptote():
+    climbing = [10_000 * 1.05 ** math.log2(h / HORIZONS_STEPS[0]) for h in HORIZONS_STEPS]  # +5% per doubling
+    truth = truth_summary(truth_runs([climbing, climbing]))
+    assert truth["asymptote_kind"].startswith("longest horizon, a lower bound")
+    assert truth["asymptote_bits"] == pytest.approx(climbing[-1]) and truth["interval_bits"][1] is None
+
+
+@pytest.mark.parametrize("horizon", [250, 999, 1001, *HORIZONS_STEPS])
+def test_a_cool_down_branch_starts_at_its_horizon_and_lasts_a_fifth_of_it(horizon):
+    branch = cooldown_train(horizon)
+    assert branch.schedule == "wsd" and forced_decay_start(branch) == horizon
+    assert branch.max_steps - horizon == pytest.approx(branch.cooldown_fraction * horizon, abs=1)
+
+
+def test_the_long_run_resumed_at_a_horizon_equals_one_run_straight_through(tmp_path):
+    torch.set_num_threads(1)
+    straight = cell("l1_d16", 64, stable_train(240), 0)
+    members = synthetic_members(straight.data, 0)
+    evaluate = mem_bits_evaluator(straight.data, members)
+    whole = train(straight, members, device=torch.device("cpu"), evaluate=evaluate)
+    first = cell("l1_d16", 64, stable_train(120), 0)
+    first_store = CheckpointStore(str(tmp_path), first.cell_id)
+    train(first, members, device=torch.device("cpu"), evaluate=evaluate, checkpoints=first_store)
+    store = CheckpointStore(str(tmp_path), straight.cell_id)
+    handover(first_store, store)
+    resumed = train(straight, members, device=torch.device("cpu"), evaluate=evaluate, checkpoints=store)
+    assert resumed.resumed_from_step == 120 and resumed.steps == whole.steps == 240
+    assert resumed.mem_history[-1] == whole.mem_history[-1]
+    for a, b in zip(whole.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_the_quick_study_writes_results_its_curves_give(tmp_path):
+    subprocess.run([sys.executable, "-m", "bench.convergence", "--quick", "--out", str(tmp_path)], cwd=REPO,
+                   check=True, timeout=600)
+    (written,) = tmp_path.glob("convergence-*.json")
+    results = json.loads(written.read_text())
+    assert not results["failed"] and results["stage"] == "4/4 jobs"
+    (truth,) = results["truth"]
+    assert truth["seeds"] == [0, 1] and truth["horizons_steps"] == [250, 500, 1000, 2000]
+    low, high = truth["interval_bits"]
+    assert low <= truth["asymptote_bits"] and (high is None or truth["asymptote_bits"] <= high)
+    runs = {r["recipe"]: r for r in results["runs"] if r["kind"] == "recipe"}
+    assert set(runs) == {"cosine_4k", "wsd_lr1e-2"} and len(results["rows"]) == 2
+    for row in results["rows"]:
+        curve, a = runs[row["recipe"]]["mem_history"], truth["asymptote_bits"]
+        assert row["asymptote_bits"] == a and row["final_mem_bits"] == curve[-1][1]
+        assert row["fraction_of_asymptote"] == pytest.approx(curve[-1][1] / a)
+        reached = [step for step, bits in curve if bits >= REACHED_FRACTION * a]
+        assert row["steps_to_98pct"] == (reached[0] if reached else None)
+        within = abs(curve[-1][1] - a) <= RIGHT_TOLERANCE * a
+        assert row["within_2pct"] == within and row["converged_right"] == (row["converged"] == within)
+        assert row["unconverged_within_2pct"] == (within and not row["converged"])
+        assert row["steps"] == curve[-1][0]
+        assert row["flops"] == pytest.approx(row["steps"] * runs[row["recipe"]]["flops_per_step"])
+    assert results["summary"]["wsd_lr1e-2"]["runs"] == 1
