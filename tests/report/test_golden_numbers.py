@@ -10,7 +10,7 @@ Three fixed computations are compared with the values kept in tests/golden/numbe
 
 Both paths go through the command line and the files it writes, so the test holds whatever the code
 inside looks like. Float values are compared exactly on the machine kind the golden values were recorded
-on (the same torch CPU capability); elsewhere CPU kernels may round differently and the comparison
+on (the same torch, CPU capability and CPU model; every cell trains on one thread); elsewhere CPU kernels may round differently and the comparison
 falls back to a relative 1e-3, reported in the failure message.
 
 A change that is meant to move numbers (a new recipe, a corrected definition) updates the file on
@@ -47,7 +47,15 @@ TEXT_CELL = ["data=text", "data.seq_len=40", "data.num_sequences=16", "data.num_
 
 
 def machine() -> str:
-    return f"torch {torch.__version__} cpu {torch.backends.cpu.get_cpu_capability()}"
+    return f"torch {torch.__version__} cpu {torch.backends.cpu.get_cpu_capability()} {_cpu_model()}"
+
+
+def _cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
 
 
 def load_golden() -> dict:
@@ -138,8 +146,11 @@ def test_smoke_sweep_numbers_are_golden(smoke_root, tmp_path):
 
 def test_text_cell_numbers_are_golden(tmp_path):
     root = tmp_path / "runs"
+    # One thread, as a Ray worker with one CPU has: a parallel reduction rounds by the number of threads,
+    # so the default (one per core) would tie the exact values to the core count of the recording machine.
+    env = {**sweep_env(root), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", "-q", *TEXT_CELL], cwd=tmp_path,
-                          env=sweep_env(root), capture_output=True, text=True, timeout=600)
+                          env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     measured = {}
