@@ -89,8 +89,8 @@ CELL_METRICS: tuple[Metric, ...] = (
     *_attack("loss"),
     Metric("steps", "steps", "optimizer steps taken, across resumes"),
     Metric("converged", "0 or 1",
-           "1 when, after the schedule's final decay, mem_bits grew by less than converge_tol over the last "
-           "doubling of the steps (the cell then stopped); 0 when it reached max_steps without that"),
+           "1 when, after the schedule's final decay, mem_bits moved by less than converge_tol (up or down) over "
+           "the last doubling of the steps (the cell then stopped); 0 when it reached max_steps without that"),
     Metric("converged_step", "steps", "the evaluation step at which the convergence rule held (absent when "
            "unconverged)"),
     Metric("mem_gain_last_doubling", "fraction",

@@ -78,6 +78,15 @@ def gain_over_last_doubling(history: list[tuple[int, float]]) -> float | None:
     return (latest - earlier[-1]) / latest
 
 
+def settled(gain: float, tol: float) -> bool:
+    """mem_bits moved by less than `tol` over the last doubling, up or down: the convergence rule and the
+    wsd trigger. The rule's bound is on growth; a fall counts too, because a curve falling by more
+    than `tol` is not at rest: before memorization starts on data far past capacity, mem_bits is a few
+    hundred bits of noise on millions and falls as often as it rises (a laptop cell at N = 16,384
+    fell 1,880 -> 695 bits and stopped as 'converged' at 600 steps under a one-sided bound)."""
+    return abs(gain) < tol
+
+
 def forced_decay_start(train: TrainSpec) -> int:
     """wsd: the last step a cool-down of `cooldown_fraction` of the steps so far can start and still end
     by `max_steps`."""
@@ -160,11 +169,11 @@ class CellProgress:
         gain = self.gain
         if gain is None:
             return
-        if self.train.schedule == "wsd" and self.decay is None and gain < self.train.trigger_tol \
+        if self.train.schedule == "wsd" and self.decay is None and settled(gain, self.train.trigger_tol) \
                 and self.step >= self.train.warmup_steps:
             length = max(1, round(self.train.cooldown_fraction * self.step))
             self.decay = (self.step, min(self.train.max_steps, self.step + length))
-        elif self.decayed_from is not None and self.step >= self.decayed_from and gain < self.train.converge_tol:
+        elif self.decayed_from is not None and self.step >= self.decayed_from and settled(gain, self.train.converge_tol):
             self.converged_step = self.step
 
     @property

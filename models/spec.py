@@ -178,15 +178,15 @@ class TrainSpec:
     """The training recipe: AdamW with a linear warm-up, then one of three schedules
     (models/progress.py has the rules, docs/science.md the definitions):
 
-    - `wsd` (warmup-stable-decay): the constant rate `lr` until mem_bits gains less than `trigger_tol`
-      (relative) over the last doubling of the steps, then a linear cool-down over `cooldown_fraction`
+    - `wsd` (warmup-stable-decay): the constant rate `lr` until mem_bits moves by less than
+      `trigger_tol` (relative, up or down) over the last doubling of the steps, then a linear cool-down over `cooldown_fraction`
       of the steps taken so far to `min_lr_ratio * lr`, which it keeps. The cool-down starts in time
       to end at `max_steps` at the latest.
     - `cosine`: a cosine decay from `lr` to `min_lr_ratio * lr` over `max_steps`.
     - `constant`: `lr` throughout (no decay).
 
-    A cell has converged when, at an evaluation after the schedule's final decay, mem_bits grew by less
-    than `converge_tol` (relative) over the last doubling of its steps: m(t) - m(t/2) < tol * m(t). It
+    A cell has converged when, at an evaluation after the schedule's final decay, mem_bits moved by less
+    than `converge_tol` (relative) over the last doubling of its steps: |m(t) - m(t/2)| < tol * m(t). It
     then stops; `max_steps` is a cap, and a cell that reaches it without converging is unconverged."""
 
     max_steps: int

@@ -79,6 +79,29 @@ def test_the_rule_fires_on_a_plateau_and_never_on_a_slow_climb_at_any_step_scale
     assert climb.gain == pytest.approx(1 - 2 ** -0.05, rel=0.01)
 
 
+def test_a_falling_curve_neither_triggers_the_cool_down_nor_converges():
+    """Before memorization starts on data far past capacity, mem_bits is noise that falls as often as it
+    rises (1,880 -> 986 -> 695 bits on a laptop cell): a fall is not a plateau, for the wsd trigger and
+    for the rule alike; once the curve climbs and then flattens, both fire as usual."""
+    cell = spec(schedule="wsd", max_steps=20_000, warmup_steps=10, eval_interval=100, checkpoint_interval=1000,
+                trigger_tol=0.02, cooldown_fraction=0.25, converge_tol=0.01)
+
+    def noise_then_saturation(p):
+        if p.step <= 2000:
+            return 2000.0 / (1 + p.step / 100)  # falling noise floor
+        return 10_000.0 * (1 - math.exp(-(p.step - 2000) / 500))
+
+    progress = CellProgress.resume(cell, None)
+    walk(progress, noise_then_saturation)
+    assert progress.decay[0] > 2000, "no cool-down while mem_bits was falling"
+    assert progress.converged and progress.converged_step > progress.decay[1] - 1
+
+    falling = CellProgress.resume(spec(schedule="constant", warmup_steps=0, max_steps=5000, eval_interval=100,
+                                       checkpoint_interval=5000, converge_tol=0.01), None)
+    walk(falling, lambda p: 2000.0 / (1 + p.step / 100))
+    assert not falling.converged and falling.gain < -0.01
+
+
 def test_cosine_is_measured_only_when_its_decay_is_over():
     flat = CellProgress.resume(spec(schedule="cosine", max_steps=60, converge_tol=0.01), None)
     seen = walk(flat, lambda p: 25.0)  # flat from the start: the rule would hold at once
