@@ -7,9 +7,57 @@ alike. It imports no torch: the driver resolves corpora and storage without load
 from __future__ import annotations
 
 import os
+import re
 import uuid
 
 import pyarrow.fs as pafs
+
+# The URI schemes pyarrow's FileSystem.from_uri opens (pyarrow 25): a storage root or corpus URI with
+# any other scheme is refused when the configuration is read, before a run exists.
+SCHEMES = ("file", "local", "mock", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
+
+
+def unknown_scheme(uri: str) -> str | None:
+    """The scheme of `uri` when no pyarrow filesystem opens it (None for plain paths and known schemes).
+    Only the text is read: nothing is connected to."""
+    match = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", uri)
+    scheme = match.group(1).lower() if match else None
+    return scheme if scheme is not None and scheme not in SCHEMES else None
+
+
+def glob_pattern(pattern: str) -> re.Pattern:
+    """A glob as shells, fsspec and DuckDB read it: `*` and `?` stay inside one folder, `**` crosses
+    folders (`a/**/b` also matches `a/b`), `[...]` is a character class (`[!...]` negated)."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[" and (end := _class_end(pattern, i)) > 0:
+            body, negated = pattern[i + 1:end], pattern[i + 1] == "!"
+            body = (body[1:] if negated else body).replace("\\", "\\\\")
+            out.append("[" + ("^" if negated else "\\" if body.startswith("^") else "") + body + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def _class_end(pattern: str, start: int) -> int:
+    """Where the character class opened at `start` closes (-1: an unclosed `[` is literal); a `]`
+    right after `[` or `[!` belongs to the class."""
+    j = start + 1 + (pattern[start + 1:start + 2] == "!")
+    return pattern.find("]", j + (pattern[j:j + 1] == "]"))
 
 
 def open_storage(uri: str) -> tuple[pafs.FileSystem, str]:

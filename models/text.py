@@ -9,7 +9,8 @@
 
 A corpus is a local path or any URI pyarrow's filesystems open (file://, s3://, gs://, hdfs://; a URI's
 query configures the filesystem), naming one file, a folder (every file of a known format under it,
-sorted by path) or a glob of files (`*`, `[...]`; `?` too in local paths). Files are read in chunks,
+sorted by path) or a glob of files (`*` and `?` within one folder, `**` across folders, `[...]`; `?`
+only in local paths, where it is not a URI's query). Files are read in chunks,
 Parquet by record batches, so a corpus never has to fit in memory; only the sequences kept do.
 
 Tokenizers need no downloads: bytes (vocab 256 + EOS = 257), or a byte-level BPE trained here with
@@ -21,7 +22,6 @@ pools nested. Every problem with the corpus is a `TextDataError` raised before a
 from __future__ import annotations
 
 import codecs
-import fnmatch
 import hashlib
 import itertools
 import json
@@ -37,7 +37,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from models.spec import BYTE_VOCAB_SIZE, FORMATS, TextDataSpec
-from models.storage import open_storage, under, write_atomic
+from models.storage import glob_pattern, open_storage, under, write_atomic
 
 EXTENSIONS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".json": "jsonl",
               ".ndjson": "jsonl", ".parquet": "parquet"}
@@ -106,8 +106,8 @@ def corpus_files(uri: str, format: str | None = None) -> tuple[pafs.FileSystem, 
         if _is_glob(path):
             base = path[: min(path.find(c) for c in "*?[" if c in path)].rpartition("/")[0] or "/"
             infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-            paths = [i.path for i in infos
-                     if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, path)]
+            matches = glob_pattern(path).match
+            paths = [i.path for i in infos if i.type == pafs.FileType.File and matches(i.path)]
             if not paths:
                 raise _error(uri, "no file matches the pattern")
         else:

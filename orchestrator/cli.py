@@ -31,10 +31,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from models.spec import SpecError
     from orchestrator.cell import run_cell
     from orchestrator.console import cell_summary, training_progress
+    from orchestrator.resources import check_fits_memory
     from orchestrator.tracking import Tracker
 
-    try:  # a missing device or one without bfloat16 is bad input too: refuse before recording
-        check_supported(cell.spec.precision, resolve_device(cell.options.device))
+    try:  # a missing device, one without bfloat16, or too little memory is bad input too: refuse before recording
+        device = resolve_device(cell.options.device)
+        check_supported(cell.spec.precision, device)
+        check_fits_memory(cell.spec, cell.options.eval_batch_size, device.type == "cuda", *_device_memory(device))
     except SpecError as err:
         raise ConfigError(str(err)) from None
     tracker = Tracker(cell.options.tracking_uri, cell.options.artifact_root)
@@ -62,6 +65,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     out.print(cell_summary(cell.spec, outcome.metrics, outcome.run_id, cell.cell_id))
     console.print(f"browse: mlflow ui --backend-store-uri {cell.options.tracking_uri}  (or: memsweep ui)")
     return 0
+
+
+def _device_memory(device) -> tuple[float, str]:
+    """(bytes, name) of the memory a `run` cell trains in: its GPU's, or this machine's."""
+    from orchestrator.resources import machine_memory_bytes
+
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.get_device_properties(device).total_memory, f"GPU {device}"
+    return machine_memory_bytes(), "this machine"
 
 
 def _plan_counts(plan) -> str:

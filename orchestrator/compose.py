@@ -43,6 +43,7 @@ from models.spec import (
     TextDataSpec,
     TrainSpec,
 )
+from models.storage import unknown_scheme
 
 OmegaConf.register_new_resolver("abspath", lambda path: os.path.abspath(path), replace=True)
 
@@ -238,11 +239,20 @@ def compose_cell(overrides: list[str], label: str | None = None, composer: GridC
         spec = spec_from_config(cfg)
         reference = reference_options(cfg.data)
         options = options_from_config(cfg)
+        config = OmegaConf.to_container(cfg, resolve=True)
     except (ConfigError, SpecError) as err:
         raise ConfigError(f"{prefix}{err}") from None
-    config = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:  # an interpolation that cannot resolve, e.g. ${oc.env:UNSET}
+        raise ConfigError(f"{prefix}{_omegaconf_message(err)}") from None
     return Cell(spec=spec, options=options, overrides=tuple(overrides), config=config,
                 reference_options=reference)
+
+
+def _omegaconf_message(err: OmegaConfBaseException) -> str:
+    """One line naming the field: `data.num_sequences: Environment variable 'NOPE' not found`."""
+    text = " ".join(str(err).split("\n")[0].split())
+    key = getattr(err, "full_key", None)
+    return f"{key}: {text}" if key else text
 
 
 # -- DictConfig -> frozen specs ------------------------------------------------------------------------
@@ -339,6 +349,11 @@ def experiment_name(cfg: DictConfig) -> str:
 
 def options_from_config(cfg: DictConfig) -> RunOptions:
     name = experiment_name(cfg)
+    for field_name, uri in (("storage", str(cfg.storage)), ("data.corpus_uri", str(cfg.data.get("corpus_uri") or ""))):
+        scheme = unknown_scheme(uri)
+        if scheme:
+            raise ConfigError(f"{field_name}={uri!r}: no filesystem opens {scheme}:// URIs; give a local path "
+                              "or a file://, s3://, gs://, hdfs:// or abfs:// URI")
     return RunOptions(
         storage=str(cfg.storage),
         tracking_uri=str(cfg.tracking.uri),

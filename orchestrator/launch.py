@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from models.spec import Cell, SpecError
 from orchestrator.compose import ConfigError, load_sweep, sweep_config, typed_options
 from orchestrator.corpus import REFERENCE_EXPERIMENT, reference_cells
-from orchestrator.resources import ClusterOptions, PackOptions
+from orchestrator.resources import GiB, ClusterOptions, PackOptions, check_fits_memory, machine_memory_bytes
 from orchestrator.tracking import TAG_OVERRIDES, CellRecord, Tracker, latest_launch_run, redact
 
 
@@ -45,10 +45,26 @@ def make_plan(overrides: list[str]) -> Plan:
         if (cell.options.tracking_uri, cell.options.experiment) != (first.options.tracking_uri, first.options.experiment):
             raise ConfigError(f"cell [{' '.join(cell.overrides)}]: tracking must be the same for every cell of a sweep")
     cluster, pack = cluster_options(first.config), pack_options(first.config)  # checked before any write
+    if cluster.kind == "local":  # an embedded Ray on this machine: every cell must fit it
+        check_fits_this_machine(sweep.cells, cluster)
     tracker = Tracker(first.options.tracking_uri, first.options.artifact_root)
     tracker.ensure_store()
     records = tracker.cell_records(first.options.experiment)
     return Plan(sweep.name, sweep.cells, records, cluster, tracker, list(overrides), pack)
+
+
+def check_fits_this_machine(cells: list[Cell], cluster: ClusterOptions) -> None:
+    """A cell of an embedded cluster's sweep whose memory estimate exceeds this machine (or, on GPUs,
+    one GPU) is refused before anything is written. (A remote cluster's nodes are checked when the
+    driver joins it.)"""
+    on_gpu = cluster.use_gpus and bool(cluster.num_gpus)
+    have, where = ((cluster.gpu_memory_gb * GiB, "one GPU (cluster.gpu_memory_gb)") if on_gpu
+                   else (machine_memory_bytes(), "this machine"))
+    for cell in cells:
+        try:
+            check_fits_memory(cell.spec, cell.options.eval_batch_size, on_gpu, have, where)
+        except SpecError as err:
+            raise ConfigError(f"cell [{' '.join(cell.overrides)}]: {err}" if cell.overrides else str(err)) from None
 
 
 def cluster_options(config: dict) -> ClusterOptions:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import os
 from dataclasses import dataclass
 
 from models.spec import Cell, CellSpec, SpecError
@@ -92,8 +93,33 @@ def request_for(spec: CellSpec, cluster: ClusterOptions, on_gpu: bool, eval_batc
     return request
 
 
+def machine_memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits_memory(spec: CellSpec, eval_batch_size: int, on_gpu: bool, have_bytes: float, where: str) -> None:
+    """Refuse, naming the field that weighs most, a cell whose memory estimate exceeds what its
+    device has (`where` has `have_bytes`): before anything runs, not as a MemoryError mid-run."""
+    m, d, t = spec.model, spec.data, spec.train
+    need = estimate_memory_bytes(spec, eval_batch_size) + (CUDA_CONTEXT_BYTES if on_gpu else PROCESS_BYTES)
+    if need <= have_bytes:
+        return
+    weights = {  # the terms of estimate_memory_bytes, by the field that sets each
+        f"data.num_sequences={d.num_sequences:,}": (d.num_sequences + d.num_nonmembers) * d.seq_len * 8,
+        f"train.batch_size={t.batch_size:,}": t.batch_size * d.seq_len * (m.n_layer * 16 * m.n_embd + 3 * d.vocab_size) * 4,
+        f"eval_batch_size={eval_batch_size:,}": min(eval_batch_size, d.num_sequences) * d.seq_len * d.vocab_size * 8,
+        f"model={m.name} ({spec.params:,} params)": spec.params * 20,
+    }
+    field = max(weights, key=weights.get)
+    raise SpecError(f"{field}: the cell needs about {human_bytes(need)} of memory, more than {where}'s "
+                    f"{human_bytes(have_bytes)}")
+
+
 def human_bytes(n: float) -> str:
-    units = ["B", "KiB", "MiB", "GiB", "TiB"]
+    units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
+    if n >= 1024 ** len(units):
+        return f"{float(n):.1e} B"
     exponent = min(len(units) - 1, int(math.log(max(n, 1), 1024)))
     return f"{n / 1024 ** exponent:.1f} {units[exponent]}"
 

@@ -212,6 +212,22 @@ def test_file_uris_folders_and_globs(tmp_path):
     assert list(iter_documents(str(plain), format="text")) == SAMPLE_DOCS[:10]
 
 
+def test_a_star_stays_in_its_folder_and_a_double_star_crosses_folders(tmp_path):
+    """As shells, fsspec and DuckDB read globs: `fineweb/*.parquet` must not take `fineweb/old/x.parquet`
+    (that would change the corpus, its tokenizer and every cell id without a word)."""
+    folder = tmp_path / "fineweb"
+    (folder / "old").mkdir(parents=True)
+    write_parquet(folder / "a.parquet", SAMPLE_DOCS[:100])
+    write_parquet(folder / "old" / "b.parquet", SAMPLE_DOCS[100:200])
+    assert list(iter_documents(f"file://{folder}/*.parquet")) == SAMPLE_DOCS[:100]
+    assert list(iter_documents(f"{folder}/*.par?uet")) == SAMPLE_DOCS[:100]
+    assert list(iter_documents(f"file://{folder}/**/*.parquet")) == SAMPLE_DOCS[:200]  # a/**/b: a/b too
+    assert list(iter_documents(f"{folder}/**")) == SAMPLE_DOCS[:200]
+    with pytest.raises(TextDataError, match="no file matches"):
+        list(iter_documents(f"{folder}/[!a].parquet"))
+    assert list(iter_documents(f"{folder}/o*/[a-c].parquet")) == SAMPLE_DOCS[100:200]
+
+
 def error_of(uri, **overrides) -> str:
     with pytest.raises(TextDataError) as info:
         load_text_data(spec(uri, **overrides))
