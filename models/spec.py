@@ -348,10 +348,18 @@ class Cell:
     # How a text cell's reference is made (config `data.reference`, typed by the driver, which turns it
     # into `spec.reference`); None for a synthetic cell. A text cell without it takes the defaults.
     reference_options: ReferenceOptions | None = None
+    # The id a recorded plan gave this cell (orchestrator/plan.py); None for a cell composed now. The two
+    # differ only when this code hashes the recorded spec otherwise: the cell is then `stale`.
+    recorded_id: str | None = None
 
     @property
     def cell_id(self) -> str:
-        return self.spec.cell_id
+        return self.recorded_id or self.spec.cell_id
+
+    @property
+    def stale(self) -> bool:
+        """Recorded under an id this code no longer gives its spec: it can be listed, not run."""
+        return self.recorded_id is not None and self.recorded_id != self.spec.cell_id
 
     def recorded_params(self) -> dict:
         """The params recorded for this cell (MLflow params, 'a.b' keys): its resolved config, with
@@ -389,6 +397,31 @@ def to_dict(spec: CellSpec) -> dict:
     if spec.reference is None and not spec.is_text:
         out.pop("reference")
     return out
+
+
+def spec_from_dict(payload: dict) -> CellSpec:
+    """The spec `to_dict` wrote (a recorded plan's row), validated as on construction. A recorded field
+    this code no longer has, or one it requires that the record lacks, is a SpecError naming it."""
+    def build(cls, values: dict, section: str):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise SpecError(f"{section}.{unknown[0]}: recorded, but this memsweep has no such field")
+        try:
+            return cls(**values)
+        except TypeError as err:
+            raise SpecError(f"{section}: {err}") from None
+
+    data = dict(payload["data"])
+    reference = payload.get("reference")
+    return CellSpec(
+        model=build(ModelSpec, payload["model"], "model"),
+        data=build(TextDataSpec if data.get("kind") == "text" else DataSpec, data, "data"),
+        train=build(TrainSpec, payload["train"], "train"),
+        precision=payload["precision"],
+        seed=payload["seed"],
+        reference=spec_from_dict(reference) if reference else None,
+    )
 
 
 def _identity(payload: dict) -> dict:

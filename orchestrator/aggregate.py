@@ -266,10 +266,16 @@ def sweep_settings(sweep: str, overrides) -> tuple[str, Path, object]:
     return uri, Path(str(cfg.root_dir)).resolve(), Tracker(uri, cfg.tracking.artifact_root)
 
 
-def planned_cells(launch_overrides: list[str], overrides) -> list[PlannedCell]:
-    """The grid of the sweep's latest launch, as `recorded_plan` rebuilds it (its recorded overrides,
-    then the command line's), without re-reading the tracker: composing costs about 12 ms a cell,
-    so a 10,000-cell grid takes a couple of minutes (`--no-plan` skips it)."""
+def planned_cells(tracker, sweep: str, launch_overrides: list[str], overrides) -> list[PlannedCell]:
+    """Every cell the sweep's launches recorded in their plans (orchestrator/plan.py), with the params
+    recorded for it. A sweep launched before plans were recorded has its latest launch's grid rebuilt
+    from its overrides instead: composing costs about 12 ms a cell, so a 10,000-cell grid takes a
+    couple of minutes (`--no-plan` skips it)."""
+    from orchestrator.plan import read_plan
+
+    saved = read_plan(tracker, sweep)
+    if saved is not None:
+        return [PlannedCell(cell_id, params) for cell_id, params in saved.params().items()]
     cells = load_sweep(list(launch_overrides) + list(overrides)).cells
     return [PlannedCell(c.cell_id, {k: str(v)[:6000] for k, v in c.recorded_params().items()})
             for c in cells]
@@ -305,9 +311,9 @@ def aggregate(
     if plan and launch is not None:
         t0 = time.perf_counter()
         try:
-            planned = planned_cells(json.loads(launch.tags[TAG_OVERRIDES]), overrides)
+            planned = planned_cells(tracker, sweep, json.loads(launch.tags[TAG_OVERRIDES]), overrides)
         except (ConfigError, KeyError, ValueError) as err:
-            notes.append(f"the latest launch's grid could not be rebuilt, so PENDING cells are not listed: {err}")
+            notes.append(f"the sweep's plan could not be read or rebuilt, so PENDING cells are not listed: {err}")
         timings["plan_s"] = time.perf_counter() - t0
     elif launch is None:
         notes.append("the sweep has no launch run: PENDING cells are not listed")

@@ -144,6 +144,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if args.submit and not args.dry_run:
         return _submit(plan, ["launch", *args.overrides, *(["--force"] if args.force else [])])
     todo = plan.cells if args.force else [c for c in plan.cells if plan.state(c) != "FINISHED"]
+    _print_new_to_the_record(plan)
     if args.dry_run:
         from measure.memorization import PAPER_ALPHA_BITS_PER_PARAM, predicted_mem_bits
         from orchestrator.console import plan_table
@@ -161,6 +162,20 @@ def cmd_launch(args: argparse.Namespace) -> int:
         _print_packing(plan, todo)
         return 0
     return _run_sweep(plan, todo, force=args.force)
+
+
+def _print_new_to_the_record(plan) -> None:
+    """A relaunch says what it adds to the sweep's recorded plan (a first launch says nothing)."""
+    from orchestrator.plan import read_plan
+
+    recorded = read_plan(plan.tracker, plan.name)
+    if recorded is None:
+        return
+    new = [c for c in plan.cells if c.cell_id not in recorded.rows]
+    kept = len(set(recorded.rows) - {c.cell_id for c in plan.cells})
+    console.print(f"sweep {plan.name}: {len(new)} of these {len(plan.cells)} cells are new to its recorded plan "
+                  f"of {len(recorded.rows)} cells" + (f"; {kept} recorded cells outside this grid stay in it "
+                                                      "(status and resume list them)" if kept else ""))
 
 
 def _print_packing(plan, cells) -> None:
@@ -198,23 +213,32 @@ def _print_references(plan, cells) -> None:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from orchestrator.console import status_table
-    from orchestrator.launch import recorded_plan
+    from orchestrator.launch import plan_drift, recorded_plan
 
     plan = recorded_plan(args.sweep, args.overrides)
     out.print(status_table(plan))
     console.print(f"{len(plan.cells)} cells: {_plan_counts(plan)}")
     _print_references(plan, plan.cells)
+    drift = plan_drift(plan)
+    if drift:
+        console.print(f"[yellow]note:[/yellow] {escape(drift)}", soft_wrap=True)
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from orchestrator.launch import recorded_plan
+    from orchestrator.launch import recorded_plan, stale_cells
 
     plan = recorded_plan(args.sweep, args.overrides)
     if args.submit:
         return _submit(plan, ["resume", args.sweep, *args.overrides, *(["--failed"] if args.failed else [])])
     wanted = ("FAILED",) if args.failed else ("FAILED", "KILLED", "RUNNING", "PENDING")
-    return _run_sweep(plan, [c for c in plan.cells if plan.state(c) in wanted])
+    todo = [c for c in plan.cells if plan.state(c) in wanted]
+    stale = stale_cells(todo)
+    if stale:
+        raise ConfigError(f"{len(stale)} recorded cells to resume (first {stale[0].cell_id}) hash to other ids "
+                          "under this memsweep, whose cell ids changed: they cannot resume under their recorded "
+                          f"ids; `memsweep launch sweep={plan.name} ...` runs them as new cells")
+    return _run_sweep(plan, todo)
 
 
 def cmd_ui(args: argparse.Namespace) -> int:

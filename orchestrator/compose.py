@@ -342,6 +342,18 @@ def sweep_config(sweep: str, overrides: list[str]) -> DictConfig:
     return cfg
 
 
+def sweep_runtime(sweep: str, overrides: list[str]) -> tuple[RunOptions, dict]:
+    """Where and how the cells of `sweep=NAME` run under `overrides` (tracking, storage, device, ...)
+    and the resolved sweep-level config (its `cluster` and `pack` sections), without composing a cell."""
+    try:
+        cfg = sweep_config(sweep, [o for o in overrides if not o.startswith("sweep=")])
+        return options_from_config(cfg), OmegaConf.to_container(cfg, resolve=True)
+    except SpecError as err:
+        raise ConfigError(str(err)) from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(_omegaconf_message(err)) from None
+
+
 def experiment_name(cfg: DictConfig) -> str:
     """One MLflow experiment per sweep; single `memsweep run` cells go to "adhoc"."""
     return str(cfg.sweep.name) if cfg.get("sweep") is not None else "adhoc"

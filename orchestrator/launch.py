@@ -5,9 +5,10 @@
     memsweep resume smoke [--failed]
 
 `launch` validates the whole grid, asks the tracker which cells already FINISHED (skipped unless
-`--force`), opens a parent run for this launch that records the launch's overrides, and runs the rest on
-Ray. `status` and `resume` rebuild the grid from the overrides of the sweep's latest launch, so they see
-exactly the cells that launch planned, including those that never started.
+`--force`), opens a parent run for this launch that records the launch's overrides and its plan (every
+cell, typed: orchestrator/plan.py) before any cell runs, and runs the rest on Ray. `status` and
+`resume` read the recorded plans of the sweep's launches, so they see exactly the cells those launches
+planned, including those that never started, whatever `conf/` or the code says today.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import json
 from dataclasses import dataclass
 
 from models.spec import Cell, SpecError
-from orchestrator.compose import ConfigError, load_sweep, sweep_config, typed_options
+from orchestrator.compose import ConfigError, load_sweep, sweep_config, sweep_runtime, typed_options
 from orchestrator.corpus import REFERENCE_EXPERIMENT, reference_cells
+from orchestrator.plan import RecordedPlan, read_plan, record_plan
 from orchestrator.resources import GiB, ClusterOptions, PackOptions, check_fits_memory, machine_memory_bytes
-from orchestrator.tracking import TAG_OVERRIDES, CellRecord, Tracker, latest_launch_run, redact
+from orchestrator.tracking import TAG_OVERRIDES, CellRecord, Tracker, code_version, latest_launch_run, redact
 
 
 @dataclass
@@ -31,6 +33,7 @@ class Plan:
     tracker: Tracker
     overrides: list[str]
     pack: PackOptions = PackOptions()
+    recorded: RecordedPlan | None = None  # read back from the launches (status, resume); None: composed now
 
     def state(self, cell: Cell) -> str:
         record = self.records.get(cell.cell_id)
@@ -105,6 +108,7 @@ def run_plan(plan: Plan, cells: list[Cell], *, force: bool = False, display=None
                                                                 "num_cells": len(plan.cells),
                                                                 "num_submitted": len(cells)})
     plan.tracker.set_tags(parent, {TAG_OVERRIDES: json.dumps([redact(o) for o in plan.overrides])})
+    record_plan(plan.tracker, parent, plan.cells)  # before any cell runs: a driver killed now leaves it
     if force:
         for cell in cells:
             record = plan.records.get(cell.cell_id)
@@ -143,7 +147,42 @@ def tracker_for(sweep: str, overrides: list[str]) -> Tracker:
 
 
 def recorded_plan(sweep: str, overrides: list[str]) -> Plan:
-    """The plan of the sweep's latest launch; `overrides` (e.g. tracking=server) are applied last."""
+    """The sweep's recorded plan (every launch's cells, as recorded); where and how they run follows
+    the latest launch's overrides, then `overrides` (e.g. tracking=server). A sweep launched before
+    plans were recorded has its grid rebuilt from the latest launch's overrides instead."""
     tracker = tracker_for(sweep, overrides)
-    recorded = latest_launch_overrides(tracker, sweep)
-    return make_plan(recorded + list(overrides))
+    launched = latest_launch_overrides(tracker, sweep) + list(overrides)
+    saved = read_plan(tracker, sweep)
+    if saved is None:
+        return make_plan(launched)
+    options, config = sweep_runtime(sweep, launched)
+    try:
+        cells = saved.cells(options)
+    except SpecError as err:
+        raise ConfigError(str(err)) from None
+    records = tracker.cell_records(options.experiment)
+    return Plan(sweep, cells, records, cluster_options(config), tracker, launched, pack_options(config), saved)
+
+
+def plan_drift(plan: Plan) -> str | None:
+    """One line when today's `conf/` and code give the sweep's latest overrides cells that no launch
+    recorded (None when every one of them is recorded, or nothing was recorded)."""
+    if plan.recorded is None:
+        return None
+    try:
+        today = [c.cell_id for c in load_sweep(plan.overrides).cells]
+    except ConfigError as err:
+        return f"today's conf/ cannot compose this sweep's overrides ({err}); the recorded plan is used"
+    unrecorded = [cell_id for cell_id in today if cell_id not in plan.recorded.rows]
+    if not unrecorded:
+        return None
+    recorded_under = ", ".join(sorted(v for v in plan.recorded.code_versions if v)) or "unknown"
+    return (f"the ids changed since the latest launch: today's conf/ and code (memsweep {code_version()}) "
+            f"give its overrides {len(unrecorded)} of {len(today)} cells that no launch recorded (recorded "
+            f"under {recorded_under}); status, resume and aggregate follow the recorded plan, and "
+            f"`memsweep launch` with the same overrides would run those as new cells")
+
+
+def stale_cells(cells: list[Cell]) -> list[Cell]:
+    """Recorded cells whose spec this code hashes to another id: listed by status, never run."""
+    return [c for c in cells if c.stale]

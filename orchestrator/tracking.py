@@ -32,6 +32,8 @@ from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# Reading a plan or a per-sequence table downloads an artifact: no progress bar for that on stderr.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 TAG_CELL = "cell_id"
 TAG_SWEEP = "sweep"

@@ -41,6 +41,7 @@ def broken_root(smoke_root, tmp_path_factory) -> dict:
     """A copy of the smoke store with a grown grid (seeds 0-3): seed 2, N=16 FAILED; seed 3, N=16
     RUNNING (two evaluations logged); seed 2 and 3 at N=64 PENDING (never started)."""
     from orchestrator.compose import load_sweep
+    from orchestrator.plan import record_plan
     from orchestrator.tracking import TAG_OVERRIDES
     from orchestrator.tracking import TAG_SWEEP, Tracker
 
@@ -56,6 +57,7 @@ def broken_root(smoke_root, tmp_path_factory) -> dict:
         # What `memsweep launch sweep=smoke seed=0,1,2,3` records before it submits anything.
         launch = tracker.start_launch("smoke", "smoke", {"overrides": " ".join(overrides), "num_cells": len(cells)})
         tracker.set_tags(launch, {TAG_OVERRIDES: json.dumps(overrides)})
+        record_plan(tracker, launch, list(cells.values()))
         failed, running = cells[(2, 16)], cells[(3, 16)]
         states = {}
         for cell in (failed, running):
