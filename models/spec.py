@@ -179,8 +179,8 @@ class TrainSpec:
     (models/progress.py has the rules, docs/science.md the definitions):
 
     - `wsd` (warmup-stable-decay): the constant rate `lr` until mem_bits moves by less than
-      `trigger_tol` (relative, up or down) over the last doubling of the steps, then a linear cool-down over `cooldown_fraction`
-      of the steps taken so far to `min_lr_ratio * lr`, which it keeps. The cool-down starts in time
+      `trigger_tol` (relative, up or down) over the last doubling of the steps, then a linear cool-down
+      over `cooldown_fraction` of the steps taken so far to `min_lr_ratio * lr`, which it keeps. The cool-down starts in time
       to end at `max_steps` at the latest.
     - `cosine`: a cosine decay from `lr` to `min_lr_ratio * lr` over `max_steps`.
     - `constant`: `lr` throughout (no decay).

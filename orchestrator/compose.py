@@ -361,7 +361,8 @@ def experiment_name(cfg: DictConfig) -> str:
 
 def options_from_config(cfg: DictConfig) -> RunOptions:
     name = experiment_name(cfg)
-    for field_name, uri in (("storage", str(cfg.storage)), ("data.corpus_uri", str(cfg.data.get("corpus_uri") or ""))):
+    uris = {"storage": str(cfg.storage), "data.corpus_uri": str(cfg.data.get("corpus_uri") or "")}
+    for field_name, uri in uris.items():
         scheme = unknown_scheme(uri)
         if scheme:
             raise ConfigError(f"{field_name}={uri!r}: no filesystem opens {scheme}:// URIs; give a local path "

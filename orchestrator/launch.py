@@ -108,7 +108,8 @@ def run_plan(plan: Plan, cells: list[Cell], *, force: bool = False, display=None
                                                                 "num_cells": len(plan.cells),
                                                                 "num_submitted": len(cells)})
     plan.tracker.set_tags(parent, {TAG_OVERRIDES: json.dumps([redact(o) for o in plan.overrides])})
-    record_plan(plan.tracker, parent, plan.cells)  # before any cell runs: a driver killed now leaves it
+    if plan.recorded is None:  # a plan composed now (resume runs cells already recorded)
+        record_plan(plan.tracker, parent, plan.cells)  # before any cell runs: a driver killed now leaves it
     if force:
         for cell in cells:
             record = plan.records.get(cell.cell_id)

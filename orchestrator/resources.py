@@ -57,15 +57,21 @@ class ClusterOptions:
 
 def estimate_memory_bytes(spec: CellSpec, eval_batch_size: int = 1024) -> int:
     """Peak memory of training and scoring one cell on its device, excluding the process itself."""
+    return int(sum(memory_terms(spec, eval_batch_size).values()))
+
+
+def memory_terms(spec: CellSpec, eval_batch_size: int = 1024) -> dict[str, int]:
+    """`estimate_memory_bytes`'s terms, each keyed by the setting that sizes it (for messages)."""
     m, d, t = spec.model, spec.data, spec.train
     per_param = 20 if spec.precision == "bf16" else 16  # weights, grads, two Adam moments (+ master)
-    state = spec.params * per_param
     # Saved activations per token: ~16 d floats per layer plus attention scores, then the logits.
     per_token = m.n_layer * (16 * m.n_embd + 2 * m.n_head * d.seq_len) + 3 * d.vocab_size
-    activations = t.batch_size * d.seq_len * per_token * 4
-    scoring = min(eval_batch_size, d.num_sequences) * d.seq_len * d.vocab_size * 4 * 2
-    data = (d.num_sequences + d.num_nonmembers) * d.seq_len * 8
-    return int(state + activations + scoring + data)
+    return {
+        f"model={m.name} ({spec.params:,} params)": spec.params * per_param,
+        f"train.batch_size={t.batch_size:,}": t.batch_size * d.seq_len * per_token * 4,
+        f"eval_batch_size={eval_batch_size:,}": min(eval_batch_size, d.num_sequences) * d.seq_len * d.vocab_size * 4 * 2,
+        f"data.num_sequences={d.num_sequences:,}": (d.num_sequences + d.num_nonmembers) * d.seq_len * 8,
+    }
 
 
 def train_flops(spec: CellSpec) -> float:
@@ -99,21 +105,13 @@ def machine_memory_bytes() -> int:
 
 
 def check_fits_memory(spec: CellSpec, eval_batch_size: int, on_gpu: bool, have_bytes: float, where: str) -> None:
-    """Refuse, naming the field that weighs most, a cell whose memory estimate exceeds what its
+    """Refuse, naming the setting that weighs most, a cell whose memory estimate exceeds what its
     device has (`where` has `have_bytes`): before anything runs, not as a MemoryError mid-run."""
-    m, d, t = spec.model, spec.data, spec.train
-    need = estimate_memory_bytes(spec, eval_batch_size) + (CUDA_CONTEXT_BYTES if on_gpu else PROCESS_BYTES)
-    if need <= have_bytes:
-        return
-    weights = {  # the terms of estimate_memory_bytes, by the field that sets each
-        f"data.num_sequences={d.num_sequences:,}": (d.num_sequences + d.num_nonmembers) * d.seq_len * 8,
-        f"train.batch_size={t.batch_size:,}": t.batch_size * d.seq_len * (m.n_layer * 16 * m.n_embd + 3 * d.vocab_size) * 4,
-        f"eval_batch_size={eval_batch_size:,}": min(eval_batch_size, d.num_sequences) * d.seq_len * d.vocab_size * 8,
-        f"model={m.name} ({spec.params:,} params)": spec.params * 20,
-    }
-    field = max(weights, key=weights.get)
-    raise SpecError(f"{field}: the cell needs about {human_bytes(need)} of memory, more than {where}'s "
-                    f"{human_bytes(have_bytes)}")
+    terms = memory_terms(spec, eval_batch_size)
+    need = sum(terms.values()) + (CUDA_CONTEXT_BYTES if on_gpu else PROCESS_BYTES)
+    if need > have_bytes:
+        raise SpecError(f"{max(terms, key=terms.get)}: the cell needs about {human_bytes(need)} of memory, "
+                        f"more than {where}'s {human_bytes(have_bytes)}")
 
 
 def human_bytes(n: float) -> str:
