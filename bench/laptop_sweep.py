@@ -51,7 +51,7 @@ def run_sweep(root: Path, overrides: list[str]) -> tuple[float, dict[str, list[t
     runs = client.search_runs([experiment.experiment_id], "tags.`memsweep.kind` = 'cell'", max_results=1000)
     by_shape: dict[str, list[tuple[int, float]]] = {}
     for run in runs:
-        assert run.info.status == "FINISHED", run.data.tags["cell_id"]
+        assert run.info.status == "FINISHED", run.data.tags.get("memsweep.cell_id")
         shape = run.data.params["model.name"]
         by_shape.setdefault(shape, []).append((int(run.data.params["data.num_sequences"]),
                                                run.data.metrics["mem_bits"], run.data.metrics["loss_auc"]))

@@ -302,6 +302,17 @@ class CellSpec:
         )
 
     @property
+    def shape_slug(self) -> str:
+        """The model's actual shape, `l2_d24` (layers, width): what a reader should see where the
+        config group's name (`model.name`, part of `slug`) may not match an overridden shape."""
+        return f"l{self.model.n_layer}_d{self.model.n_embd}"
+
+    @property
+    def readable_slug(self) -> str:
+        """`slug` with the actual shape in place of the model's name: for run names and display."""
+        return self.shape_slug + self.slug[len(self.model.name):]
+
+    @property
     def cell_id(self) -> str:
         """`slug` plus 10 hex digits of a hash of every typed value in the spec.
 
@@ -342,8 +353,8 @@ class Cell:
     spec: CellSpec
     options: RunOptions
     overrides: tuple[str, ...] = ()  # what distinguishes it within its grid, for messages
-    # The whole resolved configuration as composed: kept only to be recorded (`recorded_params`), never
-    # read back; everything a cell needs is typed in the fields beside it.
+    # The whole resolved configuration as composed: kept only to be recorded (the run's config.yaml and
+    # the plan), never read back; everything a cell needs is typed in the fields beside it.
     config: dict = field(default_factory=dict)
     # How a text cell's reference is made (config `data.reference`, typed by the driver, which turns it
     # into `spec.reference`); None for a synthetic cell. A text cell without it takes the defaults.
@@ -361,23 +372,38 @@ class Cell:
         """Recorded under an id this code no longer gives its spec: it can be listed, not run."""
         return self.recorded_id is not None and self.recorded_id != self.spec.cell_id
 
-    def recorded_params(self) -> dict:
-        """The params recorded for this cell (MLflow params, 'a.b' keys): its resolved config, with
-        what only planning learns overlaid for a text cell (the tokenizer hash; the reference's pool
-        size and cell id); the spec itself for a cell made without a config (a reference cell)."""
-        if not self.config:
-            return flatten(to_dict(self.spec))
-        return flatten(_overlaid(self.config, self._planned()))
+    @property
+    def run_name(self) -> str:
+        """The name of the cell's MLflow run: unique in its experiment (the id's hash) and readable
+        (the actual shape, data size, precision and seed)."""
+        return f"{self.spec.readable_slug}-{self.cell_id.rsplit('-', 1)[-1]}"
 
-    def _planned(self) -> dict:
-        """What planning resolved that the composed config could not know, nested as in the config."""
-        if not self.spec.is_text:
-            return {}
-        data: dict = {"tokenizer_hash": self.spec.data.tokenizer_hash}
+    def recorded_params(self) -> dict:
+        """The params recorded for this cell (MLflow params, 'a.b' keys, named as in the config):
+        only the typed values that change its numbers (the spec: model.*, data.*, train.*,
+        precision.name, seed) and, for a text cell, how its reference is made (data.reference.*:
+        the options as typed, the pool size planning resolved, the reference's cell id). Where and
+        how it runs (paths, tracking, cluster, packing, device, the sweep's grid) is in its
+        config.yaml artifact, never in params, so runs compare by their science alone."""
+        spec = self.spec
+        values = {"model": dataclasses.asdict(spec.model), "data": dataclasses.asdict(spec.data),
+                  "train": dataclasses.asdict(spec.train), "precision": {"name": spec.precision},
+                  "seed": spec.seed}
+        reference = self._reference_params()
+        if reference is not None:
+            values["data"]["reference"] = reference
+        return flatten(values)
+
+    def _reference_params(self) -> dict | None:
+        """A text cell's data.reference.* (None for a synthetic cell and for a reference cell, which
+        has none)."""
+        if not self.spec.is_text or (self.reference_options is None and self.spec.reference is None):
+            return None
+        reference = dataclasses.asdict(self.reference_options or ReferenceOptions())
         if self.spec.reference is not None:
-            data["reference"] = {"num_sequences": self.spec.reference.data.num_sequences,
-                                 "cell_id": self.spec.reference.cell_id}
-        return {"data": data}
+            reference.update(num_sequences=self.spec.reference.data.num_sequences,
+                             cell_id=self.spec.reference.cell_id)
+        return reference
 
 
 def pack_key(spec: CellSpec) -> tuple | None:
@@ -430,15 +456,6 @@ def _identity(payload: dict) -> dict:
     if payload.get("reference"):
         payload["reference"] = _identity(payload["reference"])
     return payload
-
-
-def _overlaid(base: dict, extra: dict) -> dict:
-    """A copy of nested dict `base` with `extra`'s leaves set on it: existing keys keep their place,
-    new ones come after them (as assigning them would)."""
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _overlaid(out.get(key) or {}, value) if isinstance(value, dict) else value
-    return out
 
 
 def flatten(nested: dict, prefix: str = "") -> dict:

@@ -69,8 +69,9 @@ def _spec_column_types() -> dict[str, pa.DataType]:
 SPEC_COLUMNS = _spec_column_types()
 GROUPING = grouping(SPEC_COLUMNS)  # what the cells of a capacity group (and of a text group) share
 
-# The fixed leading columns of cells.parquet. Configuration keys outside the spec (tracking.*,
-# cluster.*, sweep.grid.*, ...) and metrics beyond FINAL_METRICS follow, each sorted by name.
+# The fixed leading columns of cells.parquet. Params beyond these (a text cell's data.* and
+# data.reference.*; runs recorded before issue 17 also logged tracking.*, cluster.*, sweep.grid.*, ...)
+# and metrics beyond FINAL_METRICS follow, each sorted by name.
 CELLS_SCHEMA = pa.schema(
     list(IDENTITY_SCHEMA)
     + [pa.field(name, kind) for name, kind in SPEC_COLUMNS.items()]
@@ -90,9 +91,11 @@ METADATA_KEY = b"memsweep"  # cells.parquet's schema metadata: JSON describing t
 def current_runs(runs) -> dict:
     """The current run of each cell, by cell id, from runs sorted oldest first: the FINISHED one if
     there is one (the first, as `status` shows), else the newest (a retry continues that one)."""
+    from orchestrator.tracking import TAG_CELL, tag  # MLflow loads only when a store is read
+
     chosen: dict = {}
     for run in runs:
-        cell_id = run.tags.get("cell_id")
+        cell_id = tag(run.tags, TAG_CELL)
         if cell_id and (cell_id not in chosen or chosen[cell_id].status != "FINISHED"):
             chosen[cell_id] = run
     return chosen
@@ -157,6 +160,8 @@ def build_cells_table(runs, planned: list[PlannedCell] | None = None, metadata: 
     """One row per cell: the current run of every cell found in `runs` (tracking RunRecords of kind
     cell, oldest first), and a PENDING row for each planned cell without a run. Rows follow the
     grid's order, then cells outside the grid by id. `planned` None means no grid is known."""
+    from orchestrator.tracking import TAG_CODE, TAG_PARENT, tag
+
     chosen = current_runs(runs)
     order = [p.cell_id for p in planned or []]
     order += sorted(set(chosen) - set(order))
@@ -179,8 +184,8 @@ def build_cells_table(runs, planned: list[PlannedCell] | None = None, metadata: 
         identity["run_id"].append(run.run_id)
         identity["status"].append(run.status)
         identity["error"].append(run.tags.get("memsweep.error"))
-        identity["code_version"].append(run.tags.get("code_version"))
-        identity["launch_run_id"].append(run.tags.get("mlflow.parentRunId"))
+        identity["code_version"].append(tag(run.tags, TAG_CODE))
+        identity["launch_run_id"].append(run.tags.get(TAG_PARENT))
         identity["start_time"].append(run.start_time_ms)
         identity["end_time"].append(run.end_time_ms)
         # A run that failed before logging its params still has a configuration: its grid cell's.

@@ -12,16 +12,28 @@ A cell is idempotent: its MLflow run is found by its cell-id tag (a retry contin
 cell already FINISHED is not trained again), training resumes from the cell's latest complete
 checkpoint, and the run is marked FINISHED only after its final metrics and per-sequence artifact are
 recorded. A cell that raises is marked FAILED with its error; one that is cancelled is marked KILLED.
+
+Beside its metrics a cell's run records what a user needs to read, compare and redo it: the spec's
+values as params, its resolved configuration as `config.yaml` headed by the `memsweep run ...` line
+that reproduces it (also the `memsweep.reproduce` tag), its dataset as a run input, where its
+checkpoints are (`memsweep.checkpoint`), the launch that finished it, and for a text cell its
+reference's run (linked both ways).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
+import re
+import shlex
 import time
 import traceback
 from dataclasses import dataclass
 
 import numpy as np
+import yaml
 
 from measure.cell import CellShape, Measurement, ReferenceScores, Scores, dataset_mem_bits, measure_cell, training_metrics
 from models.checkpoint import CheckpointStore
@@ -29,10 +41,32 @@ from models.data import mia_member_subset, synthetic_members, synthetic_nonmembe
 from models.gpt import GPT
 from models.precision import check_supported, resolve_device
 from models.scoring import greedy_correct, nll_bits
-from models.spec import Cell, CellSpec
+from models.spec import Cell, CellSpec, ReferenceOptions, to_dict
+from models.storage import under
 from models.text import TextData, load_text_data, stored_tokenizer
 from models.train import EvaluateFn, ProgressFn, TrainResult, load_trained, train
-from orchestrator.tracking import TAG_SWEEP, CellOutcome, MetricBuffer, Tracker
+from orchestrator.corpus import REFERENCE_DESCRIPTION, REFERENCE_EXPERIMENT
+from orchestrator.tracking import (
+    REDACTED,
+    SECRET_WORDS,
+    TAG_FINISHED_BY,
+    TAG_SWEEP,
+    CellOutcome,
+    DatasetRecord,
+    MetricBuffer,
+    Tracker,
+    redact,
+)
+
+TAG_REPRODUCE = "memsweep.reproduce"  # the `memsweep run ...` line that gives the same cell and numbers
+TAG_CHECKPOINT = "memsweep.checkpoint"  # the cell's checkpoint folder (its latest step once FINISHED)
+TAG_REFERENCE_CELL = "memsweep.reference_cell_id"  # on a text cell: its reference's cell id ...
+TAG_REFERENCE_RUN = "memsweep.reference_run_id"  # ... and run
+TAG_REFERENCE_FOR = "memsweep.reference_for"  # on a reference run: `<this>.<cell id>` = that cell's run id
+CONFIG_ARTIFACT = "config.yaml"
+ADHOC_DESCRIPTION = ("Cells run one at a time by `memsweep run`: one run per cell (tag memsweep.cell_id), "
+                     "named by its shape and its id's hash; config.yaml and the memsweep.reproduce tag "
+                     "give the command that reproduces it.")
 
 
 def cell_shape(spec: CellSpec) -> CellShape:
@@ -130,29 +164,145 @@ def train_and_measure(
     return measured(cell, result, data), result
 
 
+# -- what a run records beside its metrics ----------------------------------------------------------
+def _hydra_value(value) -> str:
+    """A value as Hydra's override grammar reads it back to the same type."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    plain = re.fullmatch(r"[A-Za-z_/][\w./:-]*", value) and value.lower() not in ("null", "true", "false", "nan", "inf")
+    return value if plain else "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def reproduce_overrides(cell: Cell) -> list[str]:
+    """Overrides that compose exactly this cell's spec whatever conf/'s defaults are now: every typed
+    value, so `memsweep run` with them gives the same cell id (and, on the same kind of device and
+    thread count, the same numbers)."""
+    spec = cell.spec
+    data = {k: v for k, v in dataclasses.asdict(spec.data).items() if k not in ("kind", "tokenizer_hash")}
+    sections = {"model": dataclasses.asdict(spec.model), "data": data, "train": dataclasses.asdict(spec.train)}
+    if spec.is_text:
+        options = cell.reference_options or ReferenceOptions()
+        sections["data.reference"] = (dataclasses.asdict(options) if spec.reference is not None
+                                      else {"enabled": False})
+    overrides = [f"data={spec.data.kind}", f"precision={spec.precision}", f"seed={spec.seed}"]
+    for section, values in sections.items():
+        overrides += [f"{section}.{key}={_hydra_value(value)}" for key, value in values.items()]
+    return overrides
+
+
+def reproduce_command(cell: Cell) -> str:
+    return "memsweep run " + " ".join(shlex.quote(o) for o in reproduce_overrides(cell))
+
+
+def _redacted(node):
+    """A config with secrets masked: values of secret-named keys, and passwords inside strings."""
+    if isinstance(node, dict):
+        return {k: REDACTED if SECRET_WORDS.search(str(k)) and v is not None else _redacted(v)
+                for k, v in node.items()}
+    if isinstance(node, list):
+        return [_redacted(v) for v in node]
+    return redact(node) if isinstance(node, str) else node
+
+
+def config_yaml(cell: Cell) -> str:
+    """The run's config.yaml: the reproducing command, then the resolved configuration the cell was
+    composed from (a reference cell, made without one, has its spec)."""
+    body = cell.config or {"spec": to_dict(cell.spec)}
+    header = (f"# memsweep cell {cell.cell_id}\n"
+              "# Reproduce it (same cell id; the same numbers on the same kind of device, on one thread as\n"
+              "# Ray workers train):\n"
+              f"#   OMP_NUM_THREADS=1 {reproduce_command(cell)}\n"
+              "# Only model, data, precision, train and seed change its numbers (its params); the rest of\n"
+              "# the configuration below says where and how it ran.\n")
+    return header + yaml.safe_dump(_redacted(body), sort_keys=False, default_flow_style=False)
+
+
+def dataset_record(spec: CellSpec) -> DatasetRecord:
+    """The cell's training data as a run input: the synthetic generator's parameters, or the corpus
+    URI and the tokenizer (its hash) with the split that draws the sequences from it."""
+    data = dataclasses.asdict(spec.data)
+    if spec.is_text:
+        source = {"uri": redact(data.pop("corpus_uri")), **{k: v for k, v in data.items() if k != "kind"}}
+        name = f"{source['uri'].rstrip('/').rsplit('/', 1)[-1]}-s{spec.data.seq_len}-n{spec.data.num_sequences}"
+        kind = "memsweep.corpus"
+    else:
+        source = {"generator": "models.data.synthetic_members", "seed": spec.seed,
+                  **{k: v for k, v in data.items() if k != "kind"}}
+        name = f"synthetic-v{spec.data.vocab_size}-s{spec.data.seq_len}-n{spec.data.num_sequences}-seed{spec.seed}"
+        kind = "memsweep.synthetic"
+    text = json.dumps(source, sort_keys=True)
+    profile = {"num_sequences": spec.data.num_sequences, "seq_len": spec.data.seq_len,
+               "num_tokens": spec.data.num_sequences * spec.data.seq_len}
+    return DatasetRecord(name=name, digest=hashlib.sha256(text.encode()).hexdigest()[:16], source_type=kind,
+                         source=text, profile=json.dumps(profile))
+
+
+def _reference_run_id(cell: Cell, tracker: Tracker, reference: CellOutcome | None) -> str | None:
+    """The run of a text cell's reference: the outcome this process waited for, else found by tag."""
+    if reference is not None and reference.run_id:
+        return reference.run_id
+    runs = tracker.cell_runs(REFERENCE_EXPERIMENT, cell.spec.reference.cell_id)
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    return (finished or runs)[0].info.run_id if runs else None
+
+
+def _link_reference(cell: Cell, tracker: Tracker, run_id: str, reference: CellOutcome | None) -> None:
+    """A text cell's run names its reference's cell and run; the reference's run gets one tag per cell
+    measured against it (one key each, so cells recording at once never overwrite each other)."""
+    ref_run = _reference_run_id(cell, tracker, reference)
+    tags = {TAG_REFERENCE_CELL: cell.spec.reference.cell_id}
+    if ref_run:
+        tags[TAG_REFERENCE_RUN] = ref_run
+        tracker.set_tags(ref_run, {f"{TAG_REFERENCE_FOR}.{cell.cell_id}": run_id})
+    tracker.set_tags(run_id, tags)
+
+
+def _describe_run(cell: Cell, tracker: Tracker, run_id: str, reference: CellOutcome | None) -> None:
+    """Everything an opened run records before training: params, config.yaml, dataset, links."""
+    tracker.log_params(run_id, cell.recorded_params())
+    tracker.log_text(run_id, config_yaml(cell), CONFIG_ARTIFACT)
+    tracker.log_dataset(run_id, dataset_record(cell.spec))
+    if cell.spec.reference is not None:
+        _link_reference(cell, tracker, run_id, reference)
+    description = {REFERENCE_EXPERIMENT: REFERENCE_DESCRIPTION, "adhoc": ADHOC_DESCRIPTION}.get(cell.options.experiment)
+    if description:  # a sweep's experiment is described by its launch
+        tracker.describe(cell.options.experiment, description, replace=False)
+
+
 # -- recording --------------------------------------------------------------------------------------
-def _open_run(cell: Cell, tracker: Tracker, parent_run_id: str | None, tags: dict | None) -> tuple[str, bool]:
+def _open_run(cell: Cell, tracker: Tracker, parent_run_id: str | None, tags: dict | None,
+              reference: CellOutcome | None = None) -> tuple[str, bool]:
     """The cell's run, found by its cell-id tag (created if new); True when it already FINISHED."""
-    spec, options = cell.spec, cell.options
+    options = cell.options
     run_id, finished = tracker.open_cell_run(
-        options.experiment, spec.cell_id, run_name=spec.slug,
-        tags={TAG_SWEEP: options.sweep, "precision": spec.precision, **options.tags},
-        parent_run_id=parent_run_id,
+        options.experiment, cell.cell_id, run_name=cell.run_name,
+        tags={TAG_SWEEP: options.sweep, **options.tags}, parent_run_id=parent_run_id,
     )
-    if not finished:
-        if tags:  # where this attempt runs (a retry on another node overwrites them)
-            tracker.set_tags(run_id, tags)
-        tracker.log_params(run_id, cell.recorded_params())
+    if not finished:  # where this attempt runs (a retry on another node overwrites them)
+        tracker.set_tags(run_id, {TAG_REPRODUCE: reproduce_command(cell),
+                                  TAG_CHECKPOINT: redact(under(options.storage, cell.cell_id)), **(tags or {})})
+        _describe_run(cell, tracker, run_id, reference)
     return run_id, finished
 
 
-def _record(tracker: Tracker, run_id: str, measurement: Measurement, curves: MetricBuffer, started: float) -> None:
-    """Final metrics and the per-sequence artifact, then FINISHED (in that order)."""
+def _record(tracker: Tracker, cell: Cell, run_id: str, measurement: Measurement, curves: MetricBuffer,
+            started: float, parent_run_id: str | None) -> None:
+    """Final metrics, the per-sequence artifact and the final checkpoint's place, then FINISHED."""
     curves.flush()
     final_step = int(measurement.metrics["steps"])
     tracker.log_metrics(run_id, [(k, v, final_step) for k, v in measurement.metrics.items()])
     tracker.log_table(run_id, measurement.per_sequence)
-    tracker.set_tags(run_id, {"cell_wall_s": f"{time.perf_counter() - started:.1f}"})
+    checkpoints = CheckpointStore(cell.options.storage, cell.cell_id)
+    step = checkpoints.latest_step()
+    where = under(cell.options.storage, cell.cell_id, *([f"step-{step:09d}"] if step is not None else []))
+    tags = {"memsweep.cell_wall_s": f"{time.perf_counter() - started:.1f}", TAG_CHECKPOINT: redact(where)}
+    if parent_run_id:
+        tags[TAG_FINISHED_BY] = parent_run_id
+    tracker.set_tags(run_id, tags)
     tracker.finish(run_id)
 
 
@@ -178,7 +328,7 @@ def run_cell(
     that did not finish fails the cell without training it."""
     options = cell.options
     tracker = tracker or Tracker(options.tracking_uri, options.artifact_root)
-    run_id, finished = _open_run(cell, tracker, parent_run_id, tags)
+    run_id, finished = _open_run(cell, tracker, parent_run_id, tags, reference)
     if finished:
         return CellOutcome(cell.cell_id, run_id, "FINISHED", already_finished=True)
     try:
@@ -187,7 +337,7 @@ def run_cell(
         curves = MetricBuffer(tracker, run_id)
         started = time.perf_counter()
         measurement, _ = train_and_measure(cell, log=curves, progress=progress)
-        _record(tracker, run_id, measurement, curves, started)
+        _record(tracker, cell, run_id, measurement, curves, started, parent_run_id)
         return CellOutcome(cell.cell_id, run_id, "FINISHED", measurement.metrics)
     except (KeyboardInterrupt, SystemExit) as err:
         tracker.fail(run_id, f"cancelled: {type(err).__name__}", status="KILLED")
@@ -242,7 +392,7 @@ def run_pack(
                     if isinstance(result, BaseException):
                         raise result
                     measurement = measured(cell, result, cell_data)
-                    _record(tracker, run_id, measurement, curve, started)
+                    _record(tracker, cell, run_id, measurement, curve, started, parent_run_id)
                     outcomes[cell.cell_id] = CellOutcome(cell.cell_id, run_id, "FINISHED", measurement.metrics)
                 except Exception as err:
                     outcomes[cell.cell_id] = _failed(tracker, cell, run_id, err)

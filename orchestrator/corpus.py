@@ -35,6 +35,12 @@ from models.text import (
 )
 
 REFERENCE_EXPERIMENT = "memsweep-references"  # every reference cell, shared by all sweeps of a store
+REFERENCE_DESCRIPTION = (
+    "Reference models of memsweep's text cells: each is a cell of its own (tag memsweep.cell_id), trained "
+    "once on a corpus's pool and shared by every sweep of this store that measures text cells against it. "
+    "A reference run's memsweep.reference_for.<cell id> tags name the runs of the cells measured against "
+    "it; each of those names it back (memsweep.reference_run_id)."
+)
 
 
 class CorpusError(ValueError):
@@ -185,7 +191,7 @@ def reference_cell(cell: Cell) -> Cell:
     if reference is None:
         raise ValueError(f"cell {cell.cell_id} has no reference")
     options = dataclasses.replace(cell.options, experiment=REFERENCE_EXPERIMENT)
-    return Cell(spec=reference, options=options, overrides=(f"reference of {cell.spec.slug}",))
+    return Cell(spec=reference, options=options, overrides=(f"reference of {cell.spec.readable_slug}",))
 
 
 def reference_cells(cells: list[Cell]) -> list[Cell]:

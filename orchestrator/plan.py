@@ -19,7 +19,7 @@ import json
 import pyarrow as pa
 
 from models.spec import Cell, ReferenceOptions, RunOptions, SpecError, spec_from_dict, to_dict
-from orchestrator.tracking import TAG_CODE, Tracker, read_runs
+from orchestrator.tracking import TAG_CODE, Tracker, read_runs, tag
 
 PLAN_ARTIFACT = "plan.parquet"
 TAG_PLAN = "memsweep.plan_sha256"  # on a launch run whose plan.parquet was recorded whole
@@ -97,4 +97,4 @@ def read_plan(tracker: Tracker, sweep: str) -> RecordedPlan | None:
     for run in reversed(launches):  # newest first: its grid in its order, then what only older ones planned
         for row in tracker.load_table(run.run_id, PLAN_ARTIFACT).to_pylist():
             rows.setdefault(row["cell_id"], row)
-    return RecordedPlan(rows, {run.tags.get(TAG_CODE, "") for run in launches})
+    return RecordedPlan(rows, {tag(run.tags, TAG_CODE, "") for run in launches})

@@ -1,8 +1,14 @@
 """MLflow's home: the record that `status`, `resume` and `aggregate` read.
 
 One experiment per sweep; a parent run per launch; one child run per cell, tagged with its cell id and
-sweep. A cell's run is found by its `cell_id` tag, never by a process-local handle, so a retried or
-resumed cell continues its own run and there is never a second FINISHED run for one cell.
+sweep. A cell's run is found by its `memsweep.cell_id` tag, never by a process-local handle, so a retried
+or resumed cell continues its own run and there is never a second FINISHED run for one cell.
+
+What a user browses is MLflow's usual record: runs created with MLflow's standard system tags (user,
+source, git commit: `system_tags`), memsweep's own tags under one `memsweep.` namespace (stores written
+before that used `cell_id`, `sweep` and `code_version`: every reader here accepts both, `tag`), and a
+tree that starts at the latest launch: a reopened cell moves under the launch that reopens it, and each
+earlier launch run hangs under the next one (`start_launch`).
 
 Every call to the tracking store retries with exponential back-off (a server may restart mid-sweep),
 metrics are buffered and sent up to 1,000 per call (each call costs 30-80 ms), and a run is marked
@@ -35,13 +41,20 @@ T = TypeVar("T")
 # Reading a plan or a per-sequence table downloads an artifact: no progress bar for that on stderr.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-TAG_CELL = "cell_id"
-TAG_SWEEP = "sweep"
+TAG_CELL = "memsweep.cell_id"
+TAG_SWEEP = "memsweep.sweep"
 TAG_KIND = "memsweep.kind"  # "cell" or "launch"
-TAG_CODE = "code_version"
+TAG_CODE = "memsweep.code_version"
 TAG_ERROR = "memsweep.error"
-TAG_PARENT = "mlflow.parentRunId"
+TAG_ATTEMPT = "memsweep.attempt"  # how many times the cell's run was opened to train (1, 2, ...)
+TAG_FINISHED_BY = "memsweep.finished_by_launch"  # the launch run under which the cell FINISHED
+TAG_PARENT = "mlflow.parentRunId"  # MLflow's tree: a cell under its latest launch, a launch under the next
+TAG_DESCRIPTION = "mlflow.note.content"  # an experiment's (or run's) description in MLflow's UI
 TAG_OVERRIDES = "memsweep.overrides"  # on a launch run: the overrides it was launched with (JSON list)
+# The names these tags had before they moved under `memsweep.`: read, never written.
+OLD_NAMES = {TAG_CELL: "cell_id", TAG_SWEEP: "sweep", TAG_CODE: "code_version"}
+# MLflow's system tags that say who ran what (the UI's User, Source and Version columns).
+SYSTEM_PREFIXES = ("mlflow.user", "mlflow.source.", "mlflow.gitRepoURL")
 ARTIFACT = "per_sequence.parquet"
 BATCH = 1000  # MLflow's limit of metrics per log_batch call
 UNFINISHED = ("RUNNING", "SCHEDULED", "FAILED", "KILLED")
@@ -78,18 +91,60 @@ def code_version() -> str:
     return f"{release}+g{commit}" if commit else release
 
 
+@cache
+def code_commit() -> str | None:
+    """The full git commit of memsweep's code when it runs from a checkout, else None."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                              capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = done.stdout.strip()
+    return commit if done.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", commit) else None
+
+
+@cache
+def system_tags() -> dict[str, str]:
+    """MLflow's standard system tags for runs this process creates, from MLflow's own context
+    resolution (user, source name and type, the entry point's git commit and repository), with the
+    commit of memsweep's code as the version when it runs from a checkout: the `memsweep` console
+    script itself lives outside any repository, where MLflow finds no commit."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    tags = {k: str(v) for k, v in resolve_tags().items() if k.startswith(SYSTEM_PREFIXES)}
+    if code_commit():
+        tags["mlflow.source.git.commit"] = code_commit()
+    return tags
+
+
+def tag(tags: dict, name: str, default: str | None = None) -> str | None:
+    """A memsweep tag's value, under its name or the name it had before (`OLD_NAMES`)."""
+    value = tags.get(name)
+    if value is None and name in OLD_NAMES:
+        value = tags.get(OLD_NAMES[name])
+    return default if value is None else value
+
+
 def retrying(fn: Callable[[], T], what: str, timeout_s: float = 300.0) -> T:
-    """Call `fn` until it succeeds, backing off 0.5 s, 1 s, 2 s ... (at most 15 s) for `timeout_s`."""
+    """Call `fn` until it succeeds, backing off 0.5 s, 1 s, 2 s ... (at most 15 s) for `timeout_s`.
+    Only what can heal is retried (a server restarting, a connection dropped, a 5xx or 429 answer):
+    a 4xx answer (an address that is not an MLflow server, credentials refused) fails at once."""
     deadline, delay = time.monotonic() + timeout_s, 0.5
     while True:
         try:
             return fn()
         except (MlflowException, OSError, ConnectionError) as err:
-            if time.monotonic() + delay > deadline:
+            if time.monotonic() + delay > deadline or _permanent(err):
                 raise
             log.warning("tracking: %s failed (%s); retrying in %.1f s", what, err, delay)
             time.sleep(delay)
             delay = min(delay * 2, 15.0)
+
+
+def _permanent(err: Exception) -> bool:
+    """A tracking server's 4xx answer other than 429 (too many requests): retrying cannot change it."""
+    status = err.get_http_status_code() if isinstance(err, MlflowException) else None
+    return status is not None and 400 <= status < 500 and status != 429
 
 
 SECRET_WORDS = re.compile(r"secret|passw|token|credential|session|access_key|api_key|private", re.I)
@@ -105,6 +160,21 @@ def redact(value: str) -> str:
     credentials belong in the environment (AWS_*, MLFLOW_TRACKING_PASSWORD), which is never recorded."""
     value = _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", value)
     return _QUERY_ITEM.sub(lambda m: f"{m['key']}={REDACTED}" if SECRET_WORDS.search(m["key"]) else m[0], value)
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    """A cell's dataset as MLflow records a run input: a name, a digest of what fixes its sequences,
+    where they come from (`source_type` and `source`, JSON) and their sizes (`profile`, JSON)."""
+
+    name: str
+    digest: str
+    source_type: str
+    source: str
+    profile: str
+
+
+_LAUNCH_CONTEXT: dict[tuple[str, str], dict[str, str]] = {}  # (store, launch run id) -> its system tags
 
 
 @dataclass(frozen=True)
@@ -173,7 +243,7 @@ class Tracker:
                 order_by=["attributes.start_time ASC"], page_token=token,
             ))
             for run in page:
-                cell_id = run.data.tags.get(TAG_CELL)
+                cell_id = tag(run.data.tags, TAG_CELL)
                 record = CellRecord(cell_id, run.info.run_id, run.info.status, run.data.tags.get(TAG_ERROR))
                 if cell_id and (cell_id not in records or records[cell_id].status != "FINISHED"):
                     records[cell_id] = record
@@ -184,40 +254,99 @@ class Tracker:
     def finished_cells(self, experiment: str) -> set[str]:
         return {c for c, r in self.cell_records(experiment).items() if r.status == "FINISHED"}
 
-    # -- writing -----------------------------------------------------------------------------------
-    def start_launch(self, experiment: str, sweep: str, params: dict) -> str:
+    def describe(self, experiment: str, text: str, replace: bool = True) -> None:
+        """Set the experiment's description (MLflow's `mlflow.note.content` tag); with `replace`
+        False, only where it has none yet."""
         exp_id = self.experiment_id(experiment)
+        if not replace:
+            found = self._call("read experiment", lambda: self.client.get_experiment(exp_id))
+            if found.tags.get(TAG_DESCRIPTION):
+                return
+        self._call("describe experiment", lambda: self.client.set_experiment_tag(exp_id, TAG_DESCRIPTION, text))
+
+    # -- writing -----------------------------------------------------------------------------------
+    def start_launch(self, experiment: str, sweep: str, params: dict, description: str | None = None) -> str:
+        """A new launch (parent) run, with MLflow's system tags; every earlier launch run of the
+        experiment not yet under another moves under it, so the whole sweep is one tree whose root is
+        the latest launch. `description` replaces the experiment's."""
+        exp_id = self.experiment_id(experiment)
+        earlier = self._call("find launch runs", lambda: self.client.search_runs(
+            [exp_id], filter_string=f"tags.`{TAG_KIND}` = 'launch'", max_results=5000))
         run = self._call("create launch run", lambda: self.client.create_run(
             exp_id, run_name=f"launch-{time.strftime('%Y%m%d-%H%M%S')}",
-            tags={TAG_KIND: "launch", TAG_SWEEP: sweep, TAG_CODE: code_version()},
+            tags={**system_tags(), TAG_KIND: "launch", TAG_SWEEP: sweep, TAG_CODE: code_version()},
         ))
-        self.log_params(run.info.run_id, params)
-        return run.info.run_id
+        run_id = run.info.run_id
+        for launch in earlier:
+            if TAG_PARENT not in launch.data.tags:
+                self.set_tags(launch.info.run_id, {TAG_PARENT: run_id})
+        if description:
+            self.describe(experiment, description)
+        self.log_params(run_id, params)
+        return run_id
+
+    def cell_runs(self, experiment: str, cell_id: str, max_results: int = 10) -> list:
+        """The runs of one cell, newest first, found by its tag (or, in a store written before the
+        tags moved under `memsweep.`, by its old tag)."""
+        exp_id = self.experiment_id(experiment, create=False)
+        if exp_id is None:
+            return []
+        for name in (TAG_CELL, OLD_NAMES[TAG_CELL]):
+            runs = self._call("find cell run", lambda: self.client.search_runs(
+                [exp_id], filter_string=f"tags.`{name}` = '{cell_id}'",
+                order_by=["attributes.start_time DESC"], max_results=max_results,
+            ))
+            if runs:
+                return list(runs)
+        return []
 
     def open_cell_run(self, experiment: str, cell_id: str, run_name: str, tags: dict,
                       parent_run_id: str | None = None) -> tuple[str, bool]:
         """(run id, already finished): the cell's FINISHED run if it has one (a retry of a cell that
-        finished just before its worker died), else its unfinished run set RUNNING again (a retry or
-        resume), else a new run."""
-        exp_id = self.experiment_id(experiment)
-        existing = self._call("find cell run", lambda: self.client.search_runs(
-            [exp_id], filter_string=f"tags.`{TAG_CELL}` = '{cell_id}'",
-            order_by=["attributes.start_time DESC"], max_results=10,
-        ))
+        finished just before its worker died), else its unfinished run reopened (a retry or resume),
+        else a new run with MLflow's system tags (those of the launch that starts it)."""
+        existing = self.cell_runs(experiment, cell_id)
         for run in existing:
             if run.info.status == "FINISHED":
                 return run.info.run_id, True
         if existing:
-            run_id = existing[0].info.run_id
-            self._call("reopen run", lambda: self.client.update_run(run_id, status="RUNNING"))
-            self._call("clear error", lambda: self._delete_tag_if_present(run_id, TAG_ERROR))
-            return run_id, False
-        all_tags = {TAG_KIND: "cell", TAG_CELL: cell_id, TAG_CODE: code_version(), **tags}
+            return self._reopen(existing[0], cell_id, parent_run_id), False
+        all_tags = {**self._context_tags(parent_run_id), TAG_KIND: "cell", TAG_CELL: cell_id,
+                    TAG_CODE: code_version(), TAG_ATTEMPT: "1", **tags}
         if parent_run_id:
             all_tags[TAG_PARENT] = parent_run_id
+        exp_id = self.experiment_id(experiment)
         run = self._call("create cell run", lambda: self.client.create_run(
             exp_id, run_name=run_name, tags=all_tags))
         return run.info.run_id, False
+
+    def _reopen(self, run, cell_id: str, parent_run_id: str | None) -> str:
+        """A retry or resume continues the cell's run: RUNNING again, its error cleared, one attempt
+        more, the version of the code now running it, and under the launch that reopens it (so the
+        latest launch's tree holds every cell it ran)."""
+        run_id = run.info.run_id
+        self._call("reopen run", lambda: self.client.update_run(run_id, status="RUNNING"))
+        if TAG_ERROR in run.data.tags:
+            self._call("clear error", lambda: self._delete_tag_if_present(run_id, TAG_ERROR))
+        attempt = int(run.data.tags.get(TAG_ATTEMPT, "1")) + 1
+        tags = {TAG_CELL: cell_id, TAG_ATTEMPT: str(attempt), TAG_CODE: code_version()}
+        if parent_run_id:
+            tags[TAG_PARENT] = parent_run_id
+        self.set_tags(run_id, tags)
+        return run_id
+
+    def _context_tags(self, parent_run_id: str | None) -> dict[str, str]:
+        """MLflow's system tags for a new cell run: its launch run's (the driver resolved them where
+        the user started memsweep; a Ray worker's own context is Ray's worker script), else this
+        process's."""
+        if parent_run_id:
+            key = (self.uri, parent_run_id)
+            if key not in _LAUNCH_CONTEXT:
+                parent = self._call("read launch run", lambda: self.client.get_run(parent_run_id))
+                _LAUNCH_CONTEXT[key] = {k: v for k, v in parent.data.tags.items() if k.startswith(SYSTEM_PREFIXES)}
+            if _LAUNCH_CONTEXT[key]:
+                return dict(_LAUNCH_CONTEXT[key])
+        return system_tags()
 
     def _delete_tag_if_present(self, run_id: str, key: str) -> None:
         if key in self.client.get_run(run_id).data.tags:
@@ -254,6 +383,24 @@ class Tracker:
             path = os.path.join(tmp, name)
             pq.write_table(table, path)
             self._call("log artifact", lambda: self.client.log_artifact(run_id, path))
+
+    def log_text(self, run_id: str, text: str, name: str) -> None:
+        """A text artifact (a later call replaces it)."""
+        self._call("log text", lambda: self.client.log_text(run_id, text, name))
+
+    def log_dataset(self, run_id: str, dataset: DatasetRecord) -> None:
+        """Record `dataset` as the run's training input (once: a reopened run already has it)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        run = self._call("read inputs", lambda: self.client.get_run(run_id))
+        inputs = run.inputs.dataset_inputs if run.inputs else []
+        if any(i.dataset.digest == dataset.digest and i.dataset.name == dataset.name for i in inputs):
+            return
+        entity = DatasetInput(
+            Dataset(name=dataset.name, digest=dataset.digest, source_type=dataset.source_type,
+                    source=dataset.source, profile=dataset.profile),
+            tags=[InputTag("mlflow.data.context", "training")])
+        self._call("log inputs", lambda: self.client.log_inputs(run_id, datasets=[entity]))
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self._call(f"mark {status}", lambda: self.client.set_terminated(run_id, status=status))

@@ -40,7 +40,7 @@ def test_cells_share_one_gpu_through_fractional_requests(tmp_path):
     assert together >= 2, f"the cells ran one at a time on the shared GPU: {spans}"
 
     packed = launch(tmp_path / "packed", tmp_path)  # packing on: one GPU, so one pack of the 4 cells
-    assert len({r.data.tags["ray.task_attempt"] for r in packed.values()}) == 1
+    assert len({r.data.tags["ray.task_id"] for r in packed.values()}) == 1
     for cell_id, run in packed.items():
         assert run.data.tags["memsweep.pack_size"] == "4"
         assert json.loads(run.data.tags["ray.resources"])["GPU"] == pytest.approx(4 / 16)

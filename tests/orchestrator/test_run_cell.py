@@ -187,9 +187,9 @@ READ_RECORD = textwrap.dedent("""
     uri, cell_id, dst = sys.argv[1:4]
     client = MlflowClient(tracking_uri=uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(experiments, filter_string=f"tags.cell_id = '{cell_id}'")
+    runs = client.search_runs(experiments, filter_string=f"tags.`memsweep.cell_id` = '{cell_id}'")
     finished = client.search_runs(
-        experiments, filter_string=f"tags.cell_id = '{cell_id}' and attributes.status = 'FINISHED'")
+        experiments, filter_string=f"tags.`memsweep.cell_id` = '{cell_id}' and attributes.status = 'FINISHED'")
     record = {"num_runs": len(runs), "num_finished": len(finished)}
     if runs:
         run = runs[0]
@@ -253,8 +253,8 @@ def test_memsweep_run_records_the_cell_and_a_rerun_trains_nothing(memsweep_root,
     assert params["model.n_layer"] == "1" and params["model.n_embd"] == "16"
     assert params["model.n_head"] == "2" and params["data.num_sequences"] == "16"
     assert params["train.max_steps"] == "200" and params["precision.name"] == "fp32"
-    assert record["tags"]["cell_id"] == cell.cell_id
-    assert record["tags"].get("code_version")
+    assert record["tags"]["memsweep.cell_id"] == cell.cell_id
+    assert record["tags"].get("memsweep.code_version")
     assert "per_sequence.parquet" in record["artifacts"]
 
     # The artifact alone reproduces the recorded numbers.

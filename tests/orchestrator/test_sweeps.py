@@ -60,7 +60,7 @@ def cell_runs(root, experiment: str, include_deleted: bool = False) -> dict[str,
                               max_results=1000)
     grouped: dict[str, list] = {}
     for run in runs:
-        grouped.setdefault(run.data.tags["cell_id"], []).append(run)
+        grouped.setdefault(run.data.tags["memsweep.cell_id"], []).append(run)
     return grouped
 
 
@@ -281,7 +281,7 @@ def test_a_packed_sweep_records_each_cell_as_the_unpacked_sweep_does(ray_driver,
         assert [o.status for o in outcomes] == ["FINISHED"] * 6, [o.error for o in outcomes]
         runs = assert_one_finished_run_each(root, "smoke", [c.cell_id for c in plan.cells])
         results[mode] = {cell_id: run.data.metrics for cell_id, run in runs.items()}
-        tasks = {run.data.tags["ray.task_attempt"] for run in runs.values()}
+        tasks = {run.data.tags["ray.task_id"] for run in runs.values()}
         assert len(tasks) == (2 if mode == "packed" else 6), tasks  # 6 cells in packs of at most 4
     for cell_id, metrics in results["unpacked"].items():
         packed = results["packed"][cell_id]

@@ -1,39 +1,18 @@
-"""One real smoke sweep per test session (about 40 s), and a damaged copy of it.
+"""A damaged copy of the session's smoke sweep (`smoke_root`, tests/conftest.py).
 
-`smoke_root` runs `memsweep launch sweep=smoke` as a subprocess in a temporary folder: a local Ray,
-four tiny cells, an MLflow SQLite store under <root>/runs. `broken_root` copies that store and adds
-what real sweeps accumulate: a grown grid (a launch recorded with seeds 0-3 whose new cells never
-ran), one cell that FAILED with an error, and one left RUNNING with part of its curve.
+`broken_root` copies that store and adds what real sweeps accumulate: a grown grid (a launch recorded
+with seeds 0-3 whose new cells never ran), one cell that FAILED with an error, and one left RUNNING
+with part of its curve.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-SMOKE_CELLS = 4
-
-
-def sweep_env(runs: Path) -> dict[str, str]:
-    return {**os.environ, "MEMSWEEP_ROOT": str(runs), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-
-
-@pytest.fixture(scope="session")
-def smoke_root(tmp_path_factory) -> Path:
-    """<root>/runs holds a finished smoke sweep: mlflow.db, mlartifacts/, checkpoints/."""
-    root = tmp_path_factory.mktemp("smoke")
-    done = subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", "launch", "sweep=smoke"], cwd=root,
-        env=sweep_env(root / "runs"), capture_output=True, text=True, timeout=600,
-    )
-    assert done.returncode == 0, f"smoke launch failed:\n{done.stdout}\n{done.stderr}"
-    return root / "runs"
+from tests.conftest import sweep_env  # noqa: F401 - the report tests import it from here
 
 
 @pytest.fixture(scope="session")

@@ -101,10 +101,10 @@ def test_one_row_per_cell_with_the_numbers_the_runs_hold(smoke_root, smoke_aggre
     assert len({r["cell_id"] for r in rows}) == 4
     for row in rows:
         run = client.get_run(row["run_id"])
-        assert run.data.tags["cell_id"] == row["cell_id"]
+        assert run.data.tags["memsweep.cell_id"] == row["cell_id"]
         assert row["status"] == run.info.status == "FINISHED"
         assert row["planned"] is True and row["error"] is None
-        assert row["code_version"] == run.data.tags["code_version"]
+        assert row["code_version"] == run.data.tags["memsweep.code_version"]
         assert row["launch_run_id"] == run.data.tags["mlflow.parentRunId"]
         for name in FINAL_METRICS:  # a metric the run did not log (converged_step of an unconverged cell) is null
             assert row[name] == run.data.metrics.get(name), name

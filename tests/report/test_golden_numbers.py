@@ -157,7 +157,7 @@ def test_text_cell_numbers_are_golden(tmp_path):
     for experiment in ("adhoc", "memsweep-references"):
         exp = client.get_experiment_by_name(experiment)
         for run in client.search_runs([exp.experiment_id]):
-            measured[f"{experiment}/{run.data.tags['cell_id']}"] = cell_numbers(client, run)
+            measured[f"{experiment}/{run.data.tags['memsweep.cell_id']}"] = cell_numbers(client, run)
     assert len(measured) == 2, sorted(measured)
     check("text", measured)
 
