@@ -15,7 +15,9 @@ matplotlib.use("Agg")  # no display; must precede pyplot
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.colors import to_hex  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from measure.capacity import mia_law, published_mia_law_as_printed, published_mia_law_corrected  # noqa: E402
 from measure.metrics import EXTRACTION_PREFIXES, EXTRACTION_SPLITS, extraction_name  # noqa: E402
@@ -23,6 +25,7 @@ from measure.metrics import EXTRACTION_PREFIXES, EXTRACTION_SPLITS, extraction_n
 FIGSIZE = (7.5, 5.0)  # inches; 110 dpi gives PNGs of about 800 x 550 pixels
 DPI = 110
 MAX_CURVES = 60  # more lines than this are unreadable: a figure draws an even subset and says so
+CURVES_PER_PANEL = 10  # lines one panel tells apart by colour (matplotlib's cycle); more: small multiples
 PRECISIONS = ("fp32", "bf16", "amp_bf16")  # the order precisions are drawn (and coloured) in
 
 
@@ -70,6 +73,17 @@ def _legend(fig: Figure, ax, entries: int, loc: str = "upper left") -> None:
     width, height = fig.get_size_inches()
     fig.set_size_inches(width + 2.2 * ncol, height)
     ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=ncol, borderaxespad=0.0)
+
+
+def _readable_log_x(ax, values) -> None:
+    """Plain-number labels on a log x axis that never overlap: ticks at 1, 2 and 5 per decade when the
+    data span at most two decades, at powers of ten otherwise; minor ticks unlabelled (matplotlib labels
+    them when the span is short, and they collide)."""
+    low, high = _log_range(values, pad=1.0)
+    decades = np.log10(high / low) if high > low else 0.0
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if decades <= 2 else (1.0,), numticks=12))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def _marker_size(points: int) -> tuple[float, float]:
@@ -352,6 +366,7 @@ def double_descent(groups: list[dict], log2_vocab: list[float]) -> tuple[Figure,
     if not groups:
         _empty_note(ax, "no finished cells")
     ax.set_xscale("log")
+    _readable_log_x(ax, [r for g in data["groups"] for r in g["ratio"]] + [1.0])
     ax.set_xlabel("capacity ratio H(X) / (alpha * params) (dimensionless)")
     ax.set_ylabel("test loss on non-members (bits/token); lines: seed means")
     ax.grid(True, which="major", alpha=0.3)
@@ -364,7 +379,9 @@ def mem_curves(cells: list[dict], max_curves: int = MAX_CURVES) -> tuple[Figure,
     """mem_bits against optimizer steps, one line per cell, with its H(X) as a dotted ceiling.
 
     `cells`: one dict per cell with `label`, arrays `steps` and `mem_bits`, and `entropy_bits`.
-    More than `max_curves` cells: an evenly spaced subset is drawn and the title says so.
+    Up to CURVES_PER_PANEL cells share one panel, each in its own colour; more are drawn as small
+    multiples of that many, so no two lines of a panel share a colour. More than `max_curves` cells:
+    an evenly spaced subset is drawn and the title says so.
     """
     shown = cells
     if len(cells) > max_curves:
@@ -372,24 +389,41 @@ def mem_curves(cells: list[dict], max_curves: int = MAX_CURVES) -> tuple[Figure,
     title = "Memorization during training"
     if len(shown) < len(cells):
         title += f" ({len(shown)} of {len(cells)} cells)"
-    fig, (ax,) = _new(title)
-    data = {"cells": [], "num_cells": len(cells)}
-    for i, cell in enumerate(shown):
-        color = f"C{i % 10}"
+    panels = [shown[i : i + CURVES_PER_PANEL] for i in range(0, len(shown), CURVES_PER_PANEL)] or [[]]
+    ncols = min(3, len(panels))
+    nrows = -(-len(panels) // ncols)
+    figsize = FIGSIZE if len(panels) == 1 else (4.8 * ncols, 3.6 * nrows)
+    fig, axes = plt.subplots(nrows, ncols, figsize=figsize, dpi=DPI, squeeze=False)
+    fig.suptitle(title)
+    data = {"cells": [], "num_cells": len(cells), "panels": []}
+    for k, ax in enumerate(axes.ravel()):
+        if k >= len(panels):
+            ax.set_visible(False)
+            continue
+        data["panels"].append(_curve_panel(ax, panels[k], k, data["cells"]))
+        if k // ncols == nrows - 1 or k + ncols >= len(panels):
+            ax.set_xlabel("optimizer step")
+        if k % ncols == 0:
+            ax.set_ylabel("memorized mem_bits (bits); dotted: H(X)")
+    if not cells:
+        _empty_note(axes[0][0], "no curves recorded")
+    return _finish(fig), data
+
+
+def _curve_panel(ax, cells: list[dict], panel: int, plotted: list[dict]) -> list[str]:
+    """One panel of mem_curves: each cell in its own colour, with its legend; appends to `plotted`."""
+    for i, cell in enumerate(cells):
+        color = to_hex(f"C{i}")
         steps, mem = _floats(cell["steps"]), _floats(cell["mem_bits"])
-        ax.plot(steps, mem, color=color, lw=1.2, marker=".", label=cell["label"] if len(shown) <= 12 else None)
+        ax.plot(steps, mem, color=color, lw=1.2, marker=".", label=cell["label"])
         if cell.get("entropy_bits") is not None and np.isfinite(cell["entropy_bits"]):
             ax.axhline(cell["entropy_bits"], color=color, lw=0.6, ls=":")
-        data["cells"].append({"label": cell["label"], "steps": steps, "mem_bits": mem,
-                              "entropy_bits": float(cell.get("entropy_bits", np.nan))})
-    if not cells:
-        _empty_note(ax, "no curves recorded")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("memorized mem_bits (bits); dotted: H(X)")
+        plotted.append({"label": cell["label"], "steps": steps, "mem_bits": mem,
+                        "entropy_bits": float(cell.get("entropy_bits", np.nan)), "panel": panel, "color": color})
     ax.grid(True, alpha=0.3)
-    if 0 < len(shown) <= 12:
-        ax.legend(fontsize=6)
-    return _finish(fig), data
+    if cells:
+        ax.legend(fontsize=6 if len(cells) <= 4 else 5)
+    return [cell["label"] for cell in cells]
 
 
 # -- text cells: seed means per pool size N, one line per (model shape, precision) group ------------------

@@ -1,10 +1,16 @@
-"""The `memsweep` command.
+"""memsweep: train tiny GPTs over a grid of shapes, datasets, precisions and seeds on Ray, record every
+cell in MLflow, and measure how many bits each model memorizes (Morris et al., arXiv 2505.24832).
 
-    memsweep run [OVERRIDES...]                       one cell in this process (e.g. model=l1_d32 seed=3)
-    memsweep launch sweep=NAME [OVERRIDES...] [--dry-run] [--force] [--submit]
-    memsweep status SWEEP [OVERRIDES...]              cells by state, with each failure's error
-    memsweep resume SWEEP [--failed] [--submit] [OVERRIDES...]   run the cells that have not finished
-    memsweep ui [OVERRIDES...] [--port N]             serve the tracking store on 127.0.0.1
+commands:
+  memsweep run [OVERRIDES...]                       one cell in this process (e.g. model=l1_d32 seed=3)
+  memsweep launch sweep=NAME [OVERRIDES...] [--dry-run] [--force] [--submit]
+  memsweep status SWEEP [OVERRIDES...] [--state S] [--cells] [--json]   cells by state, per axis
+  memsweep show SWEEP [CELL_ID] [OVERRIDES...]      a cell's resolved config (YAML); no id: the ids
+  memsweep resume SWEEP [--failed] [--submit] [OVERRIDES...]   run the cells that have not finished
+  memsweep stop SWEEP [OVERRIDES...]                stop a sweep submitted as a Ray Job
+  memsweep aggregate SWEEP [--out DIR] [--from PATH] [--no-curves] [--no-plan]   tables and fits
+  memsweep report SWEEP [--out DIR] [--from PATH] [--no-curves] [--no-plan]      figures, HTML report
+  memsweep ui [OVERRIDES...] [--port N]             serve the local store on 127.0.0.1, or print the server's URL
 
 OVERRIDES use Hydra's grammar over conf/ (`train.lr=1e-3`, `precision=bf16`, `seed=0,1,2` in a sweep).
 Bad input stops before any work with a one-line error naming the field; the exit status is 2.
@@ -13,7 +19,9 @@ Bad input stops before any work with a one-line error naming the field; the exit
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 import time
 
@@ -24,8 +32,12 @@ from orchestrator.console import console, out
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from orchestrator.compose import compose_cell, prepared
+    from orchestrator.compose import compose_cell, prepared, split_overrides
 
+    sweeps = split_overrides(args.overrides)[0]
+    if sweeps:  # Hydra itself would advise --multirun, which memsweep does not take
+        raise ConfigError(f"{sweeps[0]}: several values make a sweep, and `memsweep run` trains one cell; give one "
+                          f"value, or run the grid with `memsweep launch sweep=NAME {' '.join(args.overrides)}`")
     cell = prepared([compose_cell(args.overrides)])[0]  # validates before anything is trained or recorded
     from models.precision import check_supported, resolve_device  # imports torch: config is good
     from models.spec import SpecError
@@ -63,7 +75,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         console.print(f"[red]cell {cell.cell_id} {outcome.status}:[/red] {escape(outcome.error or '')}")
         return 1
     out.print(cell_summary(cell.spec, outcome.metrics, outcome.run_id, cell.cell_id))
-    console.print(f"browse: mlflow ui --backend-store-uri {cell.options.tracking_uri}  (or: memsweep ui)")
+    from orchestrator.links import browse_hint, run_url
+
+    console.print(f"browse: {run_url(cell.options.tracking_uri, outcome.run_id) or browse_hint(cell.options.tracking_uri)}")
     return 0
 
 
@@ -91,6 +105,7 @@ def _run_sweep(plan, cells, force: bool = False) -> int:
         return 0
     console.print(f"sweep {plan.name}: {len(plan.cells)} cells ({_plan_counts(plan)}); submitting {len(cells)}")
     _print_references(plan, cells)
+    shown = _print_browse(plan, before=True)
     started = time.monotonic()
     try:
         outcomes = run_plan(plan, cells, force=force)
@@ -103,7 +118,37 @@ def _run_sweep(plan, cells, force: bool = False) -> int:
                   f"in {time.monotonic() - started:.0f} s"
                   + (f"; `memsweep status {plan.name}` lists them, `memsweep resume {plan.name} --failed` "
                      "retries them" if failed else ""))
+    if not shown:
+        _print_browse(plan, before=False)
     return 1 if failed else 0
+
+
+def _sweep_urls(plan) -> tuple[str | None, str]:
+    """(the sweep's experiment page on a tracking server or None, where to browse it: that page, the
+    server, or how to serve a local store)."""
+    from orchestrator.links import browse_hint, experiment_url
+
+    experiment = plan.cells[0].options.experiment if plan.cells else plan.name
+    exp_id = plan.tracker.experiment_id(experiment, create=False)
+    return experiment_url(plan.tracker.uri, exp_id), browse_hint(_shown_uri(plan.tracker.uri), exp_id)
+
+
+def _shown_uri(uri: str) -> str:
+    from orchestrator.tracking import redact
+
+    return redact(uri)
+
+
+def _print_browse(plan, before: bool) -> bool:
+    """Where to follow the sweep in MLflow. Before a first launch on a server its experiment does not
+    exist yet: the server's address is printed, and the experiment's page once the sweep ends. True
+    when the experiment's page (or a local store's hint) was printed."""
+    from orchestrator.links import is_server
+
+    url, hint = _sweep_urls(plan)
+    if before or url is not None:
+        console.print(f"MLflow: {hint}", soft_wrap=True)
+    return url is not None or not is_server(plan.tracker.uri)
 
 
 def _submit(plan, command: list[str]) -> int:
@@ -121,8 +166,11 @@ def _submit(plan, command: list[str]) -> int:
                       "head node; use tracking=server to follow it from here")
     entrypoint = shlex.join(["memsweep", *command])
     env = job_env(cluster.job_env)
+    # `memsweep stop` (the Jobs API's stop) then interrupts the driver as Ctrl-C does, and leaves it time to
+    # cancel its cells and mark them KILLED; Ray's default, SIGTERM, exits at once (ray.init's handler).
+    stop_as_ctrl_c = {"RAY_JOB_STOP_SIGNAL": "SIGINT", "RAY_JOB_STOP_WAIT_TIME_S": "45"}
     try:
-        job_id = submit_job(cluster.dashboard_address, entrypoint, env, plan.name)
+        job_id = submit_job(cluster.dashboard_address, entrypoint, {**env, **stop_as_ctrl_c}, plan.name)
     except Exception as err:  # unreachable dashboard, refused token, ...: nothing was submitted
         raise ConfigError(f"could not submit to the Ray Jobs API at {cluster.dashboard_address}: "
                           f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
@@ -132,7 +180,8 @@ def _submit(plan, command: list[str]) -> int:
                   + (f" (environment: {', '.join(sorted(env))})" if env else ""))
     console.print(f"  follow it:  ray job logs -f {job_id} --address {cluster.dashboard_address}")
     console.print(f"  its cells:  memsweep status {plan.name} {fixed}".rstrip())
-    console.print(f"  stop it:    ray job stop {job_id} --address {cluster.dashboard_address}; "
+    console.print(f"  stop it:    memsweep stop {plan.name} {fixed}".rstrip()
+                  + f"  (or: ray job stop {job_id} --address {cluster.dashboard_address}); "
                   f"later `memsweep resume {plan.name} ...` runs what did not finish")
     return 0
 
@@ -211,18 +260,105 @@ def _print_references(plan, cells) -> None:
         console.print(f"reference {ref.cell_id} ({ref.spec.data.num_sequences:,} sequences): {state}")
 
 
+LISTED_BY_DEFAULT = ("FAILED", "KILLED", "RUNNING")  # the rows `status` shows without --cells or --state
+MAX_DEFAULT_ROWS = 50
+
+
+def _states(value: str | None) -> tuple[str, ...] | None:
+    """`--state failed,killed` -> ("FAILED", "KILLED"); an unknown state is a one-line error."""
+    from orchestrator.console import STATES
+
+    if value is None:
+        return None
+    wanted = tuple(dict.fromkeys(v.strip().upper() for v in value.split(",") if v.strip()))
+    unknown = [v for v in wanted if v not in STATES]
+    if unknown or not wanted:
+        raise ConfigError(f"--state {value}: choose from {', '.join(STATES)} (comma-separated)")
+    return wanted
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    from orchestrator.console import status_table
+    from orchestrator.console import axis_table, status_document, status_table
     from orchestrator.launch import plan_drift, recorded_plan
 
+    wanted = _states(args.state)
     plan = recorded_plan(args.sweep, args.overrides)
-    out.print(status_table(plan))
-    console.print(f"{len(plan.cells)} cells: {_plan_counts(plan)}")
-    _print_references(plan, plan.cells)
+    chosen = [c for c in plan.cells if wanted is None or plan.state(c) in wanted]
+    running = _running_progress(plan)
     drift = plan_drift(plan)
+    url, hint = _sweep_urls(plan)
+    if args.json:
+        from orchestrator.links import run_url
+
+        urls = {"experiment": url, "browse": hint,
+                "runs": {r.run_id: run_url(plan.tracker.uri, r.run_id) for r in plan.records.values()}}
+        sys.stdout.write(json.dumps(status_document(plan, chosen, running, _shown_uri(plan.tracker.uri), urls, drift),
+                                    indent=2) + "\n")
+        return 0
+    out.print(axis_table(plan))
+    rows = chosen if wanted or args.cells else [c for c in plan.cells if plan.state(c) in LISTED_BY_DEFAULT]
+    if rows:
+        out.print(status_table(plan, rows[:MAX_DEFAULT_ROWS] if not (wanted or args.cells) else rows, running))
+    if len(rows) > MAX_DEFAULT_ROWS and not (wanted or args.cells):
+        console.print(f"{MAX_DEFAULT_ROWS} of {len(rows)} failed, killed or running cells listed; "
+                      f"`--state failed` (or killed, running) lists them all")
+    console.print(f"{len(plan.cells)} cells: {_plan_counts(plan)}"
+                  + ("" if wanted or args.cells else " (`--cells` lists every cell, `--state S` those in S)"))
+    _print_references(plan, plan.cells)
+    console.print(f"MLflow: {hint}", soft_wrap=True)
     if drift:
         console.print(f"[yellow]note:[/yellow] {escape(drift)}", soft_wrap=True)
     return 0
+
+
+def _running_progress(plan) -> dict[str, tuple[int, float]]:
+    """cell id -> (latest step, mem_bits there) of each RUNNING cell, from its logged curve."""
+    from orchestrator.tracking import read_metric_histories
+
+    running = {plan.records[c.cell_id].run_id: c.cell_id for c in plan.cells if plan.state(c) == "RUNNING"}
+    latest: dict[str, tuple[int, float]] = {}
+    for run_id, _, step, value, _ in read_metric_histories(plan.tracker, list(running), ("mem_bits",)):
+        if run_id not in latest or step >= latest[run_id][0]:
+            latest[run_id] = (int(step), float(value))
+    return {running[run_id]: point for run_id, point in latest.items()}
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """A cell's resolved config as recorded in the sweep's plan (what Hydra's `--cfg job` prints), or,
+    without a cell id, the sweep's cell ids one per line (to pipe back into `show`)."""
+    from orchestrator.launch import recorded_plan
+    from orchestrator.tracking import redact
+
+    if args.cell_id is not None and "=" in args.cell_id:  # `show SWEEP tracking=server`: no id, an override
+        args.overrides, args.cell_id = [args.cell_id, *args.overrides], None
+    plan = recorded_plan(args.sweep, args.overrides)
+    if args.cell_id is None:
+        sys.stdout.write("".join(f"{c.cell_id}\n" for c in plan.cells))
+        console.print(f"sweep {plan.name}: {len(plan.cells)} cells; `memsweep show {plan.name} CELL_ID` prints "
+                      "one's resolved config")
+        return 0
+    cell = _find_cell(plan, args.cell_id)
+    import yaml  # PyYAML comes with Hydra's OmegaConf
+
+    record = plan.records.get(cell.cell_id)
+    header = (f"# cell {cell.cell_id} of sweep {plan.name}: {plan.state(cell)}"
+              + (f", run {record.run_id}" if record else "") + "\n"
+              + f"# grid values: {' '.join(cell.overrides) or '-'}\n")
+    sys.stdout.write(header + redact(yaml.safe_dump(cell.config, sort_keys=False, default_flow_style=False)))
+    return 0
+
+
+def _find_cell(plan, wanted: str):
+    """The cell whose id is `wanted` or starts with it (when only one does)."""
+    exact = [c for c in plan.cells if c.cell_id == wanted]
+    found = exact or [c for c in plan.cells if c.cell_id.startswith(wanted)]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise ConfigError(f"cell id {wanted!r}: {len(found)} cells of sweep {plan.name} start with it "
+                          f"({found[0].cell_id}, {found[1].cell_id}, ...); give more of it")
+    raise ConfigError(f"cell id {wanted!r}: sweep {plan.name} has no such cell ({len(plan.cells)} cells; "
+                      f"`memsweep show {plan.name}` lists them)")
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -242,20 +378,140 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
+    """A tracking server already serves MLflow's UI: print (and with --open, open) its address. A local
+    store is served on `--host` without MLflow's job runner and with one worker (STACK.md: about 500 MB
+    instead of 3 GB)."""
     import subprocess
 
     from orchestrator.compose import compose_config
+    from orchestrator.links import is_server, server_url
 
     cfg = compose_config(args.overrides)
-    command = ["mlflow", "ui", "--backend-store-uri", str(cfg.tracking.uri), "--host", args.host,
-               "--port", str(args.port)]
+    uri = str(cfg.tracking.uri)
+    if is_server(uri):
+        url = server_url(uri)
+        out.print(url, markup=False, highlight=False)
+        console.print(f"the tracking server {url} serves MLflow's UI itself: open that address (nothing to start)")
+        if args.open:
+            import webbrowser
+
+            webbrowser.open(url)
+        return 0
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+               "--port", str(args.port), "--workers", "1"]
     if cfg.tracking.artifact_root:
         command += ["--default-artifact-root", str(cfg.tracking.artifact_root)]
-    console.print(f"serving {cfg.tracking.uri} at http://{args.host}:{args.port} (Ctrl-C stops)")
+    console.print(f"serving {uri} at http://{args.host}:{args.port} (Ctrl-C stops)")
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(f"http://{args.host}:{args.port}")
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner and its workers
     try:
-        return subprocess.call(command)
+        return subprocess.call(command, env=env)
     except KeyboardInterrupt:
         return 0
+
+
+LIVE_JOB = ("PENDING", "RUNNING")  # Ray Job states with a driver to stop
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    """Stop a sweep's running driver when it runs as a Ray Job (by the id its launch run recorded, or
+    the Jobs API's list of the sweep's jobs while one starts); a driver in a local process is named,
+    with how to stop it there."""
+    from orchestrator.compose import sweep_runtime
+    from orchestrator.launch import TAG_RAY_JOB, cluster_options, latest_launch_overrides, tracker_for
+    from orchestrator.tracking import latest_launch_run
+
+    tracker = tracker_for(args.sweep, args.overrides)
+    launched = latest_launch_overrides(tracker, args.sweep) + list(args.overrides)  # never launched: exit 2
+    launch = latest_launch_run(tracker, args.sweep)
+    dashboard = cluster_options(sweep_runtime(args.sweep, launched)[1]).dashboard_address
+    job_id = launch.tags.get(TAG_RAY_JOB) if launch.status == "RUNNING" else None
+    jobs = _sweep_jobs(dashboard, args.sweep, job_id)
+    live = [job for job, status in jobs.items() if status in LIVE_JOB]
+    if live:
+        return _stop_jobs(tracker, args.sweep, launch, dashboard, live)
+    if launch.status != "RUNNING":
+        console.print(f"sweep {args.sweep}: nothing is running (its latest launch, run {launch.run_id}, ended "
+                      f"{launch.status})")
+        return 0
+    if job_id:  # the job ended (killed) and left its launch run RUNNING
+        if job_id not in jobs:
+            raise ConfigError(f"sweep {args.sweep} runs as Ray Job {job_id}, which the Jobs API at {dashboard} does "
+                              "not list: pass cluster.dashboard_address=http://HOST:8265 of its cluster")
+        tracker.finish(launch.run_id, "KILLED")
+        console.print(f"sweep {args.sweep}: Ray Job {job_id} already ended {jobs[job_id]}; its launch run "
+                      f"{launch.run_id} is now marked KILLED; `memsweep resume {args.sweep}` runs what did not finish")
+        return 0
+    console.print(_local_driver_message(args.sweep, launch), soft_wrap=True)
+    return 1
+
+
+def _sweep_jobs(dashboard: str | None, sweep: str, job_id: str | None) -> dict[str, str]:
+    """The sweep's Ray Jobs on `dashboard` (id -> status); none when there is no Jobs API there (a
+    local sweep), unless a job id was recorded: then an unreachable API is a one-line error."""
+    if not dashboard:
+        return {}
+    from orchestrator.scheduler import sweep_jobs
+
+    try:
+        return sweep_jobs(dashboard, sweep)
+    except Exception as err:  # noqa: BLE001 - refused, unreachable or not a Ray dashboard
+        if job_id:
+            raise ConfigError(f"sweep {sweep} runs as Ray Job {job_id}, but the Jobs API at {dashboard} does not "
+                              f"answer ({type(err).__name__}); pass cluster.dashboard_address=http://HOST:8265") from None
+        return {}
+
+
+def _stop_jobs(tracker, sweep: str, launch, dashboard: str, jobs: list[str]) -> int:
+    """Stop each job, wait (at most 60 s) until the Jobs API calls it stopped, and mark the launch run
+    KILLED if its driver was killed before it could do so itself."""
+    from orchestrator.scheduler import job_status, stop_job
+
+    for job in jobs:
+        stop_job(dashboard, job)
+        console.print(f"stopping Ray Job {job} (sweep {sweep}) at {dashboard}")
+    deadline, pending = time.monotonic() + 60, set(jobs)
+    while pending and time.monotonic() < deadline:
+        pending = {job for job in pending if job_status(dashboard, job) in LIVE_JOB}
+        if pending:
+            time.sleep(0.5)
+    if pending:
+        console.print(f"[yellow]Ray Job {', '.join(sorted(pending))} still running 60 s after the stop request")
+        return 1
+    if launch.status == "RUNNING" and tracker.client.get_run(launch.run_id).info.status == "RUNNING":
+        tracker.finish(launch.run_id, "KILLED")
+    console.print(f"stopped; `memsweep resume {sweep}` runs the cells that did not finish")
+    out.print("\n".join(jobs), markup=False, highlight=False)
+    return 0
+
+
+def _local_driver_message(sweep: str, launch) -> str:
+    """Where a RUNNING launch's driver runs when it is not a Ray Job (from the tags it recorded)."""
+    import socket
+
+    from orchestrator.launch import TAG_DRIVER_HOST, TAG_DRIVER_PID
+
+    host, pid = launch.tags.get(TAG_DRIVER_HOST), launch.tags.get(TAG_DRIVER_PID)
+    where = f"in process {pid} on {host}" if host and pid else "in the `memsweep launch` process that started it"
+    if host == socket.gethostname() and pid and not _alive(int(pid)):
+        return (f"sweep {sweep}: its latest launch (run {launch.run_id}) ran {where}, which has ended without "
+                f"closing the run; nothing to stop: `memsweep resume {sweep}` runs what did not finish")
+    return (f"sweep {sweep} is not a Ray Job: its driver runs {where} (run {launch.run_id}); stop it there with "
+            f"Ctrl-C (or `kill -INT {pid or 'PID'}` on {host or 'that machine'}); running cells are marked KILLED and "
+            f"`memsweep resume {sweep}` later runs what did not finish")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _aggregate_summary(result) -> None:
@@ -328,13 +584,46 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="memsweep", description=__doc__.split("\n\n")[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
-    sub = parser.add_subparsers(dest="command", required=True)
+class _Version(argparse.Action):
+    """`--version`: the package version and git commit, computed only when asked (it imports MLflow)."""
 
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from orchestrator.tracking import code_version
+
+        sys.stdout.write(f"memsweep {code_version()}\n")  # on stdout, as argparse's own version action
+        parser.exit(0)
+
+
+OVERRIDES_HELP = "Hydra overrides over conf/, e.g. tracking=server to read another store"
+SWEEP_HELP = "the sweep's name (its experiment in the tracking store), e.g. smoke"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    summary, commands = __doc__.split("\n\n", 1)
+    parser = argparse.ArgumentParser(prog="memsweep", description=summary, epilog=commands,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    parser.add_argument("--version", action=_Version, help="print memsweep's version (and git commit) and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run_and_launch(sub)
+    _add_sweep_commands(sub)
+    _add_analysis(sub)
+    ui = sub.add_parser("ui", help="serve a local tracking store's MLflow UI on 127.0.0.1, or print a server's URL")
+    ui.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    ui.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    ui.add_argument("--port", type=int, default=5000, help="port to serve on (default: 5000)")
+    ui.add_argument("--open", action="store_true", help="also open the address in a web browser")
+    ui.set_defaults(func=cmd_ui)
+    return parser
+
+
+def _add_run_and_launch(sub) -> None:
     run = sub.add_parser("run", help="train, measure and record one cell in this process")
-    run.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=l1_d32 data.num_sequences=400")
+    run.add_argument("overrides", nargs="*", help="Hydra overrides with one value each, e.g. model=l1_d32 "
+                                                  "data.num_sequences=400 (several values: use launch)")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=cmd_run)
 
@@ -347,23 +636,44 @@ def build_parser() -> argparse.ArgumentParser:
                         help="validate here, then run the sweep's driver on the cluster as a Ray Job (cluster=ray)")
     launch.set_defaults(func=cmd_launch)
 
-    status = sub.add_parser("status", help="the cells of a sweep by state, with errors")
-    status.add_argument("sweep")
-    status.add_argument("overrides", nargs="*", help="e.g. tracking=server to read another store")
+
+def _add_sweep_commands(sub) -> None:
+    status = sub.add_parser("status", help="a sweep's cells by state and by axis, with errors and running cells' progress")
+    status.add_argument("sweep", help=SWEEP_HELP)
+    status.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    status.add_argument("--state", metavar="STATE[,STATE]",
+                        help="list only cells in these states (finished, failed, killed, running, pending)")
+    status.add_argument("--cells", action="store_true",
+                        help="list every cell (default: only failed, killed and running ones)")
+    status.add_argument("--json", action="store_true",
+                        help="print the status as JSON (schema memsweep.status/1, docs/cli.md) instead of tables")
     status.set_defaults(func=cmd_status)
 
-    resume = sub.add_parser("resume", help="run the cells of a sweep's latest launch that have not finished")
-    resume.add_argument("sweep")
-    resume.add_argument("overrides", nargs="*")
+    show = sub.add_parser("show", help="print a cell's resolved config (YAML) from the sweep's recorded plan")
+    show.add_argument("sweep", help=SWEEP_HELP)
+    show.add_argument("cell_id", nargs="?", help="the cell's id, or a unique start of it (default: list the ids)")
+    show.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    show.set_defaults(func=cmd_show)
+
+    resume = sub.add_parser("resume", help="run the cells of a sweep's recorded plan that have not finished")
+    resume.add_argument("sweep", help=SWEEP_HELP)
+    resume.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     resume.add_argument("--failed", action="store_true", help="only the cells that FAILED")
     resume.add_argument("--submit", action="store_true", help="run the resumed sweep's driver on the cluster as a Ray Job")
     resume.set_defaults(func=cmd_resume)
 
+    stop = sub.add_parser("stop", help="stop a sweep submitted as a Ray Job (--submit); say where a local one runs")
+    stop.add_argument("sweep", help=SWEEP_HELP)
+    stop.add_argument("overrides", nargs="*", help="overrides, e.g. cluster.dashboard_address=http://HOST:8265")
+    stop.set_defaults(func=cmd_stop)
+
+
+def _add_analysis(sub) -> None:
     for name, what in (("aggregate", "pull every run of a sweep into Parquet tables and fit capacity, alpha, the MIA law"),
                        ("report", "draw a sweep's figures and write a self-contained HTML report")):
         command = sub.add_parser(name, help=what)
-        command.add_argument("sweep")
-        command.add_argument("overrides", nargs="*", help="e.g. tracking=server to read another store")
+        command.add_argument("sweep", help=SWEEP_HELP)
+        command.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
         command.add_argument("--out", metavar="DIR", help="output folder (default: <root_dir>/aggregate/SWEEP/)")
         command.add_argument("--from", dest="from_path", metavar="PATH",
                              help="read a saved cells.parquet (and curves.parquet beside it) instead of the store")
@@ -371,13 +681,6 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--no-plan", action="store_true",
                              help="do not rebuild the latest launch's grid (no PENDING rows; faster for huge grids)")
         command.set_defaults(func=cmd_aggregate if name == "aggregate" else cmd_report)
-
-    ui = sub.add_parser("ui", help="serve the tracking store's dashboard (MLflow) on 127.0.0.1")
-    ui.add_argument("overrides", nargs="*")
-    ui.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
-    ui.add_argument("--port", type=int, default=5000)
-    ui.set_defaults(func=cmd_ui)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -394,9 +697,35 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except ConfigError as err:
+    except ConfigError as err:  # bad input, or a request the cluster can never satisfy
         console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         return 2
+    except Exception as err:  # noqa: BLE001 - Ray, tracking, storage: one line; the traceback in a file
+        if args.verbose:
+            raise
+        console.print(f"[red]error:[/red] {escape(failure_line(err))}; the traceback is in {traceback_file(args)} "
+                      "(-v prints it)", highlight=False, soft_wrap=True)
+        return 1
+
+
+def failure_line(err: BaseException) -> str:
+    """`Type: first line of the message` of an unexpected failure (Ray's and MLflow's run to pages)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else 'no message'}"
+
+
+def traceback_file(args: argparse.Namespace) -> str:
+    """Write the traceback being handled to a log file of its own; returns its path."""
+    import tempfile
+    import traceback
+
+    folder = os.path.join(tempfile.gettempdir(), "memsweep-logs")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{getattr(args, 'command', None) or 'memsweep'}-{time.strftime('%Y%m%d-%H%M%S')}"
+                                f"-{os.getpid()}.log")
+    with open(path, "w") as f:
+        f.write(f"memsweep {' '.join(sys.argv[1:])}\n\n{traceback.format_exc()}")
+    return path
 
 
 if __name__ == "__main__":

@@ -167,16 +167,88 @@ def plan_table(plan, requests: dict, predictions: dict) -> Table:
     return table
 
 
-def status_table(plan) -> Table:
-    """`memsweep status`: each cell's state, with the error of each failed one."""
+STATES = ("FINISHED", "FAILED", "KILLED", "RUNNING", "PENDING")  # a cell's states, in `status`'s column order
+STATE_COLOUR = {"FINISHED": "green", "FAILED": "red", "KILLED": "yellow", "RUNNING": "cyan", "PENDING": "dim"}
+STATUS_SCHEMA = "memsweep.status/1"  # `status --json`'s layout (docs/cli.md); a change of layout bumps it
+
+
+def state_counts(states) -> dict[str, int]:
+    """Cells per state: the five states always (zeros included), then any other MLflow status seen."""
+    counts = dict.fromkeys(STATES, 0)
+    for state in states:
+        counts[state] = counts.get(state, 0) + 1
+    return counts
+
+
+def swept_axes(plan) -> dict[str, list[str]]:
+    """Each grid key whose value differs between the sweep's cells -> its values in first-seen order
+    (a key some cells lack, as after a relaunch added an axis, counts "-" for them)."""
+    chosen = [dict(o.split("=", 1) for o in cell.overrides if "=" in o) for cell in plan.cells]
+    keys = list(dict.fromkeys(k for c in chosen for k in c))
+    values = {k: list(dict.fromkeys(c.get(k, "-") for c in chosen)) for k in keys}
+    return {k: v for k, v in values.items() if len(v) > 1}
+
+
+def axis_counts(plan) -> dict[str, dict[str, dict[str, int]]]:
+    """axis -> value -> cells per state: the summary `status` shows instead of one row per cell."""
+    axes = swept_axes(plan)
+    states = {k: {v: [] for v in values} for k, values in axes.items()}
+    for cell in plan.cells:
+        chosen = dict(o.split("=", 1) for o in cell.overrides if "=" in o)
+        for key in axes:
+            states[key][chosen.get(key, "-")].append(plan.state(cell))
+    return {k: {v: state_counts(s) for v, s in by_value.items()} for k, by_value in states.items()}
+
+
+def axis_table(plan) -> Table:
+    """`memsweep status`: cells per state for each value of each swept axis."""
+    counts = axis_counts(plan)
+    table = Table(title=f"sweep {plan.name}: {len(plan.cells)} cells by axis", title_justify="left")
+    for column in ("axis", "value", *(s.lower() for s in STATES)):
+        table.add_column(column, justify="left" if column in ("axis", "value") else "right")
+    for key, by_value in counts.items():
+        for i, (value, per_state) in enumerate(by_value.items()):
+            table.add_row(key if i == 0 else "", value,
+                          *(f"[{STATE_COLOUR[s]}]{per_state[s]}" if per_state[s] else "[dim]0" for s in STATES))
+    if not counts:  # a one-cell sweep, or a grid of one value per key
+        every = state_counts(plan.state(c) for c in plan.cells)
+        table.add_row("(none varies)", "all", *(str(every[s]) for s in STATES))
+    return table
+
+
+def status_table(plan, cells=None, running: dict | None = None) -> Table:
+    """`memsweep status`: each of `cells` (default: all) with its state and error, and a RUNNING
+    cell's latest step and mem_bits (`running`: cell id -> (step, mem_bits))."""
+    running = running or {}
     table = Table(title=f"sweep {plan.name}", title_justify="left")
-    for column in ("cell id", "state", "run", "error"):
-        table.add_column(column)
-    order = {"FAILED": 0, "KILLED": 1, "RUNNING": 2, "PENDING": 3, "FINISHED": 4}
-    colour = {"FINISHED": "green", "FAILED": "red", "KILLED": "yellow", "RUNNING": "cyan", "PENDING": "dim"}
-    for cell in sorted(plan.cells, key=lambda c: (order.get(plan.state(c), 5), c.cell_id)):
+    for column in ("cell id", "state", "step", "mem_bits", "run", "error"):
+        table.add_column(column, justify="right" if column in ("step", "mem_bits") else "left")
+    order = {state: i for i, state in enumerate(("FAILED", "KILLED", "RUNNING", "PENDING", "FINISHED"))}
+    for cell in sorted(plan.cells if cells is None else cells, key=lambda c: (order.get(plan.state(c), 5), c.cell_id)):
         record = plan.records.get(cell.cell_id)
         state = plan.state(cell)
         error = (record.error or "").splitlines()[0] if record and record.error else ""
-        table.add_row(cell.cell_id, f"[{colour.get(state, 'white')}]{state}", record.run_id if record else "-", escape(error))
+        step, mem = running.get(cell.cell_id, (None, None))
+        table.add_row(cell.cell_id, f"[{STATE_COLOUR.get(state, 'white')}]{state}", "-" if step is None else str(step),
+                      "-" if mem is None else _si(mem), record.run_id if record else "-", escape(error))
     return table
+
+
+def status_document(plan, cells, running: dict, tracking_uri: str, urls: dict, note: str | None) -> dict:
+    """`memsweep status --json` (schema STATUS_SCHEMA, documented in docs/cli.md): the sweep's counts
+    over every cell, by axis, and one entry per cell of `cells` (all, or those `--state` chose).
+    `urls`: "experiment" (the sweep's MLflow page or None), "browse" (where to look) and "runs"
+    (run id -> page)."""
+    entries = []
+    for cell in cells:
+        record = plan.records.get(cell.cell_id)
+        step, mem = running.get(cell.cell_id, (None, None))
+        run_id = record.run_id if record else None
+        entries.append({"cell_id": cell.cell_id, "state": plan.state(cell), "run_id": run_id,
+                        "mlflow_url": urls["runs"].get(run_id), "error": record.error if record else None,
+                        "step": step, "mem_bits": mem, "stale": bool(cell.stale),
+                        "overrides": dict(o.split("=", 1) for o in cell.overrides if "=" in o)})
+    return {"schema": STATUS_SCHEMA, "sweep": plan.name, "tracking_uri": tracking_uri,
+            "mlflow_url": urls["experiment"], "browse": urls["browse"], "total": len(plan.cells),
+            "counts": state_counts(plan.state(c) for c in plan.cells), "axes": axis_counts(plan),
+            "cells": entries, "note": note}

@@ -246,6 +246,21 @@ class _Raw(str):
     """Already-escaped HTML for a table cell."""
 
 
+def _run_links(cells: pa.Table, meta: dict) -> dict[str, str]:
+    """cell id -> its run's page when the sweep was read from a tracking server (none for a local store:
+    its runs have no address until `memsweep ui` serves it)."""
+    from orchestrator.links import run_url
+
+    uri = meta.get("tracking_uri") or ""
+    pairs = zip(cells.column("cell_id").to_pylist(), cells.column("run_id").to_pylist())
+    return {cell_id: url for cell_id, run_id in pairs if (url := run_url(uri, run_id))}
+
+
+def _linked(text: str, url: str | None):
+    """`text` as a link to `url` when there is one (a table cell), else as it is."""
+    return _Raw(f'<a href="{html.escape(url)}">{html.escape(text)}</a>') if url else text
+
+
 def _configuration(cells: pa.Table, meta: dict) -> str:
     parts = []
     overrides = meta.get("launch_overrides")
@@ -270,6 +285,14 @@ def _configuration(cells: pa.Table, meta: dict) -> str:
     parts.append("<details><summary>Fixed configuration (the same in every cell)</summary>"
                  + _table(["key", "type", "value"], constant) + "</details>")
     return "\n".join(parts)
+
+
+def _cell_index(cells: pa.Table, links: dict[str, str]) -> str:
+    """Every cell id as a link to its MLflow run (only when read from a tracking server)."""
+    if not links:
+        return ""
+    items = ", ".join(_linked(c, links[c]) for c in cells.column("cell_id").to_pylist() if c in links)
+    return f"<h2>Runs in MLflow</h2><p>{items}</p>"
 
 
 def _lower_bound_reason(c: dict) -> str:
@@ -322,7 +345,7 @@ def _alpha_table(fits: dict) -> str:
     return "\n".join(parts)
 
 
-def _prediction_table(fits: dict) -> str:
+def _prediction_table(fits: dict, links: dict[str, str]) -> str:
     prediction = fits["prediction"]
     summary = prediction["summary"]
     parts = ["<h2>Measured against predicted memorization</h2>"]
@@ -339,14 +362,14 @@ def _prediction_table(fits: dict) -> str:
                   + ")</summary>")
                  + _table(["cell", "precision", "alpha", "params", "H(X) (bits)", "H(X)/(alpha params)",
                            "measured (bits)", "predicted (bits)", "error (%)"],
-                          [[r["cell_id"], r["precision"], r["alpha"], r["params"], r["entropy_bits"],
+                          [[_linked(r["cell_id"], links.get(r["cell_id"])), r["precision"], r["alpha"], r["params"], r["entropy_bits"],
                             r["capacity_ratio"], r["mem_bits"], r["predicted_mem_bits"], 100 * r["error"]]
                            for r in worst]) + "</details>")
     return "\n".join(parts)
 
 
-def _fits_tables(fits: dict) -> str:
-    return "\n".join((_capacity_table(fits), _alpha_table(fits), _prediction_table(fits)))
+def _fits_tables(fits: dict, links: dict[str, str]) -> str:
+    return "\n".join((_capacity_table(fits), _alpha_table(fits), _prediction_table(fits, links)))
 
 
 def _mia_rows(kind: str, attack: str, entry: dict, published: dict) -> list[list]:
@@ -407,7 +430,7 @@ def _skipped_fits(fits: dict) -> str:
             + html.escape("; ".join(reasons) or "no synthetic cells") + ".</p>")
 
 
-def _problem_cells(cells: pa.Table) -> str:
+def _problem_cells(cells: pa.Table, links: dict[str, str]) -> str:
     rows = []
     columns = {c: cells.column(c).to_pylist() for c in ("cell_id", "status", "run_id", "error")}
     for cell_id, status, run_id, error in zip(*columns.values()):
@@ -415,7 +438,7 @@ def _problem_cells(cells: pa.Table) -> str:
             first = (error or "").strip().splitlines()[0] if error else ""
             detail = (f"<details><summary>{html.escape(first[:300])}</summary><pre>{html.escape(error)}</pre>"
                       "</details>") if error else ""
-            rows.append([cell_id, status, run_id, _Raw(detail)])
+            rows.append([_linked(cell_id, links.get(cell_id)), status, run_id, _Raw(detail)])
     if not rows:
         return "<h2>Failed and unfinished cells</h2><p>None: every cell FINISHED.</p>"
     return (f"<h2>Failed and unfinished cells ({len(rows)})</h2>"
@@ -444,6 +467,7 @@ def render_html(sweep: str, cells: pa.Table, fits: dict, pngs: dict[str, bytes],
         f'{base64.b64encode(pngs[name]).decode()}"><figcaption>{html.escape(caption)}</figcaption></figure>'
         for name, caption in FIGURES + TEXT_FIGURES if name in pngs)
     synthetic, text = figure_kinds(cells)
+    links = _run_links(cells, meta)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>memsweep report: {html.escape(sweep)}</title>
 <style>{STYLE}</style></head><body>
@@ -455,12 +479,13 @@ report written {html.escape(time.strftime('%Y-%m-%dT%H:%M:%S%z'))}. Code version
 {f'<ul class="notes">{notes}</ul>' if notes else ''}
 <h2>Figures</h2>
 {figures}
-{_fits_tables(fits) if synthetic else _skipped_fits(fits)}
+{_fits_tables(fits, links) if synthetic else _skipped_fits(fits)}
 {_mia_tables(fits)}
 {_text_tables(fits) if text else ''}
-{_problem_cells(cells)}
+{_problem_cells(cells, links)}
 <h2>Configuration</h2>
 {_configuration(cells, meta)}
+{_cell_index(cells, links)}
 <p style="font-size:0.85em;color:#555">Reference points and laws: Morris et al., "How much do language models
 memorize?" (arXiv 2505.24832, v3). Definitions of every number: docs/science.md in the memsweep repository.</p>
 </body></html>

@@ -65,7 +65,7 @@ def cell_runs(stack, experiment: str = "smoke") -> dict[str, list]:
     runs = stack.client.search_runs([exp.experiment_id], "tags.`memsweep.kind` = 'cell'", max_results=1000)
     grouped: dict[str, list] = {}
     for run in runs:
-        grouped.setdefault(run.data.tags["cell_id"], []).append(run)
+        grouped.setdefault(run.data.tags["memsweep.cell_id"], []).append(run)
     return grouped
 
 
@@ -166,7 +166,7 @@ def test_worker_lost_then_resume_while_the_tracking_server_restarts(stack):
         grouped = cell_runs(stack)
         running = [r[0] for c, r in grouped.items() if c not in before and r[0].info.status == "RUNNING" and r[0].data.tags.get("ray.node_id")]
         keys = stack.s3.keys("memsweep", "checkpoints/")
-        with_checkpoint = [r for r in running if any(k.startswith(f"checkpoints/{r.data.tags['cell_id']}/step-")
+        with_checkpoint = [r for r in running if any(k.startswith(f"checkpoints/{r.data.tags['memsweep.cell_id']}/step-")
                                                      and k.endswith("COMPLETE") for k in keys)]
         return with_checkpoint if len({r.data.tags["ray.node_id"] for r in with_checkpoint}) == 2 else None
 
@@ -180,7 +180,7 @@ def test_worker_lost_then_resume_while_the_tracking_server_restarts(stack):
     grouped = {c: r for c, r in cell_runs(stack).items() if c not in before}
     assert len(grouped) == 4
     lost = {c for c, r in grouped.items() if r[0].info.status == "FAILED"}
-    assert lost and {r.data.tags["cell_id"] for r in victims_runs} & lost
+    assert lost and {r.data.tags["memsweep.cell_id"] for r in victims_runs} & lost
 
     # resume from here as a driver on the cluster (one worker left) ...
     resume = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "resume", "smoke", "tracking=server",
@@ -207,3 +207,32 @@ def test_worker_lost_then_resume_while_the_tracking_server_restarts(stack):
     every = cell_runs(stack)  # this launch's 4 cells and those of the stack's earlier smoke launches
     assert f"{len(every)} cells: finished {len(every)}" in status.stderr, status.stderr
     assert "note:" not in status.stderr, "no id changed since these launches"
+
+
+def test_stop_ends_a_submitted_sweep_by_its_recorded_job_id(stack):
+    # One long cell (far past its capacity: it cannot converge early) so the Job is still running.
+    long = [o for o in TINY if not o.startswith(("train.max_steps", "train.eval_interval", "train.checkpoint"))]
+    long += ["seed=30", "data.num_sequences=1024", "train.max_steps=200000", "train.eval_interval=5000",
+             "train.checkpoint_interval=5000"]
+    submitted = memsweep(stack, "launch", "sweep=smoke", *stack.common, *long, "--submit")
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().splitlines()[-1]
+    assert "memsweep stop smoke" in submitted.stderr
+
+    def launch_run():  # the Job's driver creates the sweep's experiment (on a first launch) and its launch run
+        experiments = [e.experiment_id for e in stack.client.search_experiments()]
+        return stack.client.search_runs(experiments, f"tags.`memsweep.ray_job_id` = '{job_id}'")
+
+    launch = wait_for(launch_run, 180, "the Job's launch run to record its job id", 1.0)[0]
+
+    stopped = memsweep(stack, "stop", "smoke", *stack.common)
+    assert stopped.returncode == 0, stopped.stderr
+    assert stopped.stdout.split() == [job_id] and f"stopping Ray Job {job_id}" in stopped.stderr
+    from ray.job_submission import JobSubmissionClient
+
+    assert str(JobSubmissionClient(stack.ray.dashboard_address).get_job_status(job_id).value) == "STOPPED"
+    assert stack.client.get_run(launch.info.run_id).info.status == "KILLED"
+    logs = JobSubmissionClient(stack.ray.dashboard_address).get_job_logs(job_id)
+    assert f"MLflow: {stack.mlflow.uri}" in logs, logs[-2000:]  # where to follow it, printed by the driver
+    again = memsweep(stack, "stop", "smoke", *stack.common)
+    assert again.returncode == 0 and "nothing is running" in again.stderr, again.stderr
