@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import itertools
 import os
+import types
 import typing
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -276,12 +277,23 @@ def typed_options(cls, node, section: str):
 
 def _coerce(value, kind, where: str):
     """Check (and losslessly convert) a config value against a field's type: int, float, str, bool,
-    or `X | None`."""
-    args = typing.get_args(kind)
+    `X | None`, or a union of these (`bool | str`: the first that takes the value)."""
+    if typing.get_origin(kind) not in (typing.Union, types.UnionType):
+        args = (kind,)
+    else:
+        args = typing.get_args(kind)
     if type(None) in args:  # Optional[X]
         if value is None:
             return None
-        kind = next(a for a in args if a is not type(None))
+        args = tuple(a for a in args if a is not type(None))
+    if len(args) > 1:
+        for option in args:
+            try:
+                return _coerce(value, option, where)
+            except SpecError:
+                pass
+        raise SpecError(f"{where}={value!r} must be {' or '.join(a.__name__ for a in args)}")
+    kind = args[0]
     if kind is bool and isinstance(value, bool):
         return value
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -99,15 +99,42 @@ def pending_references(plan: Plan, cells: list[Cell]) -> list[Cell]:
 
 def run_plan(plan: Plan, cells: list[Cell], *, force: bool = False, display=None) -> list:
     """Run `cells` of `plan`, and the reference cells they need that have not finished, on Ray under a
-    new parent run; returns their outcomes (references included)."""
-    from orchestrator.console import SweepProgress
-    from orchestrator.scheduler import ray_cluster, run_cells
+    new parent run; returns their outcomes (references included). The cluster makes room for the cells
+    first (an autoscaler brings up the first wave): a request no node can ever hold is refused before
+    any run exists."""
+    from orchestrator.console import SweepProgress, console
+    from orchestrator.scheduler import prepare, ray_cluster, run_cells
 
+    to_run = pending_references(plan, cells) + list(cells)
+    with ray_cluster(plan.cluster):
+        tasks = prepare(to_run, plan.cluster, plan.pack, say=lambda line: console.print(line, highlight=False))
+        parent = _start_launch(plan, cells, force)
+        outcomes, status = [], "FAILED"
+        try:
+            with (display or SweepProgress(len(to_run))) as shown:
+                outcomes = run_cells(to_run, cluster=plan.cluster, tracker=plan.tracker,
+                                     parent_run_id=parent, display=shown, pack=plan.pack, tasks=tasks)
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            done = sum(o.status == "FINISHED" for o in outcomes)
+            plan.tracker.log_metrics(parent, [("cells_finished", done, 0),
+                                              ("cells_failed", len(outcomes) - done, 0)])
+            plan.tracker.finish(parent, status)
+    return outcomes
+
+
+def _start_launch(plan: Plan, cells: list[Cell], force: bool) -> str:
+    """The launch's parent run, with the plan recorded on it before any cell runs (a driver killed
+    from here on leaves a plan `resume` reads); cells rerun with --force are superseded."""
     experiment = cells[0].options.experiment if cells else plan.name
     parent = plan.tracker.start_launch(experiment, plan.name, {"overrides": " ".join(plan.overrides),
                                                                 "num_cells": len(plan.cells),
-                                                                "num_submitted": len(cells)})
-    plan.tracker.set_tags(parent, {TAG_OVERRIDES: json.dumps([redact(o) for o in plan.overrides])})
+                                                                "num_submitted": len(cells)},
+                                       description=sweep_description(plan))
+    plan.tracker.set_tags(parent, {TAG_OVERRIDES: json.dumps([redact(o) for o in plan.overrides]), **driver_tags()})
     if plan.recorded is None:  # a plan composed now (resume runs cells already recorded)
         record_plan(plan.tracker, parent, plan.cells)  # before any cell runs: a driver killed now leaves it
     if force:
@@ -115,22 +142,36 @@ def run_plan(plan: Plan, cells: list[Cell], *, force: bool = False, display=None
             record = plan.records.get(cell.cell_id)
             if record and record.status == "FINISHED":
                 plan.tracker.supersede(record.run_id, f"rerun with --force under launch {parent}")
-    to_run = pending_references(plan, cells) + list(cells)
-    outcomes, status = [], "FAILED"
-    try:
-        with ray_cluster(plan.cluster), (display or SweepProgress(len(to_run))) as shown:
-            outcomes = run_cells(to_run, cluster=plan.cluster, tracker=plan.tracker,
-                                 parent_run_id=parent, display=shown, pack=plan.pack)
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        done = sum(o.status == "FINISHED" for o in outcomes)
-        plan.tracker.log_metrics(parent, [("cells_finished", done, 0),
-                                          ("cells_failed", len(outcomes) - done, 0)])
-        plan.tracker.finish(parent, status)
-    return outcomes
+    return parent
+
+
+TAG_DRIVER_HOST, TAG_DRIVER_PID = "memsweep.driver.host", "memsweep.driver.pid"
+TAG_RAY_JOB = "memsweep.ray_job_id"  # on a launch run whose driver runs as a Ray Job (`--submit`)
+
+
+def driver_tags() -> dict[str, str]:
+    """Where this launch's driver runs, for `memsweep stop`: its host and process id, and the Ray Job's
+    submission id when it was submitted as one (Ray hands a Job's driver its metadata in this variable,
+    read here as a plain string so Ray stays in scheduler.py)."""
+    import os
+    import socket
+
+    tags = {TAG_DRIVER_HOST: socket.gethostname(), TAG_DRIVER_PID: str(os.getpid())}
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("metadata") or {}
+    if job.get("job_submission_id"):
+        tags[TAG_RAY_JOB] = job["job_submission_id"]
+    return tags
+
+
+def sweep_description(plan: Plan) -> str:
+    """The experiment's description in MLflow's UI (rewritten by each launch)."""
+    overrides = " ".join(redact(o) for o in plan.overrides)
+    return (f"memsweep sweep `{plan.name}`: {len(plan.cells)} cells (`memsweep launch {overrides}`, the "
+            "latest launch's overrides). The latest launch run is the root of the sweep's tree: every "
+            "earlier launch run hangs under the next one, and each cell's run under the launch that last "
+            "ran it. A cell's params are the values that change its numbers; its config.yaml artifact and "
+            f"memsweep.reproduce tag give the `memsweep run` line that reproduces it. Text cells' reference "
+            f"models are in the experiment {REFERENCE_EXPERIMENT}.")
 
 
 def latest_launch_overrides(tracker: Tracker, sweep: str) -> list[str]:

@@ -32,15 +32,23 @@ class ClusterOptions:
     gpu_memory_gb: float = 80.0  # memory of one GPU, for the fractional requests
     max_cells_per_gpu: int = 16
     max_retries: int = 3  # retries of a cell whose worker or node died (not of a cell that raised)
-    use_gpus: bool = True  # False keeps cells on CPUs even where the cluster has GPUs
+    use_gpus: bool | str = "auto"  # true: cells request GPUs; false: CPUs; auto: GPUs if a live node has one
     dashboard_address: str | None = None  # the Ray Jobs API (http://HOST:8265) for `launch --submit`
     job_env: str = ""  # comma-separated names of variables `--submit` copies into the Job's environment
+    scale_timeout_s: float = 600.0  # how long a launch waits for an autoscaling cluster to offer its first wave
+    scale_first_wave: int = 16  # tasks whose resources the driver asks the autoscaler for before submitting
 
     def __post_init__(self) -> None:
         if self.kind not in ("local", "ray"):
             raise SpecError(f"cluster.kind={self.kind!r} must be 'local' or 'ray'")
         if self.kind == "ray" and not self.address:
             raise SpecError("cluster.address is required with cluster=ray (or set RAY_ADDRESS)")
+        if self.use_gpus not in (True, False, "auto"):
+            raise SpecError(f"cluster.use_gpus={self.use_gpus!r} must be true, false or auto")
+        if not self.scale_timeout_s >= 0:
+            raise SpecError(f"cluster.scale_timeout_s={self.scale_timeout_s} must be >= 0")
+        if self.scale_first_wave < 1:
+            raise SpecError(f"cluster.scale_first_wave={self.scale_first_wave} must be >= 1")
         if not self.cpus_per_cell > 0:
             raise SpecError(f"cluster.cpus_per_cell={self.cpus_per_cell} must be positive")
         if not self.gpu_memory_gb > 0:

@@ -14,14 +14,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 from contextlib import contextmanager
-from typing import Iterable, Protocol
+from dataclasses import dataclass
+from typing import Callable, Iterable, Protocol
 
 import ray
 from ray.exceptions import RayError
 
 from models.spec import Cell
+from orchestrator.compose import ConfigError
 from orchestrator.corpus import REFERENCE_EXPERIMENT
 from orchestrator.resources import (
     ClusterOptions,
@@ -37,8 +40,9 @@ log = logging.getLogger(__name__)
 CANCEL_GRACE_S = 30.0
 
 
-class SchedulingError(RuntimeError):
-    """The cluster cannot run a cell at all (a request no node can satisfy)."""
+class SchedulingError(ConfigError):
+    """The cluster cannot run a cell at all (a request no node, or no node type, can satisfy): refused
+    like a bad configuration, in one line with exit 2, before any run exists."""
 
 
 class SweepDisplay(Protocol):
@@ -97,6 +101,7 @@ def ray_cluster(cluster: ClusterOptions):
             _node_ip_address="127.0.0.1",
         )
     else:
+        _check_reachable(cluster.address)
         extra = {"_node_ip_address": "127.0.0.1"} if _is_loopback(cluster.address) else {}
         # Cells run on other machines, which do not see this shell's environment: hand them the
         # tracking and storage variables (cluster.job_env) as the job's runtime env, as --submit does.
@@ -111,21 +116,183 @@ def ray_cluster(cluster: ClusterOptions):
         ray.shutdown()
 
 
+def _check_reachable(address: str | None, timeout_s: float = 10.0) -> None:
+    """Refuse in one line an address nothing answers at: `ray.init` would retry it for minutes. Only
+    a plain HOST:PORT is checked (`auto` and `ray://` addresses Ray resolves and reports itself)."""
+    if not address or address == "auto" or "://" in address or ":" not in address:
+        return
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+            return
+        except (OSError, ValueError) as err:
+            if time.monotonic() > deadline or isinstance(err, ValueError):
+                raise SchedulingError(f"cluster.address={address}: no Ray cluster answers there "
+                                      f"({type(err).__name__}: {err})") from None
+            time.sleep(1.0)
+
+
 def cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def check_feasible(requests: dict[str, dict]) -> None:
-    """Refuse before submitting anything when some cell's request fits no alive node (Ray would
-    otherwise queue it forever)."""
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    key = {"num_cpus": "CPU", "num_gpus": "GPU", "memory": "memory"}
-    for cell_id, request in requests.items():
-        if not any(all(node.get(key[k], 0) >= v for k, v in request.items()) for node in nodes):
+def trains_on_gpus(cluster: ClusterOptions) -> bool:
+    """Whether cells request GPUs: as the cluster options say (`use_gpus: true|false`), or, with
+    `auto`, whether a node alive now offers one. An autoscaling cluster whose GPU nodes start at zero
+    needs `true` (conf/cluster/ray_gpu.yaml): at launch no node has a GPU yet."""
+    if cluster.use_gpus == "auto":
+        return cluster_has_gpus()
+    return bool(cluster.use_gpus)
+
+
+# -- Making room: the first wave's nodes, from the autoscaler if the cluster has one ------------------
+RAY_KEYS = {"num_cpus": "CPU", "num_gpus": "GPU", "memory": "memory"}
+IDLE_UPDATES = 3  # autoscaler updates that see the request, launch nothing, and leave it unmet: never
+PROGRESS_EVERY_S = 10.0
+
+
+def bundle(request: dict) -> dict[str, float]:
+    """A task's request (`num_cpus`, `num_gpus`, `memory`) as a resource bundle (`CPU`, `GPU`, ...)."""
+    return {RAY_KEYS[k]: v for k, v in request.items() if v}
+
+
+def _fits(shape: dict[str, float], node: dict[str, float]) -> bool:
+    return all(node.get(k, 0) >= v for k, v in shape.items())
+
+
+def unmet(bundles: list[dict], nodes: list[dict]) -> list[dict]:
+    """The distinct shapes among `bundles` that no node in `nodes` (their total resources) can hold."""
+    shapes = {json.dumps(b, sort_keys=True): b for b in bundles}
+    return [b for b in shapes.values() if not any(_fits(b, node) for node in nodes)]
+
+
+def _alive_nodes() -> list[dict]:
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
+@dataclass
+class AutoscalerView:
+    """What the cluster's autoscaler last reported: when (`updated`, an opaque marker that changes with
+    each of its updates), whether it saw the driver's request, and which nodes it is bringing up."""
+
+    updated: object
+    sees_request: bool
+    launching: dict[str, int]
+    failed: int
+
+    def describe(self) -> str:
+        launching = ", ".join(f"{n} x{t}" for t, n in self.launching.items())
+        return (f"autoscaler: launching {launching}" if launching else "autoscaler: launching nothing") + (
+            f", {self.failed} node(s) failed to start" if self.failed else "")
+
+
+def autoscaler_view() -> AutoscalerView | None:
+    """The autoscaler's last report, or None on a cluster without one (a fixed set of nodes). Ray's
+    autoscaler v1 (cluster launcher, fake_multinode) publishes a JSON status in the GCS's KV store;
+    v2 (KubeRay) answers `get_cluster_status`."""
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    if _internal_kv_get("__autoscaler_v2_enabled") == b"1":
+        return _autoscaler_v2_view()
+    raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    if not raw:
+        return None
+    status = json.loads(raw)
+    report = status.get("autoscaler_report") or {}
+    launching = dict(report.get("pending_launches") or {})
+    for _, node_type, _ in report.get("pending_nodes") or []:
+        launching[node_type] = launching.get(node_type, 0) + 1
+    demand = (status.get("load_metrics_report") or {}).get("request_demand") or []
+    return AutoscalerView(status.get("time"), bool(demand), launching, len(report.get("failed_nodes") or []))
+
+
+def _autoscaler_v2_view() -> AutoscalerView:
+    from ray.autoscaler.v2.sdk import get_cluster_status
+
+    status = get_cluster_status(ray.get_runtime_context().gcs_address)
+    launching: dict[str, int] = {}
+    for launch in status.pending_launches:
+        launching[launch.ray_node_type_name] = launching.get(launch.ray_node_type_name, 0) + launch.count
+    for node in status.pending_nodes:
+        launching[node.ray_node_type_name] = launching.get(node.ray_node_type_name, 0) + 1
+    return AutoscalerView(status.stats.autoscaler_version, bool(status.resource_demands.cluster_constraint_demand),
+                          launching, len(status.failed_launches))
+
+
+def _shape(shape: dict) -> str:
+    return "{" + ", ".join(f"{k}: {_amount(k, v)}" for k, v in sorted(shape.items())) + "}"
+
+
+def _amount(key: str, value: float) -> str:
+    return f"{value / 2**30:.2f} GiB" if key == "memory" else f"{value:g}"
+
+
+def make_room(bundles: list[dict], timeout_s: float, say: Callable[[str], None] = log.info) -> bool:
+    """Return once every shape among `bundles` fits some node of the cluster; True when the autoscaler
+    was asked for them (the caller withdraws the request with `release_room` once its tasks are
+    submitted: from then on their own demand keeps the nodes).
+
+    A cluster without an autoscaler fails at once on a shape no node holds (Ray would queue its task
+    forever). With one, the driver asks for `bundles` (`request_resources`) and waits up to
+    `timeout_s`, saying what it waits for; it fails early when the autoscaler has seen the request
+    for IDLE_UPDATES updates and launches nothing: no node type offers the shape (or the cluster is at
+    max_workers with other types)."""
+    missing = unmet(bundles, _alive_nodes())
+    if not missing:
+        return False
+    view = autoscaler_view()
+    if view is None:
+        raise SchedulingError(f"a cell requests {_shape(missing[0])}, which no node of the cluster can provide, "
+                              f"and the cluster has no autoscaler (nodes: {_nodes_summary()})")
+    from ray.autoscaler.sdk import request_resources
+
+    # CPUs and GPUs only: not every provider tells its autoscaler a node type's memory (Ray's
+    # fake_multinode cannot), and one that does not would judge every bundle with memory infeasible.
+    # Memory is still checked, against the nodes that come up.
+    request_resources(bundles=[{k: v for k, v in b.items() if k != "memory"} for b in bundles])
+    try:
+        _wait_for_room(bundles, view, timeout_s, say)
+    except BaseException:
+        release_room()
+        raise
+    return True
+
+
+def _wait_for_room(bundles: list[dict], view: AutoscalerView, timeout_s: float, say) -> None:
+    started, said_at, seen, idle = time.monotonic(), float("-inf"), view.updated, 0
+    while missing := unmet(bundles, _alive_nodes()):
+        view = autoscaler_view() or view
+        if view.updated != seen:
+            seen = view.updated
+            idle = idle + 1 if view.sees_request and not view.launching else 0
+        waited = time.monotonic() - started
+        if idle >= IDLE_UPDATES:
             raise SchedulingError(
-                f"cell {cell_id} requests {request}, which no node of the cluster can provide "
-                f"(nodes: {[{k: node.get(k, 0) for k in ('CPU', 'GPU', 'memory')} for node in nodes]})"
-            )
+                f"no node type of the cluster can provide {_shape(missing[0])}: the autoscaler saw the "
+                f"request for {idle} updates and launched nothing (nodes: {_nodes_summary()})")
+        if waited > timeout_s:
+            raise SchedulingError(f"waited {waited:.0f} s (cluster.scale_timeout_s) for a node that can "
+                                  f"provide {_shape(missing[0])}; {view.describe()}")
+        if time.monotonic() - said_at >= PROGRESS_EVERY_S:
+            said_at = time.monotonic()
+            say(f"waiting for the cluster to offer {', '.join(map(_shape, missing))} "
+                f"({waited:.0f} s of {timeout_s:.0f}); {view.describe()}")
+        time.sleep(1.0)
+
+
+def release_room() -> None:
+    """Withdraw the driver's standing request to the autoscaler (an empty request replaces it)."""
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[])
+
+
+def _nodes_summary() -> str:
+    nodes = _alive_nodes()
+    return ", ".join(_shape({k: n.get(k, 0) for k in ("CPU", "GPU")}) for n in nodes) or "none"
 
 
 @ray.remote
@@ -153,10 +320,10 @@ def _pack_task(cells: list[Cell], parent_run_id: str | None, num_threads: int) -
 
 
 def _where() -> dict[str, str]:
-    """Tags saying where a task ran: node, attempt, worker process, and what Ray granted it (GPU ids
+    """Tags saying where a task ran: node, task (the attempt number is memsweep.attempt), worker process, and what Ray granted it (GPU ids
     and the fraction of a GPU shared with other tasks)."""
     context = ray.get_runtime_context()
-    where = {"ray.node_id": context.get_node_id(), "ray.task_attempt": str(context.get_task_id()),
+    where = {"ray.node_id": context.get_node_id(), "ray.task_id": str(context.get_task_id()),
              "ray.worker_pid": str(os.getpid()),
              "ray.resources": json.dumps(context.get_assigned_resources(), sort_keys=True)}
     gpus = context.get_accelerator_ids().get("GPU") or []
@@ -173,6 +340,44 @@ def _slots(cluster: ClusterOptions, on_gpu: bool) -> int:
     return max(1, int(resources.get("CPU", 1) // cluster.cpus_per_cell))
 
 
+@dataclass
+class Tasks:
+    """A sweep's cells as the Ray tasks the driver will submit, in submission order: packs of cells
+    (most of one cell) and each pack's request (keyed by its first cell's id)."""
+
+    packs: list[list[Cell]]
+    requests: dict[str, dict]
+    on_gpu: bool
+    asked_autoscaler: bool = False  # set by `prepare`: the request to withdraw once tasks are submitted
+
+    def first_wave(self, size: int) -> list[dict]:
+        """Resource bundles of the first `size` tasks, plus one of every other shape (so that a shape
+        no node type offers is found before anything is submitted, not when its turn comes)."""
+        bundles = [bundle(self.requests[p[0].cell_id]) for p in self.packs]
+        return bundles[:size] + unmet(bundles[size:], bundles[:size])
+
+
+def plan_tasks(cells: list[Cell], cluster: ClusterOptions, pack: PackOptions | None = None) -> Tasks:
+    """Group `cells` into tasks and size each: packs of compatible cells (`pack`), GPU fractions when
+    cells train on GPUs (`trains_on_gpus`), CPUs and memory otherwise."""
+    on_gpu = trains_on_gpus(cluster)
+    requests = {c.cell_id: request_for(c.spec, cluster, on_gpu, c.options.eval_batch_size) for c in cells}
+    packs = [[cells[i] for i in group] for group in plan_packs(
+        [c.spec for c in cells], pack or PackOptions(enabled=False), _slots(cluster, on_gpu),
+        cells[0].options.eval_batch_size if cells else 1024, on_gpu=on_gpu)]
+    packs = largest_first(packs)  # references first, then the longest: Ray starts tasks in this order
+    return Tasks(packs, {p[0].cell_id: pack_request([requests[c.cell_id] for c in p]) for p in packs}, on_gpu)
+
+
+def prepare(cells: list[Cell], cluster: ClusterOptions, pack: PackOptions | None = None,
+            say: Callable[[str], None] = log.info) -> Tasks:
+    """The tasks of `cells`, once the cluster has room for them (`make_room`): before anything is
+    recorded, so that a request no node can ever hold is refused without leaving a run behind."""
+    tasks = plan_tasks(cells, cluster, pack)
+    tasks.asked_autoscaler = make_room(tasks.first_wave(cluster.scale_first_wave), cluster.scale_timeout_s, say)
+    return tasks
+
+
 def run_cells(
     cells: Iterable[Cell],
     *,
@@ -181,45 +386,22 @@ def run_cells(
     parent_run_id: str | None,
     display: SweepDisplay,
     pack: PackOptions | None = None,
+    tasks: Tasks | None = None,
 ) -> list[CellOutcome]:
     """Run `cells` on the connected Ray cluster; returns one outcome per cell, in completion order.
     Compatible cells are grouped into packs (`pack`); a pack is one task with the summed request.
+    `tasks`: what `prepare` made of `cells` (prepared here when not given).
 
     A text cell whose reference cell is among `cells` depends on it through Ray: the reference's task is
     submitted first and its ObjectRef is an argument of each dependent task, so Ray starts dependents
     only after the reference finished (no polling). A reference not among `cells` has finished before;
     dependents load it from its checkpoint."""
-    cells = list(cells)
-    on_gpu = cluster.use_gpus and cluster_has_gpus()
-    requests = {c.cell_id: request_for(c.spec, cluster, on_gpu, c.options.eval_batch_size) for c in cells}
-    packs = [[cells[i] for i in group] for group in plan_packs(
-        [c.spec for c in cells], pack or PackOptions(enabled=False), _slots(cluster, on_gpu),
-        cells[0].options.eval_batch_size if cells else 1024, on_gpu=on_gpu)]
-    packs = largest_first(packs)  # references first, then the longest: Ray starts tasks in this order
-    pack_requests = {p[0].cell_id: pack_request([requests[c.cell_id] for c in p]) for p in packs}
-    check_feasible(pack_requests)
-    cpus_per_cell = cluster.cpus_per_cell
-    by_ref, task_of = {}, {}  # ObjectRef -> its cells; cell id -> ObjectRef of its task
-    for group in packs:
-        # SPREAD: cells are independent and compute-bound, so balance them over nodes rather than
-        # packing the first node (Ray's default); fractional GPU requests still pack within a node.
-        options = dict(pack_requests[group[0].cell_id], max_retries=cluster.max_retries, retry_exceptions=False,
-                       scheduling_strategy="SPREAD")
-        if len(group) == 1:
-            task = _cell_task.options(name=f"cell:{group[0].spec.slug}", **options)
-        else:
-            task = _pack_task.options(name=f"pack:{group[0].spec.slug}+{len(group) - 1}", **options)
-        if len(group) == 1:
-            reference = group[0].spec.reference
-            # A reference cell lives in its own experiment (shared by sweeps): not a child of this launch.
-            parent = None if group[0].options.experiment == REFERENCE_EXPERIMENT else parent_run_id
-            ref = task.remote(group[0], parent, int(cpus_per_cell),
-                              task_of.get(reference.cell_id) if reference is not None else None)
-        else:
-            ref = task.remote(group, parent_run_id, int(cpus_per_cell))
-        by_ref[ref] = group
-        task_of.update({c.cell_id: ref for c in group})
-
+    tasks = tasks or prepare(list(cells), cluster, pack)
+    try:
+        by_ref = _submit(tasks, cluster, parent_run_id)
+    finally:
+        if tasks.asked_autoscaler:
+            release_room()  # the submitted tasks' own demand keeps the nodes from here on
     pending, outcomes, failed, start = list(by_ref), [], 0, time.monotonic()
     try:
         while pending:
@@ -230,12 +412,35 @@ def run_cells(
                     outcomes.append(outcome)
                     display.cell_done(outcome, time.monotonic() - start)
             unfinished = sum(len(by_ref[r]) for r in pending)
-            display.update(len(outcomes) - failed, failed, _running_estimate(unfinished, on_gpu, cpus_per_cell),
-                           unfinished)
+            display.update(len(outcomes) - failed, failed,
+                           _running_estimate(unfinished, tasks.on_gpu, cluster.cpus_per_cell), unfinished)
     except KeyboardInterrupt:
         _cancel(pending, [c for r in pending for c in by_ref[r]], tracker)
         raise
     return outcomes
+
+
+def _submit(tasks: Tasks, cluster: ClusterOptions, parent_run_id: str | None) -> dict:
+    """Submit every task; returns ObjectRef -> its cells."""
+    cpus_per_cell = int(cluster.cpus_per_cell)
+    by_ref, task_of = {}, {}  # ObjectRef -> its cells; cell id -> ObjectRef of its task
+    for group in tasks.packs:
+        # SPREAD: cells are independent and compute-bound, so balance them over nodes rather than
+        # packing the first node (Ray's default); fractional GPU requests still pack within a node.
+        options = dict(tasks.requests[group[0].cell_id], max_retries=cluster.max_retries, retry_exceptions=False,
+                       scheduling_strategy="SPREAD")
+        if len(group) == 1:
+            reference = group[0].spec.reference
+            # A reference cell lives in its own experiment (shared by sweeps): not a child of this launch.
+            parent = None if group[0].options.experiment == REFERENCE_EXPERIMENT else parent_run_id
+            ref = _cell_task.options(name=f"cell:{group[0].spec.slug}", **options).remote(
+                group[0], parent, cpus_per_cell, task_of.get(reference.cell_id) if reference is not None else None)
+        else:
+            ref = _pack_task.options(name=f"pack:{group[0].spec.slug}+{len(group) - 1}", **options).remote(
+                group, parent_run_id, cpus_per_cell)
+        by_ref[ref] = group
+        task_of.update({c.cell_id: ref for c in group})
+    return by_ref
 
 
 def _collect(ref, cells: list[Cell], tracker: Tracker) -> list[CellOutcome]:
@@ -321,3 +526,18 @@ def job_logs(dashboard_address: str, job_id: str) -> str:
     from ray.job_submission import JobSubmissionClient
 
     return JobSubmissionClient(dashboard_address).get_job_logs(job_id)
+
+
+def stop_job(dashboard_address: str, job_id: str) -> bool:
+    """Ask the Jobs API to stop a Job (its driver gets SIGTERM, then SIGKILL); False if it had ended."""
+    from ray.job_submission import JobSubmissionClient
+
+    return bool(JobSubmissionClient(dashboard_address).stop_job(job_id))
+
+
+def sweep_jobs(dashboard_address: str, sweep: str) -> dict[str, str]:
+    """Submission id -> status of every Job `submit_job` sent for `sweep` (by its metadata)."""
+    from ray.job_submission import JobSubmissionClient
+
+    return {job.submission_id: str(job.status.value) for job in JobSubmissionClient(dashboard_address).list_jobs()
+            if (job.metadata or {}).get("memsweep.sweep") == sweep and job.submission_id}

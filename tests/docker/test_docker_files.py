@@ -427,8 +427,9 @@ def test_kuberay_defines_a_gpu_ray_cluster_and_the_sweep_job(kuberay_docs):
                for c in g["template"]["spec"]["containers"])
     ]
     assert gpu_groups, "no worker group asks for nvidia.com/gpu"
+    # The GPU group scales from zero: cells must request GPUs from the config, not the nodes alive.
     assert job["spec"]["entrypoint"].startswith(
-        "memsweep launch sweep=paper_synthetic cluster=ray tracking=server"
+        "memsweep launch sweep=paper_synthetic cluster=ray_gpu tracking=server"
     )
     assert job["spec"]["clusterSelector"]["ray.io/cluster"] == cluster["metadata"]["name"]
     images = {c["image"] for doc in kuberay_docs for c in _containers(doc)}

@@ -33,6 +33,9 @@ LAUNCH_ONLY = [  # sections only a sweep reads
     (["cluster.cpus_per_cell=0"], "cluster.cpus_per_cell=0"),
     (["cluster.max_retries=-1"], "cluster.max_retries=-1"),
     (["pack.max_memory_gb=0"], "pack.max_memory_gb=0"),
+    (["cluster.use_gpus=maybe"], "cluster.use_gpus='maybe'"),
+    (["cluster.scale_timeout_s=-1"], "cluster.scale_timeout_s=-1"),
+    (["cluster.scale_first_wave=0"], "cluster.scale_first_wave=0"),
 ]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -52,10 +53,20 @@ def test_a_changed_default_moves_no_recorded_cell_and_a_relaunch_grows_the_plan(
     recipe = conf / "train" / "cpu.yaml"
     recipe.write_text(re.sub(r"(?m)^lr: .*$", "lr: 2.0e-2", recipe.read_text()))
     monkeypatch.setenv("MEMSWEEP_CONF", str(conf))
+    # ... and another version of the code: memsweep's code version is the commit git finds for it,
+    # which GIT_DIR moves to a checkout at another commit (as an upgrade or a pull would).
+    other = tmp_path / "other-checkout"
+    subprocess.run(["git", "init", "-q", str(other)], check=True)
+    subprocess.run(["git", "-C", str(other), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
+                    "--allow-empty", "-m", "another version"], check=True)
+    commit = subprocess.run(["git", "-C", str(other), "rev-parse", "--short=12", "HEAD"], check=True,
+                            capture_output=True, text=True).stdout.strip()
+    monkeypatch.setenv("GIT_DIR", str(other / ".git"))
 
     status = run(["status", "smoke"], sweep_root, tmp_path)
     assert "2 cells: finished 2" in status, status
     assert status.count("note:") == 1 and "follow the recorded plan" in status, status
+    assert f"+g{commit})" in status, status  # the note names today's code, not the recorded one
     resumed = run(["resume", "smoke", *cluster], sweep_root, tmp_path)
     assert "nothing to run (finished 2)" in resumed, resumed
     assert aggregated(sweep_root, tmp_path, "after") == before
