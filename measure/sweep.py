@@ -145,7 +145,11 @@ def _plain(value):
 
 
 def _group_label(key: dict, varying: list[str]) -> str:
-    label = f"{key.get('model.name')} {key.get('precision.name')}"
+    """`l2_d24 fp32`: the actual shape (a grid may override a named model's layers or width) and the
+    precision, plus the other grouping keys that vary in the sweep."""
+    layers, width = _plain(key.get("model.n_layer")), _plain(key.get("model.n_embd"))
+    shape = f"l{layers}_d{width}" if layers is not None and width is not None else key.get("model.name")
+    label = f"{shape} {key.get('precision.name')}"
     extras = [f"{k}={key[k]:g}" if isinstance(key[k], float) else f"{k}={key[k]}" for k in varying]
     return label + (f" ({', '.join(extras)})" if extras else "")
 

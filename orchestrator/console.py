@@ -39,7 +39,7 @@ def training_progress(spec: CellSpec, enabled: bool = True):
         TimeElapsedColumn(), TimeRemainingColumn(),
     )
     with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task(spec.slug, total=spec.train.max_steps, loss=float("nan"), mem="-")
+        task = bar.add_task(spec.readable_slug, total=spec.train.max_steps, loss=float("nan"), mem="-")
 
         def update(step: int, metrics: dict) -> None:
             fields = {"loss": metrics["train_loss_bits_per_token"]}

@@ -320,15 +320,15 @@ def _pack_task(cells: list[Cell], parent_run_id: str | None, num_threads: int) -
 
 
 def _where() -> dict[str, str]:
-    """Tags saying where a task ran: node, task (the attempt number is memsweep.attempt), worker process, and what Ray granted it (GPU ids
-    and the fraction of a GPU shared with other tasks)."""
+    """Tags saying where a task ran: node, task (the attempt number is `memsweep.attempt`), worker
+    process, and what Ray granted it (GPU ids and the fraction of a GPU shared with other tasks)."""
     context = ray.get_runtime_context()
-    where = {"ray.node_id": context.get_node_id(), "ray.task_id": str(context.get_task_id()),
-             "ray.worker_pid": str(os.getpid()),
-             "ray.resources": json.dumps(context.get_assigned_resources(), sort_keys=True)}
+    where = {"memsweep.ray.node_id": context.get_node_id(), "memsweep.ray.task_id": str(context.get_task_id()),
+             "memsweep.ray.worker_pid": str(os.getpid()),
+             "memsweep.ray.resources": json.dumps(context.get_assigned_resources(), sort_keys=True)}
     gpus = context.get_accelerator_ids().get("GPU") or []
     if gpus:
-        where["ray.gpu_ids"] = ",".join(gpus)
+        where["memsweep.ray.gpu_ids"] = ",".join(gpus)
     return where
 
 
@@ -433,10 +433,10 @@ def _submit(tasks: Tasks, cluster: ClusterOptions, parent_run_id: str | None) ->
             reference = group[0].spec.reference
             # A reference cell lives in its own experiment (shared by sweeps): not a child of this launch.
             parent = None if group[0].options.experiment == REFERENCE_EXPERIMENT else parent_run_id
-            ref = _cell_task.options(name=f"cell:{group[0].spec.slug}", **options).remote(
+            ref = _cell_task.options(name=f"cell:{group[0].spec.readable_slug}", **options).remote(
                 group[0], parent, cpus_per_cell, task_of.get(reference.cell_id) if reference is not None else None)
         else:
-            ref = _pack_task.options(name=f"pack:{group[0].spec.slug}+{len(group) - 1}", **options).remote(
+            ref = _pack_task.options(name=f"pack:{group[0].spec.readable_slug}+{len(group) - 1}", **options).remote(
                 group, parent_run_id, cpus_per_cell)
         by_ref[ref] = group
         task_of.update({c.cell_id: ref for c in group})

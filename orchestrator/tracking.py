@@ -37,6 +37,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
+# MLflow announces each schema step of a new SQLite store at INFO ("Creating initial MLflow database
+# tables..."), through a handler of its own, before every first command: keep its warnings only.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 T = TypeVar("T")
 # Reading a plan or a per-sequence table downloads an artifact: no progress bar for that on stderr.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -127,7 +127,7 @@ def test_launch_brings_up_gpu_workers_and_finishes_every_cell(autoscaling_cluste
     cells = [r for r in runs_of(tmp_path / "root", "smoke") if r.data.tags.get("memsweep.cell_id")]
     assert len(cells) == 4 and {r.info.status for r in cells} == {"FINISHED"}, output
     for run in cells:  # each task held a GPU fraction, so it ran on a GPU worker the autoscaler started
-        assert 0 < json.loads(run.data.tags["ray.resources"])["GPU"] < 1
+        assert 0 < json.loads(run.data.tags["memsweep.ray.resources"])["GPU"] < 1
     assert sorted(alive_gpus(autoscaling_cluster))[-1] == 1
 
 

@@ -126,7 +126,7 @@ def test_sweep_submitted_as_ray_job_records_into_postgres_and_s3(stack):
     runs = check_finished(stack, set(cell_runs(stack)), max_steps=40)
     assert len(runs) == 4
     # cells ran on both workers, never on the head (it has no CPUs)
-    assert len({r.data.tags["ray.node_id"] for r in runs.values()}) >= 1
+    assert len({r.data.tags["memsweep.ray.node_id"] for r in runs.values()}) >= 1
     # checkpoints went to the S3 emulator through pyarrow, one folder per cell
     checkpoints = stack.s3.keys("memsweep", "checkpoints/")
     for cell_id in runs:
@@ -164,11 +164,11 @@ def test_worker_lost_then_resume_while_the_tracking_server_restarts(stack):
 
     def checkpointed_on_each_worker():
         grouped = cell_runs(stack)
-        running = [r[0] for c, r in grouped.items() if c not in before and r[0].info.status == "RUNNING" and r[0].data.tags.get("ray.node_id")]
+        running = [r[0] for c, r in grouped.items() if c not in before and r[0].info.status == "RUNNING" and r[0].data.tags.get("memsweep.ray.node_id")]
         keys = stack.s3.keys("memsweep", "checkpoints/")
         with_checkpoint = [r for r in running if any(k.startswith(f"checkpoints/{r.data.tags['memsweep.cell_id']}/step-")
                                                      and k.endswith("COMPLETE") for k in keys)]
-        return with_checkpoint if len({r.data.tags["ray.node_id"] for r in with_checkpoint}) == 2 else None
+        return with_checkpoint if len({r.data.tags["memsweep.ray.node_id"] for r in with_checkpoint}) == 2 else None
 
     victims_runs = wait_for(checkpointed_on_each_worker, 180, "cells with a checkpoint on both workers", 1.0)
     worker = stack.ray.workers[0]

@@ -32,16 +32,16 @@ def test_cells_share_one_gpu_through_fractional_requests(tmp_path):
     assert len(runs) == 4
     for run in runs.values():
         tags = run.data.tags
-        assert tags["ray.gpu_ids"] == "0"
-        assert json.loads(tags["ray.resources"])["GPU"] == pytest.approx(1 / 16)
+        assert tags["memsweep.ray.gpu_ids"] == "0"
+        assert json.loads(tags["memsweep.ray.resources"])["GPU"] == pytest.approx(1 / 16)
         assert "memsweep.pack_size" not in tags
     spans = [(r.info.start_time, r.info.end_time) for r in runs.values()]
     together = max(sum(1 for s, e in spans if s <= start < e) for start, _ in spans)
     assert together >= 2, f"the cells ran one at a time on the shared GPU: {spans}"
 
     packed = launch(tmp_path / "packed", tmp_path)  # packing on: one GPU, so one pack of the 4 cells
-    assert len({r.data.tags["ray.task_id"] for r in packed.values()}) == 1
+    assert len({r.data.tags["memsweep.ray.task_id"] for r in packed.values()}) == 1
     for cell_id, run in packed.items():
         assert run.data.tags["memsweep.pack_size"] == "4"
-        assert json.loads(run.data.tags["ray.resources"])["GPU"] == pytest.approx(4 / 16)
+        assert json.loads(run.data.tags["memsweep.ray.resources"])["GPU"] == pytest.approx(4 / 16)
         assert run.data.metrics["mem_bits"] == runs[cell_id].data.metrics["mem_bits"]  # same numbers

@@ -54,6 +54,8 @@ def test_runs_have_unique_readable_names_and_mlflows_system_tags(smoke):
             assert len(tags["mlflow.source.git.commit"]) == 40
         assert run.data.tags["memsweep.sweep"] == "smoke" and run.data.tags["memsweep.attempt"] == "1"
         assert not {"cell_id", "sweep", "code_version", "precision", "ray.task_attempt"} & set(run.data.tags)
+        outside = [k for k in run.data.tags if not k.startswith(("memsweep.", "mlflow."))]
+        assert not outside, f"tags outside the memsweep. namespace: {outside}"
         assert run.data.tags["memsweep.finished_by_launch"] == run.data.tags["mlflow.parentRunId"] == launch.info.run_id
     description = client.get_experiment_by_name("smoke").tags["mlflow.note.content"]
     assert "memsweep sweep `smoke`: 4 cells" in description

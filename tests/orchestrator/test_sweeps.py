@@ -135,7 +135,7 @@ def test_smoke_sweep_runs_on_both_workers(ray_driver, sweep_root):
     outcomes = run_plan(plan, plan.cells, display=display)
     assert [o.status for o in outcomes] == ["FINISHED"] * 8
     runs = assert_one_finished_run_each(sweep_root, "smoke", [c.cell_id for c in plan.cells])
-    nodes = {run.data.tags["ray.node_id"] for run in runs.values()}
+    nodes = {run.data.tags["memsweep.ray.node_id"] for run in runs.values()}
     workers = {node.node_id for node in ray_driver.workers}
     assert nodes == workers, "every cell ran on a worker node, and both workers ran cells"
     assert all("mem_bits" in run.data.metrics for run in runs.values())
@@ -159,7 +159,7 @@ def test_worker_node_removed_mid_sweep(ray_cluster, sweep_root, tmp_path):
     def cell_checkpointed_on_doomed_node():
         for cell_id, runs in cell_runs(sweep_root, "smoke").items():
             run = runs[0]
-            if run.data.tags.get("ray.node_id") == doomed.node_id and run.info.status == "RUNNING":
+            if run.data.tags.get("memsweep.ray.node_id") == doomed.node_id and run.info.status == "RUNNING":
                 if list((checkpoints / cell_id).glob("step-*/COMPLETE")):
                     return cell_id, run.info.run_id
         return None
@@ -172,7 +172,7 @@ def test_worker_node_removed_mid_sweep(ray_cluster, sweep_root, tmp_path):
     runs = assert_one_finished_run_each(sweep_root, "smoke", cells)
     assert runs[victim].info.run_id == victim_run, "the retried cell continued its own run"
     assert runs[victim].data.metrics["resumed_from_step"] > 0, "it resumed from a checkpoint, not step 0"
-    assert runs[victim].data.tags["ray.node_id"] != doomed.node_id
+    assert runs[victim].data.tags["memsweep.ray.node_id"] != doomed.node_id
 
 
 def test_driver_killed_then_resume_runs_only_unfinished_cells(ray_cluster, sweep_root, tmp_path):
@@ -281,7 +281,7 @@ def test_a_packed_sweep_records_each_cell_as_the_unpacked_sweep_does(ray_driver,
         assert [o.status for o in outcomes] == ["FINISHED"] * 6, [o.error for o in outcomes]
         runs = assert_one_finished_run_each(root, "smoke", [c.cell_id for c in plan.cells])
         results[mode] = {cell_id: run.data.metrics for cell_id, run in runs.items()}
-        tasks = {run.data.tags["ray.task_id"] for run in runs.values()}
+        tasks = {run.data.tags["memsweep.ray.task_id"] for run in runs.values()}
         assert len(tasks) == (2 if mode == "packed" else 6), tasks  # 6 cells in packs of at most 4
     for cell_id, metrics in results["unpacked"].items():
         packed = results["packed"][cell_id]

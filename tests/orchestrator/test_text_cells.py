@@ -50,7 +50,7 @@ def test_reference_first_survives_a_killed_worker_and_text_metrics_behave(ray_cl
 
     running = wait_until(reference_checkpointed, 300, interval_s=0.2, what="the reference's first checkpoint")
     assert not cell_runs(sweep_root, "text_small"), "a dependent started before its reference finished"
-    os.kill(int(running.data.tags["ray.worker_pid"]), signal.SIGKILL)  # Ray retries the task
+    os.kill(int(running.data.tags["memsweep.ray.worker_pid"]), signal.SIGKILL)  # Ray retries the task
     output = finish(driver, 600)
     assert driver.returncode == 0, output
 
