@@ -37,6 +37,7 @@ class ClusterOptions:
     job_env: str = ""  # comma-separated names of variables `--submit` copies into the Job's environment
     scale_timeout_s: float = 600.0  # how long a launch waits for an autoscaling cluster to offer its first wave
     scale_first_wave: int = 16  # tasks whose resources the driver asks the autoscaler for before submitting
+    max_in_flight: int | None = None  # tasks submitted at a time; None: 4x what the cluster runs at once, >= 16
 
     def __post_init__(self) -> None:
         if self.kind not in ("local", "ray"):
@@ -47,6 +48,8 @@ class ClusterOptions:
             raise SpecError(f"cluster.use_gpus={self.use_gpus!r} must be true, false or auto")
         if not self.scale_timeout_s >= 0:
             raise SpecError(f"cluster.scale_timeout_s={self.scale_timeout_s} must be >= 0")
+        if self.max_in_flight is not None and self.max_in_flight < 1:
+            raise SpecError(f"cluster.max_in_flight={self.max_in_flight} must be >= 1 (or null)")
         if self.scale_first_wave < 1:
             raise SpecError(f"cluster.scale_first_wave={self.scale_first_wave} must be >= 1")
         if not self.cpus_per_cell > 0:

@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import time
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol
@@ -392,55 +393,94 @@ def run_cells(
     Compatible cells are grouped into packs (`pack`); a pack is one task with the summed request.
     `tasks`: what `prepare` made of `cells` (prepared here when not given).
 
+    Submission is windowed (`Window`): at most `in_flight_limit` tasks are submitted at a time and the
+    rest follow as tasks finish, so the driver's Ray state stays bounded whatever the grid's size and
+    the first cells start as soon as the plan is made.
+
     A text cell whose reference cell is among `cells` depends on it through Ray: the reference's task is
     submitted first and its ObjectRef is an argument of each dependent task, so Ray starts dependents
     only after the reference finished (no polling). A reference not among `cells` has finished before;
     dependents load it from its checkpoint."""
     tasks = tasks or prepare(list(cells), cluster, pack)
+    window = Window(tasks, cluster, parent_run_id)
     try:
-        by_ref = _submit(tasks, cluster, parent_run_id)
+        window.top_up()
     finally:
         if tasks.asked_autoscaler:
             release_room()  # the submitted tasks' own demand keeps the nodes from here on
-    pending, outcomes, failed, start = list(by_ref), [], 0, time.monotonic()
+    outcomes, failed, start = [], 0, time.monotonic()
     try:
-        while pending:
-            done, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+        while window.in_flight:
+            done, _ = ray.wait(list(window.in_flight), num_returns=len(window.in_flight), timeout=1.0)
             for ref in done:
-                for outcome in _collect(ref, by_ref[ref], tracker):
+                for outcome in _collect(ref, window.in_flight.pop(ref), tracker):
                     failed += outcome.status != "FINISHED"
                     outcomes.append(outcome)
                     display.cell_done(outcome, time.monotonic() - start)
-            unfinished = sum(len(by_ref[r]) for r in pending)
+            window.top_up()
+            unfinished = window.unfinished_cells()
             display.update(len(outcomes) - failed, failed,
                            _running_estimate(unfinished, tasks.on_gpu, cluster.cpus_per_cell), unfinished)
     except KeyboardInterrupt:
-        _cancel(pending, [c for r in pending for c in by_ref[r]], tracker)
+        _cancel(list(window.in_flight), [c for g in window.in_flight.values() for c in g], tracker)
         raise
     return outcomes
 
 
-def _submit(tasks: Tasks, cluster: ClusterOptions, parent_run_id: str | None) -> dict:
-    """Submit every task; returns ObjectRef -> its cells."""
-    cpus_per_cell = int(cluster.cpus_per_cell)
-    by_ref, task_of = {}, {}  # ObjectRef -> its cells; cell id -> ObjectRef of its task
-    for group in tasks.packs:
+MIN_IN_FLIGHT = 16  # so that a cluster still small at launch (an autoscaler's) sees demand to grow on
+
+
+def in_flight_limit(cluster: ClusterOptions, on_gpu: bool) -> int:
+    """How many tasks the driver keeps submitted: `cluster.max_in_flight`, or four times what the
+    cluster runs at once now (GPUs x max_cells_per_gpu on GPU clusters, CPUs over cpus_per_cell
+    otherwise), at least MIN_IN_FLIGHT; read again as tasks finish, so it grows as nodes join."""
+    if cluster.max_in_flight is not None:
+        return cluster.max_in_flight
+    slots = _slots(cluster, on_gpu) * (cluster.max_cells_per_gpu if on_gpu else 1)
+    return max(MIN_IN_FLIGHT, 4 * slots)
+
+
+class Window:
+    """The tasks of a sweep, submitted in order and at most `in_flight_limit` at a time: `top_up`
+    submits up to the limit, `in_flight` maps each submitted, uncollected task to its cells. Only the
+    ObjectRefs of reference cells are kept past their collection (their dependents take them as an
+    argument), so what the driver holds does not grow with the grid."""
+
+    def __init__(self, tasks: Tasks, cluster: ClusterOptions, parent_run_id: str | None):
+        self.tasks, self.cluster, self.parent_run_id = tasks, cluster, parent_run_id
+        self.queue = deque(tasks.packs)
+        self.queued_cells = sum(len(p) for p in tasks.packs)
+        self.in_flight: dict = {}  # ObjectRef -> its cells
+        self.references = {c.spec.reference.cell_id: None for p in tasks.packs for c in p
+                            if c.spec.reference is not None}  # reference cell id -> its task's ObjectRef
+
+    def unfinished_cells(self) -> int:
+        return self.queued_cells + sum(len(g) for g in self.in_flight.values())
+
+    def top_up(self) -> None:
+        limit = in_flight_limit(self.cluster, self.tasks.on_gpu)
+        while self.queue and len(self.in_flight) < limit:
+            group = self.queue.popleft()
+            self.queued_cells -= len(group)
+            ref = self._submit(group)
+            self.in_flight[ref] = group
+            self.references.update({c.cell_id: ref for c in group if c.cell_id in self.references})
+
+    def _submit(self, group: list[Cell]):
         # SPREAD: cells are independent and compute-bound, so balance them over nodes rather than
         # packing the first node (Ray's default); fractional GPU requests still pack within a node.
-        options = dict(tasks.requests[group[0].cell_id], max_retries=cluster.max_retries, retry_exceptions=False,
-                       scheduling_strategy="SPREAD")
-        if len(group) == 1:
-            reference = group[0].spec.reference
-            # A reference cell lives in its own experiment (shared by sweeps): not a child of this launch.
-            parent = None if group[0].options.experiment == REFERENCE_EXPERIMENT else parent_run_id
-            ref = _cell_task.options(name=f"cell:{group[0].spec.readable_slug}", **options).remote(
-                group[0], parent, cpus_per_cell, task_of.get(reference.cell_id) if reference is not None else None)
-        else:
-            ref = _pack_task.options(name=f"pack:{group[0].spec.readable_slug}+{len(group) - 1}", **options).remote(
-                group, parent_run_id, cpus_per_cell)
-        by_ref[ref] = group
-        task_of.update({c.cell_id: ref for c in group})
-    return by_ref
+        options = dict(self.tasks.requests[group[0].cell_id], max_retries=self.cluster.max_retries,
+                       retry_exceptions=False, scheduling_strategy="SPREAD")
+        cpus_per_cell = int(self.cluster.cpus_per_cell)
+        if len(group) > 1:
+            return _pack_task.options(name=f"pack:{group[0].spec.readable_slug}+{len(group) - 1}", **options).remote(
+                group, self.parent_run_id, cpus_per_cell)
+        cell = group[0]
+        reference = self.references.get(cell.spec.reference.cell_id) if cell.spec.reference is not None else None
+        # A reference cell lives in its own experiment (shared by sweeps): not a child of this launch.
+        parent = None if cell.options.experiment == REFERENCE_EXPERIMENT else self.parent_run_id
+        return _cell_task.options(name=f"cell:{cell.spec.readable_slug}", **options).remote(
+            cell, parent, cpus_per_cell, reference)
 
 
 def _collect(ref, cells: list[Cell], tracker: Tracker) -> list[CellOutcome]:

@@ -36,6 +36,7 @@ LAUNCH_ONLY = [  # sections only a sweep reads
     (["cluster.use_gpus=maybe"], "cluster.use_gpus='maybe'"),
     (["cluster.scale_timeout_s=-1"], "cluster.scale_timeout_s=-1"),
     (["cluster.scale_first_wave=0"], "cluster.scale_first_wave=0"),
+    (["cluster.max_in_flight=0"], "cluster.max_in_flight=0"),
 ]
 
 

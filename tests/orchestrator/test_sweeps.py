@@ -129,6 +129,17 @@ def test_a_grid_with_one_invalid_cell_is_refused_before_anything_runs(sweep_root
 
 
 # -- distribution and failures ------------------------------------------------------------------------
+def test_the_submission_window_follows_the_cluster(ray_driver):
+    """Four times the tasks the cluster runs at once (the two 4-CPU workers: 8 one-CPU cells), at least
+    16, or what cluster.max_in_flight says; GPU clusters count max_cells_per_gpu tasks a GPU."""
+    from orchestrator.resources import ClusterOptions
+    from orchestrator.scheduler import MIN_IN_FLIGHT, in_flight_limit
+
+    assert in_flight_limit(ClusterOptions(), on_gpu=False) == 4 * 8
+    assert in_flight_limit(ClusterOptions(cpus_per_cell=4), on_gpu=False) == MIN_IN_FLIGHT  # 4 x 2 slots
+    assert in_flight_limit(ClusterOptions(max_in_flight=3), on_gpu=False) == 3
+
+
 def test_smoke_sweep_runs_on_both_workers(ray_driver, sweep_root):
     plan = make_plan(SMOKE + on_cluster(ray_driver) + ["seed=0,1,2,3"])
     display = Quiet()
@@ -146,18 +157,22 @@ def test_smoke_sweep_runs_on_both_workers(ray_driver, sweep_root):
 
 def test_worker_node_removed_mid_sweep(ray_cluster, sweep_root, tmp_path):
     """The cells on a node that dies are retried elsewhere and continue from their checkpoints inside
-    their own runs; no cell gets a second run."""
+    their own runs; no cell gets a second run. Submission is windowed (3 tasks at a time for 6 cells:
+    the node dies while the rest wait their turn), and every cell still finishes exactly once."""
     doomed = ray_cluster.add_node(num_cpus=4, object_store_memory=100 * 1024**2, node_ip_address="127.0.0.1")
     ray_cluster.wait_for_nodes()
     overrides = SMOKE + on_cluster(ray_cluster) + [
         "seed=0,1,2,3,4,5", "data.num_sequences=64", "train.max_steps=2000", "train.checkpoint_interval=100",
-        "train.eval_interval=500",
+        "train.eval_interval=500", "cluster.max_in_flight=3",
     ]
     driver = memsweep(["launch", *overrides], sweep_root, tmp_path)
     checkpoints = sweep_root / "checkpoints"
+    most_running = []
 
     def cell_checkpointed_on_doomed_node():
-        for cell_id, runs in cell_runs(sweep_root, "smoke").items():
+        grouped = cell_runs(sweep_root, "smoke")
+        most_running.append(sum(runs[0].info.status == "RUNNING" for runs in grouped.values()))
+        for cell_id, runs in grouped.items():
             run = runs[0]
             if run.data.tags.get("memsweep.ray.node_id") == doomed.node_id and run.info.status == "RUNNING":
                 if list((checkpoints / cell_id).glob("step-*/COMPLETE")):
@@ -173,6 +188,7 @@ def test_worker_node_removed_mid_sweep(ray_cluster, sweep_root, tmp_path):
     assert runs[victim].info.run_id == victim_run, "the retried cell continued its own run"
     assert runs[victim].data.metrics["resumed_from_step"] > 0, "it resumed from a checkpoint, not step 0"
     assert runs[victim].data.tags["memsweep.ray.node_id"] != doomed.node_id
+    assert max(most_running) <= 3, f"more cells ran at once than the window holds: {most_running}"
 
 
 def test_driver_killed_then_resume_runs_only_unfinished_cells(ray_cluster, sweep_root, tmp_path):
