@@ -195,22 +195,37 @@ def cmd_launch(args: argparse.Namespace) -> int:
     todo = plan.cells if args.force else [c for c in plan.cells if plan.state(c) != "FINISHED"]
     _print_new_to_the_record(plan)
     if args.dry_run:
-        from measure.memorization import PAPER_ALPHA_BITS_PER_PARAM, predicted_mem_bits
-        from orchestrator.console import plan_table
-        from orchestrator.resources import request_for
-
-        on_gpu = plan.cluster.use_gpus and bool(plan.cluster.num_gpus)
-        requests = {c.cell_id: request_for(c.spec, plan.cluster, on_gpu, c.options.eval_batch_size) for c in plan.cells}
-        predictions = {c.cell_id: predicted_mem_bits(PAPER_ALPHA_BITS_PER_PARAM[c.spec.precision], c.spec.params,
-                                                     c.spec.data.entropy_bits)
-                       for c in plan.cells if not c.spec.is_text}  # a text corpus's H(X) is unknown
-        out.print(plan_table(plan, requests, predictions))
-        console.print(f"would run {len(todo)} of {len(plan.cells)} cells"
-                      + ("" if args.force else " (finished cells are skipped; --force reruns them)"))
-        _print_references(plan, todo)
-        _print_packing(plan, todo)
-        return 0
+        return _dry_run(plan, todo, args)
     return _run_sweep(plan, todo, force=args.force)
+
+
+def _dry_run(plan, todo, args: argparse.Namespace) -> int:
+    """Every cell with its cost, then the totals of the cells that would run; `--format json|csv` for
+    programs (on stdout, nothing else there)."""
+    import csv
+
+    from orchestrator.console import plan_table
+    from orchestrator.cost import cell_rows, measured_throughputs, plan_cost
+
+    throughputs = measured_throughputs()
+    rows = cell_rows(plan, throughputs)
+    cost = plan_cost([c.spec for c in todo], throughputs)
+    if args.format == "json":
+        out.print_json(data={"sweep": plan.name, "cells": rows, "to_run": len(todo), "totals": cost.as_dict()})
+        return 0
+    if args.format == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else ["cell_id"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({**row, "request": json.dumps(row["request"], sort_keys=True)} for row in rows)
+        return 0
+    out.print(plan_table(plan.name, rows))
+    console.print(f"would run {len(todo)} of {len(plan.cells)} cells"
+                  + ("" if args.force else " (finished cells are skipped; --force reruns them)"))
+    _print_references(plan, todo)
+    _print_packing(plan, todo)
+    for line in cost.lines():
+        console.print(line, highlight=False)
+    return 0
 
 
 def _print_new_to_the_record(plan) -> None:
@@ -631,6 +646,9 @@ def _add_run_and_launch(sub) -> None:
     launch.add_argument("overrides", nargs="*", help="sweep=NAME plus overrides; sweep syntax (a,b / range()) adds axes")
     launch.add_argument("--dry-run", action="store_true",
                         help="list the cells, their ids, predictions, requests and packs; run nothing")
+    launch.add_argument("--format", choices=("table", "json", "csv"), default="table",
+                        help="with --dry-run: a table and totals for people (default), or every cell's "
+                             "numbers as JSON (with the totals) or CSV on stdout")
     launch.add_argument("--force", action="store_true", help="rerun cells that already finished")
     launch.add_argument("--submit", action="store_true",
                         help="validate here, then run the sweep's driver on the cluster as a Ray Job (cluster=ray)")
@@ -697,6 +715,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
+    except BrokenPipeError:  # `memsweep ... | head`: the reader is gone, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush is silent
+        return 0
     except ConfigError as err:  # bad input, or a request the cluster can never satisfy
         console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         return 2

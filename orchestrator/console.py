@@ -147,22 +147,23 @@ class SweepProgress:
         self.bar.console.print(line, highlight=False)
 
 
-def plan_table(plan, requests: dict, predictions: dict) -> Table:
-    """`launch --dry-run`: every cell with its id, state, prediction, cost and resource request."""
-    table = Table(title=f"sweep {plan.name}: {len(plan.cells)} cells", title_justify="left")
+def plan_table(name: str, rows: list[dict]) -> Table:
+    """`launch --dry-run`: every cell with its id, state, prediction, cost and resource request
+    (`orchestrator.cost.cell_rows`)."""
+    from orchestrator.cost import flops_text
+    from orchestrator.resources import human_bytes
+
+    table = Table(title=f"sweep {name}: {len(rows)} cells", title_justify="left")
     for column in ("cell id", "state", "params", "H(X) bits", "predicted mem bits", "memory", "train FLOPs", "request"):
         table.add_column(column, justify="left" if column in ("cell id", "state", "request") else "right")
-    from orchestrator.resources import estimate_memory_bytes, human_bytes, train_flops
-
-    for cell in plan.cells:
-        request = requests[cell.cell_id]
+    for row in rows:
         shown = ", ".join(f"{k.replace('num_', '')}={human_bytes(v) if k == 'memory' else f'{v:g}'}"
-                          for k, v in request.items())
+                          for k, v in row["request"].items())
         table.add_row(
-            cell.cell_id, plan.state(cell), _si(cell.spec.params),
-            "-" if cell.spec.is_text else _si(cell.spec.data.entropy_bits),
-            _si(predictions[cell.cell_id]) if cell.cell_id in predictions else "-", human_bytes(estimate_memory_bytes(cell.spec, cell.options.eval_batch_size)),
-            _si(train_flops(cell.spec)), shown,
+            row["cell_id"], row["state"], _si(row["params"]),
+            "-" if row["entropy_bits"] is None else _si(row["entropy_bits"]),
+            "-" if row["predicted_mem_bits"] is None else _si(row["predicted_mem_bits"]),
+            human_bytes(row["memory_bytes"]), flops_text(row["train_flops"]), shown,
         )
     return table
 
