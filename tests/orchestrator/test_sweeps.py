@@ -129,6 +129,21 @@ def test_a_grid_with_one_invalid_cell_is_refused_before_anything_runs(sweep_root
 
 
 # -- distribution and failures ------------------------------------------------------------------------
+def test_a_cell_no_node_of_a_fixed_cluster_holds_is_refused_before_any_run(ray_cluster, sweep_root, tmp_path):
+    """The shared cluster's nodes are fixed (its head's autoscaler has no node type to launch): a cell
+    whose memory estimate exceeds every node's memory (a billion sequences: about 240 GiB) is refused in
+    one line, exit 2, once the autoscaler has passed on it, and nothing is recorded (on cluster=ray the
+    driver learns the nodes' sizes only by joining the cluster)."""
+    process = memsweep(["launch", *SMOKE, *on_cluster(ray_cluster), "seed=0", "data.num_sequences=1000000000"],
+                       sweep_root, tmp_path)
+    output = finish(process, 180)
+    assert process.returncode == 2, output
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "of the cluster can provide {CPU: 1, memory: 2" in errors[0], output
+    assert "Traceback" not in output
+    assert cell_runs(sweep_root, "smoke") == {}
+
+
 def test_the_submission_window_follows_the_cluster(ray_driver):
     """Four times the tasks the cluster runs at once (the two 4-CPU workers: 8 one-CPU cells), at least
     16, or what cluster.max_in_flight says; GPU clusters count max_cells_per_gpu tasks a GPU."""
