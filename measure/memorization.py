@@ -98,3 +98,14 @@ def params_paper(vocab_size: int, seq_len: int, n_layer: int, n_embd: int) -> in
 # The paper's mean bits per parameter by the dtype the weights are kept in (measure/paper.py);
 # amp_bf16 keeps float32 weights. Cells log predictions with these; `aggregate` fits its own alpha.
 PAPER_ALPHA_BITS_PER_PARAM = {"fp32": 3.83, "bf16": 3.51, "amp_bf16": 3.83}
+
+
+def capacity_sequences(alpha_bits_per_param: float, params: int, seq_len: int, vocab_size: int,
+                       multiple: float = 1.0) -> int:
+    """How many uniform-random sequences hold `multiple` times a model's predicted capacity:
+    multiple * alpha * params / (S * log2 V), rounded to whole sequences (at least one). At multiple 1,
+    H(X) equals the capacity: where memorization stops growing with N (docs/science.md)."""
+    if not multiple > 0:
+        raise ValueError(f"a capacity multiple must be positive, not {multiple!r}")
+    return max(1, round(multiple * alpha_bits_per_param * params / sequence_entropy_bits(seq_len, vocab_size)))
+

@@ -55,3 +55,18 @@ def test_predicted_mem_is_min_of_capacity_and_entropy():
 def test_params_paper_hand_count():
     # V=16, S=4, one block of width 2: 32 + 8 + (48 + 26) + 4.
     assert params_paper(16, 4, 1, 2) == 118
+
+
+def test_capacity_sequences_put_h_x_at_the_multiple_of_the_capacity():
+    from measure.memorization import capacity_sequences, params_paper
+
+    for v, s, layers, width in [(64, 32, 1, 16), (2048, 64, 1, 32), (2048, 64, 8, 256), (50257, 128, 2, 64)]:
+        params = params_paper(v, s, layers, width)
+        for multiple in (0.25, 1, 4):
+            n = capacity_sequences(3.83, params, s, v, multiple)
+            entropy = dataset_entropy_bits(n, s, v)
+            # the nearest whole number of sequences: within half a sequence of the exact multiple
+            assert abs(entropy - multiple * 3.83 * params) <= 0.5 * s * np.log2(v) + 1e-6
+    assert capacity_sequences(3.6, 10, 64, 2048, 0.25) == 1  # never zero sequences
+    with pytest.raises(ValueError):
+        capacity_sequences(3.6, 1000, 64, 2048, 0)

@@ -295,7 +295,7 @@ def test_eight_cells_finishing_at_once_lose_nothing(ray_driver, sweep_root):
         outcome = next(o for o in outcomes if o.cell_id == cell_id)
         assert run.data.metrics["mem_bits"] == pytest.approx(outcome.metrics["mem_bits"], rel=0, abs=0)
         assert len(run.data.metrics) == len(outcome.metrics) + 1  # + the step curve's train loss
-        assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["per_sequence.parquet"]
+        assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml", "per_sequence.parquet"]
 
 
 def test_a_packed_sweep_records_each_cell_as_the_unpacked_sweep_does(ray_driver, tmp_path, monkeypatch):
