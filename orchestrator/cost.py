@@ -159,7 +159,7 @@ def cell_rows(plan, throughputs: list[DeviceThroughput]) -> list[dict]:
     from measure.memorization import PAPER_ALPHA_BITS_PER_PARAM, predicted_mem_bits
     from orchestrator.resources import estimate_memory_bytes, request_for
 
-    on_gpu = plan.cluster.use_gpus is not False and bool(plan.cluster.num_gpus)
+    on_gpu = plan.cluster.declares_gpus
     rows = []
     for cell in plan.cells:
         spec = cell.spec

@@ -60,7 +60,7 @@ def check_fits_this_machine(cells: list[Cell], cluster: ClusterOptions) -> None:
     """A cell of an embedded cluster's sweep whose memory estimate exceeds this machine (or, on GPUs,
     one GPU) is refused before anything is written. (A remote cluster's nodes are checked when the
     driver joins it.)"""
-    on_gpu = cluster.use_gpus and bool(cluster.num_gpus)
+    on_gpu = cluster.declares_gpus
     have, where = ((cluster.gpu_memory_gb * GiB, "one GPU (cluster.gpu_memory_gb)") if on_gpu
                    else (machine_memory_bytes(), "this machine"))
     for cell in cells:

@@ -65,6 +65,12 @@ class ClusterOptions:
             if value is not None and value < 0:
                 raise SpecError(f"cluster.{name}={value} must be >= 0")
 
+    @property
+    def declares_gpus(self) -> bool:
+        """Whether cells would request GPUs on the GPUs this config declares (`num_gpus`), as the
+        driver decides before it sees a cluster (launch's memory check, the dry run)."""
+        return self.use_gpus is not False and bool(self.num_gpus)
+
 
 def estimate_memory_bytes(spec: CellSpec, eval_batch_size: int = 1024) -> int:
     """Peak memory of training and scoring one cell on its device, excluding the process itself."""
