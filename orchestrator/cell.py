@@ -321,11 +321,14 @@ def run_cell(
     tracker: Tracker | None = None,
     tags: dict | None = None,
     reference: CellOutcome | None = None,
+    measure=None,
 ) -> CellOutcome:
     """Train, measure and record one cell into its own MLflow run. Never raises for a failure of the
     cell itself (it is recorded FAILED); re-raises cancellation after marking the run KILLED.
     `reference` is the outcome of the cell's reference when this process waited for it: a reference
-    that did not finish fails the cell without training it."""
+    that did not finish fails the cell without training it. `measure` stands in for
+    `train_and_measure` (same signature) where a cell's numbers are planted rather than trained: tests
+    of what is built around cells, which then records them exactly as a trained cell's."""
     options = cell.options
     tracker = tracker or Tracker(options.tracking_uri, options.artifact_root)
     run_id, finished = _open_run(cell, tracker, parent_run_id, tags, reference)
@@ -336,7 +339,7 @@ def run_cell(
             raise RuntimeError(f"reference cell {reference.cell_id} {reference.status}: {reference.error}")
         curves = MetricBuffer(tracker, run_id)
         started = time.perf_counter()
-        measurement, _ = train_and_measure(cell, log=curves, progress=progress)
+        measurement, _ = (measure or train_and_measure)(cell, log=curves, progress=progress)
         _record(tracker, cell, run_id, measurement, curves, started, parent_run_id)
         return CellOutcome(cell.cell_id, run_id, "FINISHED", measurement.metrics)
     except (KeyboardInterrupt, SystemExit) as err:

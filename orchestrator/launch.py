@@ -97,11 +97,11 @@ def pending_references(plan: Plan, cells: list[Cell]) -> list[Cell]:
     return [r for r in needed if r.cell_id not in finished]
 
 
-def run_plan(plan: Plan, cells: list[Cell], *, force: bool = False, display=None) -> list:
+def run_plan(plan: Plan, cells: list[Cell], *, force: bool = False, display=None, runner: str | None = None) -> list:
     """Run `cells` of `plan`, and the reference cells they need that have not finished, on Ray under a
     new parent run; returns their outcomes (references included). The cluster makes room for the cells
     first (an autoscaler brings up the first wave): a request no node can ever hold is refused before
-    any run exists."""
+    any run exists. `runner`: what runs a cell in its task (orchestrator.scheduler.cell_runner)."""
     from orchestrator.console import SweepProgress, console
     from orchestrator.scheduler import prepare, ray_cluster, run_cells
 
@@ -113,7 +113,8 @@ def run_plan(plan: Plan, cells: list[Cell], *, force: bool = False, display=None
         try:
             with (display or SweepProgress(len(to_run))) as shown:
                 outcomes = run_cells(to_run, cluster=plan.cluster, tracker=plan.tracker,
-                                     parent_run_id=parent, display=shown, pack=plan.pack, tasks=tasks)
+                                     parent_run_id=parent, display=shown, pack=plan.pack, tasks=tasks,
+                                     runner=runner)
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"

@@ -296,28 +296,45 @@ def _nodes_summary() -> str:
     return ", ".join(_shape({k: n.get(k, 0) for k in ("CPU", "GPU")}) for n in nodes) or "none"
 
 
+def cell_runner(path: str | None) -> Callable[..., CellOutcome]:
+    """What runs one cell in a task: orchestrator.cell.run_cell, or the function at `path`
+    ("module:function", same signature) for runs that must not train: benchmarks of the driver and
+    tests of the scheduling around cells (a path, not a function, so that any worker imports it)."""
+    if path is None:
+        from orchestrator.cell import run_cell
+
+        return run_cell
+    import importlib
+
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 @ray.remote
 def _cell_task(cell: Cell, parent_run_id: str | None, num_threads: int,
-               reference: CellOutcome | None = None) -> CellOutcome:
+               reference: CellOutcome | None = None, runner: str | None = None) -> CellOutcome:
     """One cell. `reference` is passed as the ObjectRef of the reference cell's task: Ray starts this
     task only once that one has finished (or failed for good), and hands over its outcome."""
     import torch
 
-    from orchestrator.cell import run_cell
-
     torch.set_num_threads(max(1, num_threads))  # as many threads as CPUs this task reserved
-    return run_cell(cell, parent_run_id=parent_run_id, tags=_where(), reference=reference)
+    return cell_runner(runner)(cell, parent_run_id=parent_run_id, tags=_where(), reference=reference)
 
 
 @ray.remote
-def _pack_task(cells: list[Cell], parent_run_id: str | None, num_threads: int) -> list[CellOutcome]:
-    """Cells trained as one pack (orchestrator.cell.run_pack); a retry resumes each from its checkpoint."""
+def _pack_task(cells: list[Cell], parent_run_id: str | None, num_threads: int,
+               runner: str | None = None) -> list[CellOutcome]:
+    """Cells trained as one pack (orchestrator.cell.run_pack); a retry resumes each from its checkpoint.
+    A `runner` other than run_cell runs the pack's cells one after another."""
     import torch
 
     from orchestrator.cell import run_pack
 
     torch.set_num_threads(max(1, num_threads))
-    return run_pack(cells, parent_run_id=parent_run_id, tags={**_where(), "memsweep.pack_size": str(len(cells))})
+    tags = {**_where(), "memsweep.pack_size": str(len(cells))}
+    if runner is not None:
+        return [cell_runner(runner)(c, parent_run_id=parent_run_id, tags=tags, reference=None) for c in cells]
+    return run_pack(cells, parent_run_id=parent_run_id, tags=tags)
 
 
 def _where() -> dict[str, str]:
@@ -388,10 +405,12 @@ def run_cells(
     display: SweepDisplay,
     pack: PackOptions | None = None,
     tasks: Tasks | None = None,
+    runner: str | None = None,
 ) -> list[CellOutcome]:
     """Run `cells` on the connected Ray cluster; returns one outcome per cell, in completion order.
     Compatible cells are grouped into packs (`pack`); a pack is one task with the summed request.
-    `tasks`: what `prepare` made of `cells` (prepared here when not given).
+    `tasks`: what `prepare` made of `cells` (prepared here when not given). `runner`: what runs a cell
+    in its task (`cell_runner`; orchestrator.cell.run_cell when None).
 
     Submission is windowed (`Window`): at most `in_flight_limit` tasks are submitted at a time and the
     rest follow as tasks finish, so the driver's Ray state stays bounded whatever the grid's size and
@@ -402,7 +421,7 @@ def run_cells(
     only after the reference finished (no polling). A reference not among `cells` has finished before;
     dependents load it from its checkpoint."""
     tasks = tasks or prepare(list(cells), cluster, pack)
-    window = Window(tasks, cluster, parent_run_id)
+    window = Window(tasks, cluster, parent_run_id, runner)
     try:
         window.top_up()
     finally:
@@ -446,8 +465,9 @@ class Window:
     ObjectRefs of reference cells are kept past their collection (their dependents take them as an
     argument), so what the driver holds does not grow with the grid."""
 
-    def __init__(self, tasks: Tasks, cluster: ClusterOptions, parent_run_id: str | None):
-        self.tasks, self.cluster, self.parent_run_id = tasks, cluster, parent_run_id
+    def __init__(self, tasks: Tasks, cluster: ClusterOptions, parent_run_id: str | None,
+                 runner: str | None = None):
+        self.tasks, self.cluster, self.parent_run_id, self.runner = tasks, cluster, parent_run_id, runner
         self.queue = deque(tasks.packs)
         self.queued_cells = sum(len(p) for p in tasks.packs)
         self.in_flight: dict = {}  # ObjectRef -> its cells
@@ -474,13 +494,13 @@ class Window:
         cpus_per_cell = int(self.cluster.cpus_per_cell)
         if len(group) > 1:
             return _pack_task.options(name=f"pack:{group[0].spec.readable_slug}+{len(group) - 1}", **options).remote(
-                group, self.parent_run_id, cpus_per_cell)
+                group, self.parent_run_id, cpus_per_cell, self.runner)
         cell = group[0]
         reference = self.references.get(cell.spec.reference.cell_id) if cell.spec.reference is not None else None
         # A reference cell lives in its own experiment (shared by sweeps): not a child of this launch.
         parent = None if cell.options.experiment == REFERENCE_EXPERIMENT else self.parent_run_id
         return _cell_task.options(name=f"cell:{cell.spec.readable_slug}", **options).remote(
-            cell, parent, cpus_per_cell, reference)
+            cell, parent, cpus_per_cell, reference, self.runner)
 
 
 def _collect(ref, cells: list[Cell], tracker: Tracker) -> list[CellOutcome]:
