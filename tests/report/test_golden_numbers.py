@@ -9,9 +9,10 @@ Three fixed computations are compared with the values kept in tests/golden/numbe
   unconverged cell and text rows), which exercises every branch of fits.json.
 
 Both paths go through the command line and the files it writes, so the test holds whatever the code
-inside looks like. Float values are compared exactly on the machine kind the golden values were recorded
-on (the same torch, CPU capability and CPU model; every cell trains on one thread); elsewhere CPU kernels may round differently and the comparison
-falls back to a relative 1e-3, reported in the failure message.
+inside looks like. Float values are compared exactly on each machine kind values were recorded on (the same torch, CPU
+capability and CPU model; every cell trains on one thread): the file keeps one set per kind, recorded
+from the same commit. Elsewhere CPU kernels may round differently and the comparison falls back to a
+relative FALLBACK_REL_TOL against the first kind's values, reported in the failure message.
 
 A change that is meant to move numbers (a new recipe, a corrected definition) updates the file on
 purpose: `MEMSWEEP_UPDATE_GOLDEN=1 python -m pytest tests/report/test_golden_numbers.py`, and the
@@ -41,6 +42,9 @@ pytestmark = pytest.mark.slow
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "numbers.json"
 UPDATE = os.environ.get("MEMSWEEP_UPDATE_GOLDEN") == "1"
 TIMING = {"wall_s", "tokens_per_s"}  # measured, not computed: never golden
+# Another CPU model rounds some kernels differently, and training amplifies a last-bit difference over
+# hundreds of steps: on a machine kind with no values of its own, numbers are compared to this.
+FALLBACK_REL_TOL = 1e-3
 TEXT_CELL = ["data=text", "data.seq_len=40", "data.num_sequences=16", "data.num_nonmembers=64",
              "data.num_test=64", "train.max_steps=200", "train.eval_interval=100",
              "train.checkpoint_interval=100", "device=cpu"]
@@ -63,20 +67,24 @@ def load_golden() -> dict:
 
 
 def check(name: str, measured: dict) -> None:
-    """Compare `measured` with the golden entry `name` (or record it when updating)."""
+    """Compare `measured` with the golden entry `name` (or record it, for this machine kind, when
+    updating). Each entry keeps the values recorded on each machine kind: compared exactly where this
+    machine's kind has values, else with the first kind's at a relative FALLBACK_REL_TOL."""
     golden = load_golden()
     if UPDATE:
-        golden[name] = {"machine": machine(), "values": measured}
+        golden.setdefault(name, {})[machine()] = measured
         GOLDEN.parent.mkdir(parents=True, exist_ok=True)
         GOLDEN.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
         return
     assert name in golden, f"{GOLDEN} has no entry {name!r}: record it with MEMSWEEP_UPDATE_GOLDEN=1"
-    entry = golden[name]
-    exact = entry["machine"] == machine()
-    differences = list(_differences(entry["values"], json.loads(json.dumps(measured)), name, exact))
+    kinds = golden[name]
+    exact = machine() in kinds
+    recorded_on = machine() if exact else next(iter(kinds))
+    differences = list(_differences(kinds[recorded_on], json.loads(json.dumps(measured)), name, exact))
     assert not differences, (
         f"{len(differences)} numbers differ from the golden values "
-        f"({'exact comparison' if exact else 'recorded on ' + entry['machine'] + ', compared at rel 1e-3'}):\n"
+        f"({'exact comparison' if exact else f'recorded on {recorded_on}, compared at rel {FALLBACK_REL_TOL:g}'}; "
+        f"record this machine kind's with MEMSWEEP_UPDATE_GOLDEN=1 on the commit that recorded the others):\n"
         + "\n".join(differences[:30]))
 
 
@@ -95,7 +103,7 @@ def _differences(golden, measured, where: str, exact: bool):
         for i, (g, m) in enumerate(zip(golden, measured)):
             yield from _differences(g, m, f"{where}[{i}]", exact)
     elif isinstance(golden, float) and isinstance(measured, (int, float)) and not exact:
-        if not math.isclose(golden, measured, rel_tol=1e-3, abs_tol=1e-9):
+        if not math.isclose(golden, measured, rel_tol=FALLBACK_REL_TOL, abs_tol=1e-9):
             yield f"{where}: {measured!r} != golden {golden!r}"
     elif golden != measured:
         yield f"{where}: {measured!r} != golden {golden!r}"
