@@ -1,7 +1,7 @@
 """Memorization capacity on a lent GPU, in one call of about 8 minutes: the paper's own l1_d32 row in
 fp32 and bf16, and the laptop shape trained 8x longer than the laptop sweep did.
 
-    python -m bench.capacity_probe [--device cuda] [--budget-s 130] [--paper-size-x 2] [--out DIR]
+    python -m bench.capacity_probe [--device cuda] [--budget-s 130] [--paper-size-x 2] [--out DIR] [--runs NAME ...]
     python -m bench.capacity_probe --device cpu --quick      # the same code on toy sizes (CI)
 
 Three runs, each within `--budget-s` seconds (its measurement of the step time included):
@@ -58,6 +58,7 @@ LAPTOP_SIZES_X = (2.0, 8.0)  # the laptop shape's datasets, in multiples of its 
 LAPTOP_TARGET_STEPS = 8 * 4000  # 8x the laptop sweep's 4,000 steps (the cosine recipe of issue 14's time)
 EVALUATIONS = 40  # per run, so the rule sees the curve's doublings (the paper recipe's 5,000 suits 10^6 steps)
 BUDGET_MARGIN = 0.9  # of the time left after measuring: steps jitter, evaluations too
+RUNS = ("paper_l1_d32_fp32", "paper_l1_d32_bf16", "laptop_l1_d16")  # the names `probes` gives its runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,6 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--paper-size-x", type=float, default=2.0,
                         help="the paper row's dataset, in multiples of its reported fp32 capacity")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--runs", nargs="*", choices=RUNS, help="the runs to make (default: all three)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -213,6 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
                "started": datetime.now(timezone.utc).isoformat(), "runs": []}
     path = results_path(args.out, "capacity_probe-")
     for probe in probes(args):
+        if args.runs and probe.name not in args.runs:
+            continue
         run = run_probe(probe, device, budget_s, 5 if args.quick else 50)
         results["runs"].append(run)
         save_results(results, path)

@@ -1,10 +1,10 @@
 """memsweep's benchmarks on a GPU, in one run that fits a short lease of the card.
 
-    python -m bench.gpu [--quick] [--out DIR] [--budget-s 420] [--device cuda]
+    python -m bench.gpu [--quick] [--out DIR] [--budget-s 420] [--device cuda] [--only SECTION ...]
 
 Each figure is a ratio of two things timed in this run, back to back, repeated; results go to
 `<out>/gpu-<UTC timestamp>.json` after every section (a run cut short keeps what it measured) and a
-table is printed last. Sections, in order:
+table is printed last. Sections, in this order unless `--only` names some (then in its order):
 
 - peaks: the card's matrix-multiply rates (fp32 without TF32, TF32, bf16) measured here, the
   denominators of every MFU below.
@@ -15,15 +15,28 @@ table is printed last. Sections, in order:
   fp32 and bf16, batched reductions, plus K=32 with the CPU's bit-exact per-cell reductions) and for the
   paper's data (V=2048, S=64, batch 2048; K=8). Each pack is also checked against its cells trained
   alone: relative difference of the members' mean NLL and of the weights (equal up to float rounding).
+- lone_cell: a lone cell's seconds per step with the step before issue 19 (`LEGACY_STEP`: a host
+  synchronisation per step, foreach AdamW) and today's (no per-step synchronisation, fused AdamW): the
+  paper's l1_d32 cell (batch 2048) in fp32 and bf16, and the launch-bound tiny l1_d32 cell (batch 64).
+- compiled: the same cells with today's step compiled (torch.compile's default mode, and its CUDA-graph
+  mode `reduce-overhead`), over lone_cell's step before issue 19.
 - paper_shapes: training tokens/s and MFU of one cell of each of the paper's 16 shapes (paper data,
-  batch 2048) in fp32 and bf16, and for the shapes of d <= 64 a pack of 8 over one cell (tokens/s).
+  batch 2048) in fp32 and bf16, each with the step before issue 19 and today's (`after_over_before`),
+  and for the shapes of d <= 64 a pack of 8 over one cell (tokens/s).
 - fractional: packs as Ray tasks on one GPU with the fractional `num_gpus` that
   `orchestrator.resources` computes (several packs share the card) over the same packs each holding
   the whole GPU (one at a time). Needs `ray` (carried as a wheel to a bare GPU machine).
 - crossover: a pack of 8 over one after another as a cell's step grows (where packing stops paying).
 - score_vs_train; laptop_grid: the laptop sweep's 12 cells through Ray on one GPU, unpacked (fractional
   tasks) over packed.
-- profile: the top operators of a training step, fp32 against bf16 (not yet run on a GPU).
+- profile: where a step's time goes (torch.profiler), fp32 against bf16, before and after: device time
+  per step by operator category (matmul, attention, loss, layer norm, embedding, optimizer, casts and
+  copies, other elementwise), the host's time waiting on the device, kernel launches per step, and the
+  top operators.
+
+Every step time is taken inside one training run, between two device synchronisations made from its
+`progress` callback after the first steps and at the last: set-up, compilation and CUDA-graph capture
+stay out of it.
 
 On a machine without CUDA, `--device cpu --quick` runs the same code on toy sizes (a check of the
 script, not a benchmark; the CPU figures are `python -m bench`).
@@ -48,7 +61,7 @@ from bench.common import (
     NO_EVAL,
     RESULTS,
     machine,
-    memsweep_train,
+    no_eval,
     packed,
     packed_vs_sequential,
     score_vs_train,
@@ -59,12 +72,17 @@ from bench.common import (
     with_steps,
 )
 from models.data import synthetic_members
+from models.packed import train_packed
 from models.scoring import nll_bits
 from models.spec import CellSpec, DataSpec, ModelSpec, TrainSpec
+from models.train import LEGACY_STEP, StepOptions, train
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = DataSpec(64, 32, 128, 256)  # the laptop sweep's data: V=64, S=32
 PAPER = DataSpec(2048, 64, 1024, 256)  # the paper's synthetic data: V=2048, S=64
+# Issue 19's before and after: the step as it was, and today's default step.
+STEPS = {"before": LEGACY_STEP, "after": StepOptions()}
+WARM_STEPS = 5  # steps a timed run takes before its clock starts: compilation, CUDA graphs, allocator
 
 
 def cell(shape: str, data: DataSpec, steps: int, batch_size: int, seed: int = 0, precision: str = "fp32",
@@ -163,36 +181,118 @@ def section_packed(device: torch.device, quick: bool) -> dict:
             "target": ">= 10 for 32 cells of l1_d32 on a GPU", "ratios": out}
 
 
-def throughput(spec: CellSpec, device: torch.device, k: int = 1) -> float:
-    """Training tokens/s of one cell (k=1, train()) or a pack of k, after a short warm-up run."""
-    specs = [dataclasses.replace(spec, seed=i) for i in range(k)]
+def step_seconds(specs: list[CellSpec], device: torch.device, options: StepOptions = STEPS["after"],
+                 profiler=None) -> float:
+    """Seconds per optimizer step of `specs` trained alone (one spec) or as one pack, once running: timed
+    inside the run between a device synchronisation after WARM_STEPS steps and one at the last step
+    (the clock of `profiler`, if given, runs between the same two points)."""
+    last, marks = specs[0].train.max_steps, {}
+
+    def progress(step: int, metrics: dict) -> None:
+        if step in (WARM_STEPS, last):
+            sync(device)
+            marks[step] = time.perf_counter()
+            if profiler is not None:
+                (profiler.start if step == WARM_STEPS else profiler.stop)()
+
     members = [synthetic_members(s.data, s.seed) for s in specs]
-    run = (lambda ss: sequential(ss, members, device)) if k == 1 else (lambda ss: packed(ss, members, device))
-    run([with_steps(s, 2) for s in specs])
-    seconds = timed(lambda: run(specs), device)
-    return k * spec.train.max_steps * spec.train.batch_size * spec.data.seq_len / seconds
+    if len(specs) == 1:
+        train(specs[0], members[0], device=device, evaluate=no_eval, progress=progress, options=options)
+    else:
+        train_packed(specs, members, device=device, evaluates=[no_eval] * len(specs), options=options,
+                     progresses=[progress] + [lambda step, metrics: None] * (len(specs) - 1))
+    return (marks[last] - marks[WARM_STEPS]) / (last - WARM_STEPS)
+
+
+def throughput(spec: CellSpec, device: torch.device, k: int = 1, options: StepOptions = STEPS["after"]) -> float:
+    """Training tokens/s of one cell (k=1) or a pack of k, once running."""
+    specs = [dataclasses.replace(spec, seed=i) for i in range(k)]
+    return k * spec.train.batch_size * spec.data.seq_len / step_seconds(specs, device, options)
+
+
+def lone_cells(device: torch.device, quick: bool) -> dict[str, CellSpec]:
+    """The lone cells whose step time issue 19 is about: the paper's l1_d32 cell (batch 2048) in fp32
+    and bf16, and the launch-bound tiny one (batch 64); on a CPU the tiny one alone."""
+    steps = WARM_STEPS + (5 if device.type == "cpu" else (30 if quick else 60))
+    cells = {"paper_l1_d32_fp32": cell("l1_d32", PAPER, steps, 2048, num_sequences=4096, lr=1e-3),
+             "paper_l1_d32_bf16": cell("l1_d32", PAPER, steps, 2048, precision="bf16", num_sequences=4096, lr=1e-3),
+             "tiny_l1_d32_fp32": cell("l1_d32", TINY, steps, 64, num_sequences=256)}
+    return {"tiny_l1_d32_fp32": cells["tiny_l1_d32_fp32"]} if device.type == "cpu" else cells
+
+
+def lone_cell_figures(specs: dict[str, CellSpec], variants: dict[str, StepOptions], device: torch.device,
+                      before_ms: dict[str, float]) -> dict:
+    """ms per step of each lone cell in each variant, and its speedup over `before_ms` (the step
+    before issue 19; else this call's own "before" variant). A variant that fails (a compile mode) is
+    recorded as its error."""
+    out = {}
+    for label, spec in specs.items():
+        row = {}
+        for name, options in variants.items():
+            try:
+                row[name] = {"ms_per_step": 1e3 * step_seconds([spec], device, options)}
+            except Exception as err:  # a compile mode that fails here must not lose the other figures
+                row[name] = {"error": f"{type(err).__name__}: {err}"}
+            finally:
+                torch._dynamo.reset()  # each variant compiles afresh, none inherits another's graphs
+        before = before_ms.get(label) or row.get("before", {}).get("ms_per_step")
+        for figure in row.values():
+            if "ms_per_step" in figure and before:
+                figure["speedup"] = before / figure["ms_per_step"]
+        out[label] = row
+        print(f"  lone {label}: " + "  ".join(f"{n} {f.get('ms_per_step', float('nan')):.2f} ms"
+                                             for n, f in row.items()), flush=True)
+    return out
+
+
+def section_lone_cell(device: torch.device, quick: bool) -> dict:
+    """A lone cell's step time before and after issue 19 (set-up left out); `speedup`: steps/s over
+    the step before issue 19."""
+    return {"what": "a lone cell's ms per step: before issue 19 and after; speedup over before",
+            "target": ">= 2 for paper_l1_d32 (steps/s over before)",
+            "cells": lone_cell_figures(lone_cells(device, quick), STEPS, device, {})}
+
+
+def section_compiled(device: torch.device, quick: bool, lone: dict) -> dict:
+    """The same lone cells with today's step compiled: torch.compile's default mode and, on CUDA, its
+    CUDA graphs (`reduce-overhead`); compilation left out of the figure; speedup over lone_cell's before."""
+    variants = {"compiled": StepOptions(compile_mode="default")}
+    if device.type == "cuda":
+        variants["cuda_graphs"] = StepOptions(compile_mode="reduce-overhead")
+    before = {label: row["before"]["ms_per_step"] for label, row in lone.get("cells", {}).items()
+              if "ms_per_step" in row.get("before", {})}
+    cells = lone_cell_figures(lone_cells(device, quick), variants, device, before)
+    return {"what": "a lone cell's ms per step with today's step compiled (MEMSWEEP_COMPILE); speedup over "
+                    "lone_cell's before", "cells": cells}
 
 
 def section_paper_shapes(device: torch.device, quick: bool, peaks: dict) -> dict:
     shapes = ["l1_d32"] if device.type == "cpu" else paper_shapes()
     data, batch = (TINY, 64) if device.type == "cpu" else (PAPER, 2048)
-    steps = 3 if device.type == "cpu" else (5 if quick else 10)
+    steps = WARM_STEPS + (3 if device.type == "cpu" else (5 if quick else 10))
     rows = {}
     for shape in shapes:
         row = {}
         for precision in ("fp32", "bf16"):
             spec = cell(shape, data, steps, batch, precision=precision, num_sequences=4096, lr=1e-3)
-            tps = throughput(spec, device)
             peak = peaks.get(f"{precision}_flops") or peaks.get("fp32_flops")
-            flops = tps / (batch * data.seq_len) * spec.train_flops_per_step
-            row[precision] = {"tokens_per_s": tps, "mfu": flops / peak if peak else None}
+            figure = {}
+            for when, options in STEPS.items():
+                tps = throughput(spec, device, options=options)
+                flops = tps / (batch * data.seq_len) * spec.train_flops_per_step
+                figure[when] = {"tokens_per_s": tps, "mfu": flops / peak if peak else None}
+            figure["after_over_before"] = figure["after"]["tokens_per_s"] / figure["before"]["tokens_per_s"]
+            row[precision] = figure
+        row["bf16_over_fp32"] = row["bf16"]["after"]["tokens_per_s"] / row["fp32"]["after"]["tokens_per_s"]
         if int(shape.split("_d")[1]) <= 64:
             spec = cell(shape, data, steps, batch, num_sequences=4096, lr=1e-3)
-            row["pack8_over_one"] = throughput(spec, device, k=8) / row["fp32"]["tokens_per_s"]
+            row["pack8_over_one"] = throughput(spec, device, k=8) / row["fp32"]["after"]["tokens_per_s"]
         rows[shape] = row
         print(f"  {shape}: " + json.dumps(row), flush=True)
     return {"what": f"training tokens/s and MFU per paper shape (V={data.vocab_size}, S={data.seq_len}, "
-                    f"batch {batch}); pack8_over_one: tokens/s of a pack of 8 over one cell", "shapes": rows}
+                    f"batch {batch}), before issue 19 and after; pack8_over_one: tokens/s of a pack of 8 "
+                    "over one cell", "targets": "bf16 mfu >= 0.3 at d=256; bf16_over_fp32 >= 3 at d >= 128",
+            "shapes": rows}
 
 
 def _pack_task_body(specs: list[CellSpec], device_name: str) -> dict:
@@ -307,33 +407,72 @@ def section_laptop_grid(device: torch.device, quick: bool) -> dict:
         ray.shutdown()
 
 
+# Operator categories of the profile, first match wins: (category, substrings of an aten op's name).
+CATEGORIES = (
+    ("attention", ("attention",)),
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear")),
+    ("optimizer", ("adam", "aten::_foreach")),  # AdamW and the clip's foreach norms and scaling
+    ("loss", ("softmax", "nll_loss", "cross_entropy")),
+    ("layer_norm", ("layer_norm",)),
+    ("embedding", ("embedding",)),
+    ("casts_and_copies", ("aten::copy_", "aten::_to_copy")),
+    ("elementwise_and_other", ("aten::",)),
+)
+HOST_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense")
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
+
+
+def op_category(name: str) -> str | None:
+    """The category of an aten operator (None for anything else: runtime calls, kernels themselves,
+    which on a GPU are counted through the operator that launched them)."""
+    if not name.startswith("aten::") or name in HOST_WAITS:
+        return None
+    lowered = name.lower()
+    return next(category for category, keys in CATEGORIES if any(k.lower() in lowered for k in keys))
+
+
+def profile_breakdown(events, steps: int, on_gpu: bool) -> dict:
+    """torch.profiler's key averages -> per step: the device time (on a CPU, the host's) by category,
+    its top operators, the host's time waiting on the device, and kernel launches."""
+    self_time = (lambda e: e.self_device_time_total) if on_gpu else (lambda e: e.self_cpu_time_total)
+    ops = [e for e in events if op_category(e.key) is not None and self_time(e) > 0]
+    busy = sum(self_time(e) for e in ops) or 1.0
+    categories = {}
+    for e in ops:
+        categories[op_category(e.key)] = categories.get(op_category(e.key), 0.0) + self_time(e)
+    top = sorted(ops, key=self_time, reverse=True)[:10]
+    return {"busy_ms_per_step": busy / 1e3 / steps,
+            "share": {c: t / busy for c, t in sorted(categories.items(), key=lambda kv: -kv[1])},
+            "host_wait_ms_per_step": sum(e.self_cpu_time_total for e in events if e.key in HOST_WAITS) / 1e3 / steps,
+            "launches_per_step": sum(e.count for e in events if e.key in LAUNCHES) / steps,
+            "top": [{"op": e.key, "share": self_time(e) / busy, "calls_per_step": e.count / steps} for e in top]}
+
+
 def section_profile(device: torch.device, quick: bool) -> dict:
-    """Where a training step's time goes, fp32 against bf16 (torch.profiler): the top operators by
-    self time on the device (on the CPU with --device cpu), per step."""
+    """Where a training step's time goes, fp32 against bf16, before and after issue 19 (torch.profiler
+    over the steps after the warm-up): device time by operator category, busy time over wall time
+    (under 1: the device waits for the host), the host's waits on the device and kernel launches."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     shapes = ([("l1_d32", TINY, 64)] if device.type == "cpu"
               else [("l1_d32", PAPER, 2048), ("l8_d256", PAPER, 2048)])
-    steps, out = 3 if device.type == "cpu" else 6, {}
-    self_time = ((lambda e: e.self_device_time_total) if device.type == "cuda"
-                 else (lambda e: e.self_cpu_time_total))
+    steps, out = WARM_STEPS + (3 if device.type == "cpu" else 6), {}
     for shape, data, batch in shapes:
         for precision in ("fp32", "bf16"):
             spec = cell(shape, data, steps, batch, precision=precision, num_sequences=4096, lr=1e-3)
-            members = synthetic_members(spec.data, spec.seed)
-            memsweep_train(with_steps(spec, 2), members, device)
-            with profile(activities=activities) as prof:
-                seconds = timed(lambda: memsweep_train(spec, members, device), device)
-            events = sorted(prof.key_averages(), key=self_time, reverse=True)
-            total = sum(self_time(e) for e in events) or 1.0
-            run = out[f"{shape}_{precision}"] = {
-                "ms_per_step": 1e3 * seconds / steps, "busy_ms_per_step": total / 1e3 / steps,
-                "top": [{"op": e.key, "share": self_time(e) / total, "calls_per_step": e.count / steps}
-                        for e in events[:12]]}
-            print(f"  profile {shape} {precision}: {run['ms_per_step']:.1f} ms/step; "
-                  + ", ".join(f"{t['op'][:40]} {t['share']:.0%}" for t in run["top"][:4]), flush=True)
-    return {"what": "top operators of a training step by self time, fp32 and bf16", "runs": out}
+            for when, options in STEPS.items():
+                prof = profile(activities=activities)
+                seconds = step_seconds([spec], device, options, profiler=prof)
+                run = out[f"{shape}_{precision}_{when}"] = {
+                    "ms_per_step": 1e3 * seconds,
+                    **profile_breakdown(prof.key_averages(), steps - WARM_STEPS, device.type == "cuda")}
+                run["busy_over_wall"] = run["busy_ms_per_step"] / run["ms_per_step"]
+                print(f"  profile {shape} {precision} {when}: {run['ms_per_step']:.2f} ms/step, busy "
+                      f"{run['busy_over_wall']:.0%}, waits {run['host_wait_ms_per_step']:.2f} ms; "
+                      + ", ".join(f"{c} {v:.0%}" for c, v in list(run["share"].items())[:5]), flush=True)
+    return {"what": "where a step's time goes, by operator category, fp32 and bf16, before and after issue 19",
+            "runs": out}
 
 
 def _gpu_memory_gb(device: torch.device) -> float:
@@ -361,7 +500,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="skip the sections that would start after this many seconds")
-    parser.add_argument("--only", nargs="*", help="section names to run (default: all)")
+    parser.add_argument("--only", nargs="*", help="section names to run, in this order (default: all)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -379,6 +518,8 @@ def main(argv: list[str] | None = None) -> dict:
     began = time.perf_counter()
     sections = {
         "peaks": lambda: section_peaks(device, args.quick),
+        "lone_cell": lambda: section_lone_cell(device, args.quick),
+        "compiled": lambda: section_compiled(device, args.quick, results["sections"].get("lone_cell", {})),
         "train_vs_bare": lambda: section_train_vs_bare(device, args.quick),
         "packed": lambda: section_packed(device, args.quick),
         "fractional": lambda: section_fractional(device, args.quick),
@@ -388,9 +529,11 @@ def main(argv: list[str] | None = None) -> dict:
         "laptop_grid": lambda: section_laptop_grid(device, args.quick),
         "profile": lambda: section_profile(device, args.quick),
     }
-    for name, run in sections.items():
-        if args.only and name not in args.only:
-            continue
+    unknown = set(args.only or ()) - set(sections)
+    if unknown:
+        parser.error(f"--only: no section {', '.join(sorted(unknown))} (sections: {', '.join(sections)})")
+    for name in args.only or sections:  # in the order given
+        run = sections[name]
         elapsed = time.perf_counter() - began
         if elapsed > args.budget_s:
             results["sections"][name] = {"skipped": f"budget: {elapsed:.0f} s spent"}
@@ -425,9 +568,20 @@ def print_table(results: dict) -> None:
             print(f"crossover {row['shape']:8s} V={row['vocab_size']:<5d} batch {row['batch_size']:<5d} "
                   f"{row['cell_gflops_per_step']:9.2f} GFLOP/step  pack8/sequential {row['ratio']:.2f}")
         for shape, row in section.get("shapes", {}).items():
-            print(f"{shape:10s} fp32 {row['fp32']['tokens_per_s']:12.0f} tok/s mfu {row['fp32']['mfu'] or 0:.3f}   "
-                  f"bf16 {row['bf16']['tokens_per_s']:12.0f} tok/s mfu {row['bf16']['mfu'] or 0:.3f}"
-                  + (f"   pack8/one {row['pack8_over_one']:.2f}" if "pack8_over_one" in row else ""))
+            print(f"{shape:10s} " + "   ".join(
+                f"{p} {row[p]['after']['tokens_per_s']:11.0f} tok/s mfu {row[p]['after']['mfu'] or 0:.3f} "
+                f"({row[p]['after_over_before']:.2f}x before)" for p in ("fp32", "bf16"))
+                + f"   bf16/fp32 {row['bf16_over_fp32']:.2f}"
+                + (f"   pack8/one {row['pack8_over_one']:.2f}" if "pack8_over_one" in row else ""))
+        for label, row in section.get("cells", {}).items():
+            print(f"lone {label:24s} " + "  ".join(
+                f"{n} {f['ms_per_step']:.2f} ms ({f.get('speedup', float('nan')):.2f}x)" if "ms_per_step" in f
+                else f"{n} failed"
+                for n, f in row.items()))
+        for label, run in section.get("runs", {}).items():
+            print(f"profile {label:24s} {run['ms_per_step']:8.2f} ms/step busy {run['busy_over_wall']:4.0%} "
+                  f"waits {run['host_wait_ms_per_step']:.2f} ms  launches {run['launches_per_step']:.0f}  "
+                  + ", ".join(f"{c} {v:.0%}" for c, v in list(run["share"].items())[:4]))
 
 
 if __name__ == "__main__":

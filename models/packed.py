@@ -29,7 +29,6 @@ GPU (the default there) those reductions are batched over the cells too, equal u
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -43,7 +42,7 @@ from models.data import BatchOrder
 from models.gpt import GPT
 from models.spec import CellSpec, SpecError, pack_key
 from models.progress import CellProgress, TrainResult
-from models.train import EvaluateFn, LogFn, ProgressFn
+from models.train import EvaluateFn, LogFn, ProgressFn, StepMetrics, StepOptions, to_device
 
 ADAM_EPS = 1e-8  # torch.optim.AdamW's default, which train() uses
 # Weights and gradients are strided views into (K, P) buffers on purpose; autograd accumulates into
@@ -236,18 +235,21 @@ class PackedAdamW:
         self.steps = [self.steps[r] for r in rows]
 
     @torch.no_grad()
-    def step(self, params: torch.Tensor, grads: torch.Tensor, lrs: list[float]) -> None:
-        """params, grads: (K, P) float32; lrs: each cell's learning rate for this step."""
+    def step(self, params: torch.Tensor, grads: torch.Tensor, lrs: list[float], blocking: bool = False) -> None:
+        """params, grads: (K, P) float32; lrs: each cell's learning rate for this step. The per-cell
+        coefficients go to the device in one copy (`blocking`: one that waits for it, as before issue 19)."""
         self.steps = [s + 1 for s in self.steps]
-        column = lambda values: torch.tensor(values, dtype=torch.float32, device=params.device).unsqueeze(1)
-        if self.weight_decay != 0:
-            params.mul_(column([1 - lr * self.weight_decay for lr in lrs]))
-        self.exp_avg.lerp_(grads, 1 - self.beta1)
-        self.exp_avg_sq.mul_(self.beta2).addcmul_(grads, grads, value=1 - self.beta2)
+        decay = [1 - lr * self.weight_decay for lr in lrs]
         step_size = [(lr / (1 - self.beta1**s)) * -1 for lr, s in zip(lrs, self.steps)]
         bias_correction2_sqrt = [(1 - self.beta2**s) ** 0.5 for s in self.steps]
-        denom = self.exp_avg_sq.sqrt().div_(column(bias_correction2_sqrt)).add_(ADAM_EPS)
-        params.add_(self.exp_avg.mul(column(step_size)).div_(denom))  # addcdiv's order: (s * m) / d
+        coefficients = torch.tensor([decay, step_size, bias_correction2_sqrt], dtype=torch.float32)
+        decay, step_size, bias_correction2_sqrt = to_device(coefficients, params.device, blocking).unsqueeze(2)
+        if self.weight_decay != 0:
+            params.mul_(decay)
+        self.exp_avg.lerp_(grads, 1 - self.beta1)
+        self.exp_avg_sq.mul_(self.beta2).addcmul_(grads, grads, value=1 - self.beta2)
+        denom = self.exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(ADAM_EPS)
+        params.add_(self.exp_avg.mul(step_size).div_(denom))  # addcdiv's order: (s * m) / d
 
     # -- one row in torch.optim.AdamW's state_dict format -------------------------------------------
     def row_state(self, row: int, slots: list[_Slot], template: dict) -> dict:
@@ -333,9 +335,9 @@ class _Pack:
             model._rebind()
         self.scratch = model.to_gpt(0)  # in the pack's dtype, refilled with each cell's row
 
-    def step(self, targets: torch.Tensor, lrs: list[float]) -> list[float]:
+    def step(self, targets: torch.Tensor, lrs: list[float], blocking: bool = False) -> torch.Tensor:
         """One AdamW step of every row on its (B, S) batch of `targets` ((K, B, S) tokens), row k at
-        learning rate `lrs[k]`; returns each row's mean loss in nats per token."""
+        learning rate `lrs[k]`; returns each row's mean loss in nats per token, (K,) on the device."""
         model = self.model
         with self.autocast:
             logits = model(model.inputs_for(targets))  # (K, B, S, V)
@@ -346,11 +348,11 @@ class _Pack:
         if self.grad_clip > 0:  # clip_grad_norm_ per cell: each row's global norm
             norms = _clip_norms(grads, model.slots, self.exact)  # (K, 1)
             grads.mul_(torch.clamp(self.grad_clip / (norms + 1e-6), max=1.0))
-        self.optimizer.step(self.master, grads, lrs)
+        self.optimizer.step(self.master, grads, lrs, blocking)
         model.grad.zero_()
         if self.dtype != torch.float32:
             model.flat.copy_(self.master)  # rounds float32 -> bfloat16
-        return losses.tolist()
+        return losses.detach()
 
     def checkpoint(self, row: int) -> dict:
         """Row `row`'s weights and AdamW state, in train()'s checkpoint format."""
@@ -416,11 +418,12 @@ class _PackedCell:
             pack.load(self.index, saved)
         self.progress = CellProgress.resume(self.spec, saved)
 
-    def after_step(self, pack: _Pack, row: int, loss_nats: float) -> None:
-        """What train() does after each optimizer step, for this cell at row `row` of the pack."""
+    def after_step(self, pack: _Pack, row: int, loss_nats: torch.Tensor | float, read: bool) -> None:
+        """What train() does after each optimizer step, for this cell at row `row` of the pack; its
+        loss (on the device, or `read` already) is read at evaluations, or when `read` asks."""
         progress = self.progress
         progress.advance()
-        metrics = {"train_loss_bits_per_token": loss_nats / math.log(2)}
+        metrics = StepMetrics(loss_nats, read=read or progress.evaluation_due)
         if progress.evaluation_due:
             result = self.call(self.evaluate, pack.model.to_gpt(row, pack.scratch))
             if result is None:
@@ -453,12 +456,16 @@ def train_packed(
     progresses: list[ProgressFn] | None = None,
     isolate_errors: bool = False,
     exact: bool | None = None,
+    options: StepOptions | None = None,
 ) -> list[TrainResult | BaseException]:
     """Train the cells of `specs` together; result k equals `train(specs[k], members_list[k], ...)` up
     to float rounding (bit for bit with `exact`, the default on a CPU; see the module doc). With
     `isolate_errors`, a cell whose checkpoint, evaluation or callback raises leaves the pack and its
-    entry is the exception; the others go on. Otherwise the error propagates."""
+    entry is the exception; the others go on. Otherwise the error propagates. Of `options` (default
+    `StepOptions.from_env()`) a pack follows `sync_every_step`; its AdamW is its own and it is not
+    compiled."""
     check_packable(specs)
+    sync = (options or StepOptions.from_env()).sync_every_step
     exact = device.type == "cpu" if exact is None else exact
     K, hp = len(specs), specs[0].train
     logs = logs or [lambda metrics, step: None] * K
@@ -479,8 +486,10 @@ def train_packed(
     while active:
         lrs = [cell.progress.learning_rate() for cell in active]
         index = np.concatenate([cell.order.indices(cell.progress.step) + cell.offset for cell in active])
-        targets = data[torch.as_tensor(index, device=device)].view(len(active), hp.batch_size, -1)  # (K, B, S)
-        for row, (cell, loss) in enumerate(zip(active, pack.step(targets, lrs))):
-            cell.after_step(pack, row, loss)
+        rows = to_device(torch.from_numpy(index), device, sync)
+        targets = data[rows].view(len(active), hp.batch_size, -1)  # (K, B, S)
+        losses = pack.step(targets, lrs, sync)
+        for row, (cell, loss) in enumerate(zip(active, losses.tolist() if sync else losses)):
+            cell.after_step(pack, row, loss, read=sync)
         active = pack.drop_finished(active)
     return [cell.result() for cell in cells]

@@ -44,9 +44,11 @@ class WeightPrecision:
     def __init__(self, precision: str, model: torch.nn.Module, device: torch.device):
         self.precision, self.model, self.device = precision, model, device
         self.master: list[torch.Tensor] = []
+        self.master_grads: list[torch.Tensor] = []  # bf16: the master copy's gradients, reused every step
         if precision == "bf16":
             model.to(torch.bfloat16)
             self.master = [p.detach().float().clone().requires_grad_(True) for p in model.parameters()]
+            self.master_grads = [torch.empty_like(m) for m in self.master]
 
     def optimizer_params(self) -> list[torch.Tensor]:
         return self.master if self.master else list(self.model.parameters())
@@ -57,14 +59,17 @@ class WeightPrecision:
         return contextlib.nullcontext()
 
     def grads_to_master(self) -> None:
-        for master, p in zip(self.master, self.model.parameters()):
-            master.grad = p.grad.float()
+        """The model's bfloat16 gradients, widened (exactly) into the master copy's gradients: one
+        foreach copy rather than a cast kernel per weight."""
+        params = list(self.model.parameters())
+        torch._foreach_copy_(self.master_grads, [p.grad for p in params])
+        for master, grad, p in zip(self.master, self.master_grads, params):
+            master.grad = grad
             p.grad = None
 
     @torch.no_grad()
     def master_to_model(self) -> None:
-        for master, p in zip(self.master, self.model.parameters()):
-            p.copy_(master)  # rounds float32 -> bfloat16
+        torch._foreach_copy_(list(self.model.parameters()), self.master)  # rounds float32 -> bfloat16
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "master": [m.detach() for m in self.master]}

@@ -1,13 +1,19 @@
 """bench/gpu.py runs where CI has no GPU: `--device cpu` exercises the same code on toy sizes. On the CPU
 a pack is bit-exact, so the script's own agreement check must read zero there, and every figure it
-writes is a ratio of two timings of this run."""
+writes is a ratio of two timings of this run. bench/gpu_session.py, the GPU session of issue 19, runs
+its two stages and summarises them."""
 
 import json
 import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from bench.gpu import main, paper_shapes
+from bench.gpu import main, op_category, paper_shapes
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_the_paper_shapes_are_the_sixteen_of_conf():
@@ -15,12 +21,28 @@ def test_the_paper_shapes_are_the_sixteen_of_conf():
     assert len(shapes) == 16 and "l1_d16" not in shapes and "l8_d256" in shapes
 
 
+def test_the_profile_sorts_operators_into_categories():
+    assert op_category("aten::addmm") == op_category("aten::bmm") == "matmul"
+    assert op_category("aten::_scaled_dot_product_flash_attention_backward") == "attention"
+    assert op_category("aten::_fused_adamw_") == op_category("aten::_foreach_norm") == "optimizer"
+    assert op_category("aten::_log_softmax_backward_data") == "loss"
+    assert op_category("aten::_to_copy") == "casts_and_copies" and op_category("aten::gelu") == "elementwise_and_other"
+    # Waits on the device and what is not an operator (runtime calls, kernels) are counted apart.
+    assert op_category("aten::_local_scalar_dense") is op_category("cudaLaunchKernel") is None
+
+
+def test_an_unknown_section_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["--device", "cpu", "--only", "peaks", "speed"])
+    assert "no section speed" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_gpu_bench_runs_on_the_cpu_and_writes_its_figures(tmp_path):
-    sections = ["packed", "crossover", "profile"]
+    sections = ["packed", "crossover", "profile", "lone_cell", "paper_shapes"]
     results = main(["--device", "cpu", "--quick", "--only", *sections, "--out", str(tmp_path)])
     (written,) = tmp_path.glob("gpu-*.json")
-    assert json.loads(written.read_text())["sections"].keys() == {"packed", "crossover", "profile"}
+    assert list(json.loads(written.read_text())["sections"]) == sections  # in the order asked
     packed = results["sections"]["packed"]["ratios"]
     assert set(packed) == {"tiny_k8_fp32", "tiny_k32_fp32"}
     for figure in packed.values():
@@ -32,6 +54,34 @@ def test_gpu_bench_runs_on_the_cpu_and_writes_its_figures(tmp_path):
     assert [r["batch_size"] for r in rows] == [64, 512]
     assert rows[0]["cell_gflops_per_step"] < rows[1]["cell_gflops_per_step"]
     profiled = results["sections"]["profile"]["runs"]
-    assert set(profiled) == {"l1_d32_fp32", "l1_d32_bf16"}
+    assert set(profiled) == {f"l1_d32_{p}_{w}" for p in ("fp32", "bf16") for w in ("before", "after")}
     for run in profiled.values():
         assert run["top"] and 0 < run["top"][0]["share"] <= 1 and run["ms_per_step"] > 0
+        assert sum(run["share"].values()) == pytest.approx(1.0) and run["share"]["matmul"] > 0
+    lone = results["sections"]["lone_cell"]["cells"]["tiny_l1_d32_fp32"]
+    assert lone["before"]["speedup"] == 1.0
+    assert lone["after"]["speedup"] == pytest.approx(lone["before"]["ms_per_step"] / lone["after"]["ms_per_step"])
+    shape = results["sections"]["paper_shapes"]["shapes"]["l1_d32"]
+    for precision in ("fp32", "bf16"):
+        tokens = [shape[precision][w]["tokens_per_s"] for w in ("after", "before")]
+        assert shape[precision]["after_over_before"] == pytest.approx(tokens[0] / tokens[1])
+
+
+@pytest.mark.slow
+def test_the_gpu_session_runs_on_the_cpu_and_summarises_both_stages(tmp_path):
+    subprocess.run([sys.executable, "-m", "bench.gpu_session", str(tmp_path), "--device", "cpu", "--quick"],
+                   cwd=REPO, check=True, timeout=900)
+    (gpu,) = tmp_path.glob("gpu-*.json")
+    (capacity,) = tmp_path.glob("capacity_probe-*.json")
+    sections = json.loads(gpu.read_text())["sections"]
+    assert list(sections) == ["peaks", "lone_cell", "profile", "paper_shapes", "crossover", "compiled"]
+    assert not [name for name, section in sections.items() if "error" in section or "skipped" in section]
+    compiled = sections["compiled"]["cells"]["tiny_l1_d32_fp32"]["compiled"]
+    assert compiled["ms_per_step"] > 0 and "speedup" in compiled
+    runs = [run["name"] for run in json.loads(capacity.read_text())["runs"]]
+    assert runs == ["paper_l1_d32_fp32", "paper_l1_d32_bf16"]  # the paper's row only
+    summary = (tmp_path / "summary.txt").read_text().splitlines()
+    assert summary[:2] == [line for line in summary if line.startswith(("gpu: ok", "capacity: ok"))]
+    assert sum(line.startswith("capacity paper_l1_d32_") for line in summary) == 2
+    assert any(line.startswith("lone tiny_l1_d32_fp32: before") and "compiled" in line for line in summary)
+    assert (tmp_path / "gpu.log").stat().st_size and (tmp_path / "capacity.log").stat().st_size

@@ -118,7 +118,7 @@ def run(spec, members, store, crash_at=None):
     seen = {}
 
     def progress(step, metrics):
-        seen[step] = dict(metrics)
+        seen[step] = {"train_loss_bits_per_token": metrics["train_loss_bits_per_token"], **metrics}
         if step == crash_at:
             raise Crash(f"killed at step {step}")
 
