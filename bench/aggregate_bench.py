@@ -38,8 +38,8 @@ PLANTED_ALPHA = {"fp32": 3.8, "bf16": 3.5}
 EVAL_STEPS = (250, 500, 750, 1000)
 
 
-def params_of(layers: int, width: int) -> int:
-    return V * width + S * width + layers * (12 * width * width + 13 * width) + 2 * width + width
+def params_of(layers: int, width: int, vocab: int = V, seq_len: int = S) -> int:
+    return vocab * width + seq_len * width + layers * (12 * width * width + 13 * width) + 2 * width + width
 
 
 def synthetic_cells(n: int, template: dict[str, str], seed: int = 0) -> list[dict]:
@@ -52,12 +52,6 @@ def synthetic_cells(n: int, template: dict[str, str], seed: int = 0) -> list[dic
         cell_seed, rest = divmod(i, per_seed)
         (layers, width), rest = SHAPES[rest // (len(SIZES) * len(PRECISIONS))], rest % (len(SIZES) * len(PRECISIONS))
         size, precision = SIZES[rest // len(PRECISIONS)], PRECISIONS[rest % len(PRECISIONS)]
-        p = params_of(layers, width)
-        entropy = size * S * math.log2(V)
-        cap = PLANTED_ALPHA[precision] * p
-        mem = (entropy**-4 + cap**-4) ** -0.25 * (1 + 0.01 * rng.standard_normal())  # a smooth min
-        x = size / p
-        f1 = float(np.clip(0.5 * (1 + 1.34 / (1 + np.exp(33.14 * (x - 0.0337)))) + 0.01 * rng.standard_normal(), 0.5, 1))
         name = f"l{layers}_d{width}"
         cell_id = f"{name}-v{V}-s{S}-n{size}-{precision}-seed{cell_seed}-{uuid.uuid5(uuid.NAMESPACE_OID, str(i)).hex[:10]}"
         params = dict(template)
@@ -65,23 +59,37 @@ def synthetic_cells(n: int, template: dict[str, str], seed: int = 0) -> list[dic
                        "model.n_embd": str(width), "data.vocab_size": str(V), "data.seq_len": str(S),
                        "data.num_sequences": str(size), "precision.name": precision, "seed": str(cell_seed),
                        "train.max_steps": "1000"})
-        metrics = {
-            "params": p, "params_paper": p - width, "entropy_bits": entropy, "mem_bits": mem,
-            "mem_bits_unclipped": mem, "mem_fraction": mem / entropy, "bits_per_param": mem / p,
-            "predicted_mem_bits": min(cap, entropy), "sequences_per_param": x,
-            "train_nll_bits_per_token": (entropy - mem) / (size * S), "test_nll_bits_per_token": 11.0 + 0.05 * rng.random(),
-            "loss_auc": min(1.0, f1 + 0.02), "loss_tpr_at_1pct_fpr": max(0.0, 2 * f1 - 1),
-            "loss_tpr_at_0p1pct_fpr": max(0.0, 2 * f1 - 1.2), "loss_f1": f1, "steps": 1000.0,
-            "converged": float(rng.random() < 0.9), "resumed_from_step": 0.0, "wall_s": 100 * rng.random(),
-            "tokens_per_s": 1e5,
-        }
-        curves = [("mem_bits", mem * frac, step) for frac, step in zip((0.5, 0.8, 0.95, 1.0), EVAL_STEPS)]
-        curves += [("train_loss_bits_per_token", 11.0 * (1 - frac), step) for frac, step in zip((0.3, 0.6, 0.8, 0.9), EVAL_STEPS)]
         tags = {"memsweep.kind": "cell", "cell_id": cell_id, "sweep": SWEEP, "code_version": "0.1.0+bench",
                 "precision": precision, "mlflow.runName": cell_id.rsplit("-", 1)[0]}
-        cells.append({"run_id": uuid.uuid4().hex, "name": tags["mlflow.runName"], "start": now + i, "params": params,
-                      "tags": tags, "metrics": metrics, "curves": curves})
+        cells.append(planted_run(params, tags, (layers, width, V, S), size, precision, now + i, rng))
     return cells
+
+
+def planted_run(params: dict[str, str], tags: dict[str, str], shape: tuple[int, int, int, int], size: int,
+                precision: str, start_ms: int, rng) -> dict:
+    """One FINISHED cell run as `build_sql` inserts it: its params and tags as given, and every final
+    metric and the step curves following the planted laws for its (layers, width, V, S), N and precision."""
+    layers, width, vocab, seq_len = shape
+    p = params_of(layers, width, vocab, seq_len)
+    entropy = size * seq_len * math.log2(vocab)
+    cap = PLANTED_ALPHA[precision] * p
+    mem = (entropy**-4 + cap**-4) ** -0.25 * (1 + 0.01 * rng.standard_normal())  # a smooth min
+    x = size / p
+    f1 = float(np.clip(0.5 * (1 + 1.34 / (1 + np.exp(33.14 * (x - 0.0337)))) + 0.01 * rng.standard_normal(), 0.5, 1))
+    metrics = {
+        "params": p, "params_paper": p - width, "entropy_bits": entropy, "mem_bits": mem,
+        "mem_bits_unclipped": mem, "mem_fraction": mem / entropy, "bits_per_param": mem / p,
+        "predicted_mem_bits": min(cap, entropy), "sequences_per_param": x,
+        "train_nll_bits_per_token": (entropy - mem) / (size * seq_len), "test_nll_bits_per_token": 11.0 + 0.05 * rng.random(),
+        "loss_auc": min(1.0, f1 + 0.02), "loss_tpr_at_1pct_fpr": max(0.0, 2 * f1 - 1),
+        "loss_tpr_at_0p1pct_fpr": max(0.0, 2 * f1 - 1.2), "loss_f1": f1, "steps": 1000.0,
+        "converged": float(rng.random() < 0.9), "resumed_from_step": 0.0, "wall_s": 100 * rng.random(),
+        "tokens_per_s": 1e5,
+    }
+    curves = [("mem_bits", mem * frac, step) for frac, step in zip((0.5, 0.8, 0.95, 1.0), EVAL_STEPS)]
+    curves += [("train_loss_bits_per_token", 11.0 * (1 - frac), step) for frac, step in zip((0.3, 0.6, 0.8, 0.9), EVAL_STEPS)]
+    return {"run_id": uuid.uuid4().hex, "name": tags["mlflow.runName"], "start": start_ms, "params": params,
+            "tags": tags, "metrics": metrics, "curves": curves}
 
 
 def build_sql(store, exp_id: str, artifact_location: str, cells: list[dict]) -> None:

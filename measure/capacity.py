@@ -131,10 +131,13 @@ def bootstrap_capacities(params, mem_bits_by_size, *, n_boot: int = 1000, seed: 
     _check_shapes(p, per_shape)
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, p.size, size=(n_boot, p.size))  # (n_boot, M) shape indices
-    # (shape, n_boot, slot): shape m's resampled capacity in every slot, of which `picks` keeps one.
-    candidates = np.stack([_resampled_capacity(sizes, rng, picks.shape) for sizes in per_shape])
-    rows, slots = np.indices(picks.shape)
-    return p[picks], candidates[picks, rows, slots]
+    # Shape m's resampled capacity in every (replicate, slot), of which the slots that drew m keep
+    # theirs: one shape's draws at a time, not all M shapes' (M^2 x n_boot values) at once.
+    capacities = np.empty(picks.shape)
+    for m, sizes in enumerate(per_shape):
+        drawn = picks == m
+        capacities[drawn] = _resampled_capacity(sizes, rng, picks.shape)[drawn]
+    return p[picks], capacities
 
 
 def fit_alpha(params, mem_bits_by_size, *, n_boot: int = 1000, seed: int = 0,

@@ -169,10 +169,14 @@ def capacity_groups(cols: dict[str, np.ndarray], keys: tuple[str, ...]) -> list[
     keys = [tuple(_plain(cols[k][i]) for k in group_keys) for i in range(n)]
     varying = [k for j, k in enumerate(group_keys)
                if not k.startswith("model.") and k != "precision.name" and len({key[j] for key in keys}) > 1]
+    members: dict[tuple, list[int]] = {}  # each group's rows, found in one pass (not one per group)
+    for i, key in enumerate(keys):
+        members.setdefault(key, []).append(i)
     groups = []
-    for key in dict.fromkeys(keys):
+    for key, indices in members.items():
         key_dict = dict(zip(group_keys, key))
-        rows = np.array([k == key for k in keys], dtype=bool)
+        rows = np.zeros(n, dtype=bool)
+        rows[indices] = True
         groups.append(CapacityGroup(key_dict, _group_label(key_dict, varying), rows,
                                     {k: key_dict[k] for k in varying}))
     return groups
@@ -181,15 +185,16 @@ def capacity_groups(cols: dict[str, np.ndarray], keys: tuple[str, ...]) -> list[
 PLATEAU_TOL = 0.05  # relative change of seed-mean mem_bits between the two largest sizes
 
 
-def plateau_reached(sizes, mem_bits, entropy_bits, capacity_bits: float) -> bool:
+def plateau_reached(sizes, mem_bits, entropy_bits, capacity_bits: float, tol: float = PLATEAU_TOL) -> bool:
     """Whether the sweep saw memorization stop growing: at least two dataset sizes hold more
-    information than the capacity, and the seed means of the two largest differ by under 5%.
-    Otherwise the capacity may grow with more data (beside the not-converged lower bound)."""
+    information than the capacity, and the seed means of the two largest differ by at most `tol`
+    (relative; 5% by default). Otherwise the capacity may grow with more data (beside the
+    not-converged lower bound)."""
     levels = np.unique(sizes)
     means = np.array([mem_bits[sizes == n].mean() for n in levels])
     entropy = np.array([entropy_bits[sizes == n][0] for n in levels])
     beyond = means[entropy > capacity_bits]
-    return bool(beyond.size >= 2 and abs(beyond[-1] - beyond[-2]) <= PLATEAU_TOL * abs(beyond[-2]))
+    return bool(beyond.size >= 2 and abs(beyond[-1] - beyond[-2]) <= tol * abs(beyond[-2]))
 
 
 def seed_mem_bits_by_size(sizes: np.ndarray, mem_bits: np.ndarray) -> list[np.ndarray]:

@@ -13,6 +13,7 @@ id; a `Cell` carries both, and a text cell the `ReferenceOptions` its reference 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -312,13 +313,14 @@ class CellSpec:
         """`slug` with the actual shape in place of the model's name: for run names and display."""
         return self.shape_slug + self.slug[len(self.model.name):]
 
-    @property
+    @functools.cached_property
     def cell_id(self) -> str:
         """`slug` plus 10 hex digits of a hash of every typed value in the spec.
 
         The hash is over canonical JSON of the typed fields, so `lr=1e-3` and `lr=0.001` (both the float
         0.001) give one id. The model's name is part of the slug but not of the hash: two names for one
-        shape are one experiment.
+        shape are one experiment. Computed once per spec (a sweep asks for it many times; the spec is
+        frozen, so it cannot go stale).
         """
         payload = _identity(to_dict(self))
         canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
@@ -354,7 +356,9 @@ class Cell:
     options: RunOptions
     overrides: tuple[str, ...] = ()  # what distinguishes it within its grid, for messages
     # The whole resolved configuration as composed: kept only to be recorded (the run's config.yaml and
-    # the plan), never read back; everything a cell needs is typed in the fields beside it.
+    # the plan), never read back; everything a cell needs is typed in the fields beside it. The cells
+    # of a grid share the sections they do not change (orchestrator.compose.GridComposer): copy, never
+    # mutate.
     config: dict = field(default_factory=dict)
     # How a text cell's reference is made (config `data.reference`, typed by the driver, which turns it
     # into `spec.reference`); None for a synthetic cell. A text cell without it takes the defaults.
@@ -386,8 +390,8 @@ class Cell:
         how it runs (paths, tracking, cluster, packing, device, the sweep's grid) is in its
         config.yaml artifact, never in params, so runs compare by their science alone."""
         spec = self.spec
-        values = {"model": dataclasses.asdict(spec.model), "data": dataclasses.asdict(spec.data),
-                  "train": dataclasses.asdict(spec.train), "precision": {"name": spec.precision},
+        values = {"model": _asdict(spec.model), "data": _asdict(spec.data),
+                  "train": _asdict(spec.train), "precision": {"name": spec.precision},
                   "seed": spec.seed}
         reference = self._reference_params()
         if reference is not None:
@@ -399,7 +403,7 @@ class Cell:
         has none)."""
         if not self.spec.is_text or (self.reference_options is None and self.spec.reference is None):
             return None
-        reference = dataclasses.asdict(self.reference_options or ReferenceOptions())
+        reference = _asdict(self.reference_options or ReferenceOptions())
         if self.spec.reference is not None:
             reference.update(num_sequences=self.spec.reference.data.num_sequences,
                              cell_id=self.spec.reference.cell_id)
@@ -419,24 +423,44 @@ def pack_key(spec: CellSpec) -> tuple | None:
 def to_dict(spec: CellSpec) -> dict:
     """Nested plain dict of a spec (for ids, params and Parquet columns). A synthetic cell's dict has
     no `reference` key, so its id is what it was before text cells existed."""
-    out = dataclasses.asdict(spec)
+    out = _asdict(spec)
     if spec.reference is None and not spec.is_text:
         out.pop("reference")
     return out
 
 
-def spec_from_dict(payload: dict) -> CellSpec:
+def _asdict(value):
+    """dataclasses.asdict for specs, whose fields hold scalars or specs: the same dict, without
+    asdict's deep copy of every value (ids of a whole sweep are computed at planning)."""
+    names = _field_names(type(value))
+    return {name: _asdict(getattr(value, name)) for name in names} if names else value
+
+
+@functools.cache
+def _field_names(cls) -> tuple[str, ...]:
+    """A dataclass's field names; () for any other type."""
+    return tuple(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else ()
+
+
+def spec_from_dict(payload: dict, memo: dict | None = None) -> CellSpec:
     """The spec `to_dict` wrote (a recorded plan's row), validated as on construction. A recorded field
-    this code no longer has, or one it requires that the record lacks, is a SpecError naming it."""
+    this code no longer has, or one it requires that the record lacks, is a SpecError naming it. With
+    a `memo` (a dict the caller keeps across calls) each distinct section is built once: the cells of
+    a sweep share most of theirs (a section's recorded values are scalars: with their types, they key it)."""
     def build(cls, values: dict, section: str):
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
+        key = memo is not None and (cls, *((k, type(v), v) for k, v in sorted(values.items())))
+        if key and key in memo:
+            return memo[key]
+        unknown = sorted(set(values) - set(_field_names(cls)))
         if unknown:
             raise SpecError(f"{section}.{unknown[0]}: recorded, but this memsweep has no such field")
         try:
-            return cls(**values)
+            built = cls(**values)
         except TypeError as err:
             raise SpecError(f"{section}: {err}") from None
+        if key:
+            memo[key] = built
+        return built
 
     data = dict(payload["data"])
     reference = payload.get("reference")
@@ -446,7 +470,7 @@ def spec_from_dict(payload: dict) -> CellSpec:
         train=build(TrainSpec, payload["train"], "train"),
         precision=payload["precision"],
         seed=payload["seed"],
-        reference=spec_from_dict(reference) if reference else None,
+        reference=spec_from_dict(reference, memo) if reference else None,
     )
 
 

@@ -89,14 +89,14 @@ METADATA_KEY = b"memsweep"  # cells.parquet's schema metadata: JSON describing t
 
 # -- building the cells table -----------------------------------------------------------------------------
 def current_runs(runs) -> dict:
-    """The current run of each cell, by cell id, from runs sorted oldest first: the FINISHED one if
-    there is one (the first, as `status` shows), else the newest (a retry continues that one)."""
-    from orchestrator.tracking import TAG_CELL, tag  # MLflow loads only when a store is read
+    """The current run of each cell, by cell id (tracking.replaces): the FINISHED one if there is one
+    (the first, as `status` shows), else the newest (a retry continues that one)."""
+    from orchestrator.tracking import TAG_CELL, replaces, tag  # MLflow loads only when a store is read
 
     chosen: dict = {}
     for run in runs:
         cell_id = tag(run.tags, TAG_CELL)
-        if cell_id and (cell_id not in chosen or chosen[cell_id].status != "FINISHED"):
+        if cell_id and replaces(run, chosen.get(cell_id)):
             chosen[cell_id] = run
     return chosen
 
@@ -296,11 +296,12 @@ def aggregate(
     log_to_launch: bool = True,
     n_boot: int = N_BOOT,
 ) -> AggregateResult:
-    """Read every cell run of `sweep` from its tracking store, write cells.parquet, curves.parquet and
-    fits.json under `out` (default `<root_dir>/aggregate/<sweep>/`), and log the fits to the sweep's
-    latest launch run. `plan=False` skips rebuilding the grid (no PENDING rows; Hydra composes every
+    """Read each cell's current run of `sweep` from its tracking store, write cells.parquet,
+    curves.parquet and fits.json under `out` (default `<root_dir>/aggregate/<sweep>/`), and log the
+    fits to the sweep's latest launch run. `plan=False` skips rebuilding the grid (no PENDING rows; Hydra composes every
     cell of the grid otherwise)."""
-    from orchestrator.tracking import TAG_OVERRIDES, code_version, latest_launch_run, log_to_run, read_metric_histories, read_runs
+    from orchestrator.tracking import (TAG_OVERRIDES, code_version, latest_launch_run, log_to_run, read_cell_runs,
+                                       read_metric_histories)
 
     timings = {}
     started = time.perf_counter()
@@ -309,7 +310,7 @@ def aggregate(
         raise ConfigError(f"sweep {sweep!r} has no runs in {uri}: launch it first (memsweep launch sweep={sweep})")
     out_dir = Path(out) if out is not None else root_dir / "aggregate" / sweep
     launch = latest_launch_run(tracker, sweep)
-    runs = read_runs(tracker, sweep, kind="cell")
+    runs, num_runs = read_cell_runs(tracker, sweep)  # each cell's current run only
     timings["read_runs_s"] = time.perf_counter() - started
 
     notes, planned = [], None
@@ -327,7 +328,7 @@ def aggregate(
 
     metadata = {
         "sweep": sweep, "tracking_uri": uri, "aggregated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "aggregator_code_version": code_version(), "num_runs_read": len(runs),
+        "aggregator_code_version": code_version(), "num_runs_read": num_runs,
         "launch_run_id": launch.run_id if launch else None,
         "launch_overrides": json.loads(launch.tags.get(TAG_OVERRIDES, "null")) if launch else None,
         "launch_params": launch.params if launch else None,
@@ -340,8 +341,7 @@ def aggregate(
     curves_table = None
     if curves:
         t0 = time.perf_counter()
-        chosen = current_runs(runs)
-        run_to_cell = {run.run_id: cell_id for cell_id, run in chosen.items()}
+        run_to_cell = {run.run_id: cell_id for cell_id, run in current_runs(runs).items()}
         points = read_metric_histories(tracker, list(run_to_cell), CURVE_KEYS)
         curves_table = build_curves_table(points, run_to_cell, cells.column("cell_id").to_pylist())
         timings["curves_s"] = time.perf_counter() - t0

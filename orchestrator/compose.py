@@ -1,4 +1,4 @@
-"""Hydra's home: compose configs, expand sweep grids, and turn DictConfigs into frozen specs.
+"""Hydra's home: compose configs, expand sweep grids, and turn resolved configs into frozen specs.
 
 Nothing below this module sees a DictConfig. A sweep file (conf/sweep/NAME.yaml) holds a `grid` in
 Hydra's own override grammar, exactly what a user would pass to `--multirun`:
@@ -9,17 +9,21 @@ Hydra's own override grammar, exactly what a user would pass to `--multirun`:
       seed: 0,1,2
 
 Expansion follows Hydra's basic sweeper (the product of the axes, in the order written), then each cell
-is composed by Hydra from conf/config.yaml plus `sweep=NAME`, the command line's fixed overrides and the
-cell's own overrides. Command-line overrides of a grid key replace that axis, so
-`memsweep launch sweep=smoke seed=0,1,2,3` grows the seeds without editing the file.
+is the configuration Hydra composes from conf/config.yaml plus `sweep=NAME`, the command line's fixed
+overrides and the cell's own overrides: composed once per combination of config groups and derived per
+cell by typed updates (GridComposer), exactly as a full compose of the cell gives it. Command-line
+overrides of a grid key replace that axis, so `memsweep launch sweep=smoke seed=0,1,2,3` grows the
+seeds without editing the file.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import itertools
 import os
+import re
 import types
 import typing
 from contextlib import contextmanager
@@ -29,6 +33,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -45,12 +50,15 @@ from models.spec import (
     TrainSpec,
 )
 from models.storage import unknown_scheme
+from orchestrator.capacity_axis import KEY as CAPACITY_KEY, CapacityAxis, is_capacity_value, split_axes
 
 OmegaConf.register_new_resolver("abspath", lambda path: os.path.abspath(path), replace=True)
 
 
 class ConfigError(ValueError):
     """A configuration cannot be composed or validated; the message names the cell and the field."""
+
+
 
 
 def config_dir() -> Path:
@@ -148,33 +156,48 @@ class Sweep:
 
 
 def load_sweep(overrides: list[str]) -> Sweep:
-    """Expand, compose and validate every cell of `sweep=NAME [overrides]` before anything runs."""
-    sweep_axes, fixed = split_overrides(overrides)
+    """Expand, compose and validate every cell of `sweep=NAME [overrides]` before anything runs. A
+    `data.num_sequences: capacity(...)` axis (in the file or on the command line, which Hydra's grammar
+    would refuse) sizes each composed cell by its shape's predicted capacity (orchestrator.capacity_axis)."""
+    sized = [o for o in overrides if is_capacity_value(o.partition("=")[2])]
+    sweep_axes, fixed = split_overrides([o for o in overrides if o not in sized])
     base = compose_config(sweep_level(fixed))  # the sweep file itself, with where-to-record overrides
     if base.get("sweep") is None:
         raise ConfigError("sweep: no sweep chosen; pass sweep=NAME (see conf/sweep/)")
     name = str(base.sweep.name)
     grid = {str(k): str(v) for k, v in (base.sweep.get("grid") or {}).items()}
-    for line in sweep_axes + [f for f in fixed if not f.startswith("sweep=")]:
+    for line in sweep_axes + sized + [f for f in fixed if not f.startswith("sweep=")]:
         key = line.split("=", 1)[0]
         grid.pop(key, None)  # the command line replaces a grid axis of the same key
+    grid.update(line.split("=", 1) for line in sized)
+    try:
+        grid, capacity = split_axes(grid, OmegaConf.to_container(base.sweep, resolve=True).get("capacity_alpha"))
+    except SpecError as err:
+        raise ConfigError(str(err)) from None
     axes = [f"{key}={values}" for key, values in grid.items()] + sweep_axes
-    cells, seen, composer = [], {}, GridComposer(fixed)
-    for cell_overrides in expand_grid(axes):
-        cell = compose_cell(list(cell_overrides), label=" ".join(cell_overrides), composer=composer)
-        if cell.cell_id in seen:
-            raise ConfigError(
-                f"cells [{seen[cell.cell_id]}] and [{' '.join(cell_overrides)}] are the same cell "
-                f"{cell.cell_id}: the grid lists a value twice or varies a runtime option (paths, "
-                f"tracking, cluster, device, eval_batch_size), which never changes a cell's numbers"
-            )
-        seen[cell.cell_id] = " ".join(cell_overrides)
-        cells.append(dataclasses.replace(cell, overrides=tuple(cell_overrides)))
+    cells = GridComposer(fixed).cells(expand_grid(axes))
+    if capacity is not None:
+        cells = expand_capacity(cells, capacity)
+    check_distinct(cells)
     if not cells:
         raise ConfigError(f"sweep={name}: the grid has no cells")
     cells = prepared(cells)
     record = {"sweep": OmegaConf.to_container(base.sweep, resolve=True), "overrides": list(overrides)}
     return Sweep(name=name, cells=cells, config=record, fixed_overrides=tuple(fixed))
+
+
+def check_distinct(cells: list[Cell]) -> None:
+    """Two cells of a grid with one id would run once and be counted twice: refused, naming both."""
+    seen: dict[str, str] = {}
+    for cell in cells:
+        label = " ".join(cell.overrides)
+        if cell.cell_id in seen:
+            raise ConfigError(
+                f"cells [{seen[cell.cell_id]}] and [{label}] are the same cell "
+                f"{cell.cell_id}: the grid lists a value twice or varies a runtime option (paths, "
+                f"tracking, cluster, device, eval_batch_size), which never changes a cell's numbers"
+            )
+        seen[cell.cell_id] = label
 
 
 def prepared(cells: list[Cell]) -> list[Cell]:
@@ -188,28 +211,116 @@ def prepared(cells: list[Cell]) -> list[Cell]:
         raise ConfigError(str(err)) from None
 
 
+@dataclass(frozen=True)
+class _Base:
+    """One combination of group choices (model=..., train=...) with the fixed overrides, as Hydra
+    composed it, and resolved once."""
+
+    cfg: DictConfig
+    config: dict | None  # resolved; None where it does not resolve (its cells then resolve one by one)
+    interpolated: frozenset[str]  # every name in the text of an interpolation (`root_dir`, `oc`, ...)
+
+
+@dataclass(frozen=True)
+class _Line:
+    """One distinct override string of a grid, parsed once."""
+
+    override: Override
+    plain: bool  # a `key=value` on a config key (see GridComposer._is_plain_value)
+    section: str | None  # the top-level key of CELL_KEYS it sets; None: a runtime key (or not plain)
+    value: object = None  # a plain override's value, as Hydra parses it
+
+
 class GridComposer:
     """Composes the cells of one grid quickly and exactly as Hydra would.
 
-    A full compose costs ~85 ms, so a 1,760-cell grid would take minutes to plan. Hydra composes a
+    A full compose costs ~100 ms, so a grid of 100,000 cells would take hours to plan. Hydra composes a
     config from its group choices (model=..., train=...) and then applies each plain `key=value`
-    override with OmegaConf.update; this composer does the first once per distinct combination of
-    group choices and the second on a copy, per cell. Anything else (+key, ~key, a package
-    override) takes the full compose. tests/orchestrator/test_compose_fast.py checks the equivalence.
+    override with OmegaConf.update. This composer asks Hydra once per distinct combination of group
+    choices (a base) and resolves that base once; a cell is its base's resolved config with the cell's
+    plain values set (a typed update: only the dicts on the key's path are copied), and each typed
+    piece of it (PIECES: model, data, train, ..., options) is built by the full path's own code from the
+    one section it reads, once per distinct set of overrides of that section. Where setting a value on
+    the resolved config could differ from Hydra's update-then-resolve (a key that an interpolation
+    mentions, such as `root_dir`; a value that is an interpolation, a list or a dict; a key that is
+    absent or holds a section; a base that does not resolve) the cell takes the per-cell path: its
+    base copied and updated as Hydra would, then resolved. Anything else (+key, ~key, a package
+    override) is part of the base. tests/orchestrator/test_compose_fast.py and test_fast_planning.py
+    check the equivalence with a full compose per cell.
     """
 
     def __init__(self, fixed: list[str]):
         self.fixed = list(fixed)
         self.groups = {p.name for p in config_dir().iterdir() if p.is_dir()}
-        self.bases: dict[tuple[str, ...], DictConfig] = {}
+        self.bases: dict[tuple[str, ...], _Base] = {}
+        self.lines: dict[str, _Line] = {}
+        self.exact: dict[tuple, bool] = {}  # (base, override) -> whether a typed update is exact
+        self.pieces: dict[tuple, object] = {}  # (base, piece name, the section's overrides) -> piece
+
+    def cells(self, grid: list[tuple[str, ...]]) -> list[Cell]:
+        """Every cell of an expanded grid (expand_grid), in order; the distinct override strings are
+        parsed in one pass."""
+        self._parse(list(dict.fromkeys(line for overrides in grid for line in overrides)))
+        return [compose_cell(list(overrides), label=" ".join(overrides), composer=self) for overrides in grid]
+
+    def cell(self, overrides: list[str]) -> Cell:
+        """One cell (`overrides` on top of the fixed ones), unlabelled: compose_cell names it in errors."""
+        lines = self._parse(overrides)
+        structural = tuple(line.override.input_line for line in lines if not line.plain)
+        values = [line for line in lines if line.plain]
+        base = self._base(structural)
+        if not all(self._exactly(structural, base, line) for line in values):
+            return _resolved_cell(self._updated(base.cfg, [line.override for line in values]), overrides)
+        config = base.config
+        by_section: dict[str | None, tuple[str, ...]] = {}
+        for line in values:
+            config = _with_value(config, line.override.key_or_group.split("."), line.value)
+            by_section[line.section] = (*by_section.get(line.section, ()), line.override.input_line)
+
+        def piece(name: str):
+            key = (structural, name, by_section.get(PIECES[name][0], ()))
+            if key not in self.pieces:
+                self.pieces[key] = _build(name, config)
+            return self.pieces[key]
+
+        return _assemble(config, overrides, piece)
 
     def compose(self, overrides: list[str]) -> DictConfig:
-        parsed = parse_overrides(overrides)
-        values = [o for o in parsed if self._is_plain_value(o)]
-        structural = tuple(o.input_line for o in parsed if not self._is_plain_value(o))
+        """The cell's DictConfig as Hydra composes it (the per-cell path)."""
+        lines = self._parse(overrides)
+        base = self._base(tuple(line.override.input_line for line in lines if not line.plain))
+        return self._updated(base.cfg, [line.override for line in lines if line.plain])
+
+    def _parse(self, overrides: list[str]) -> list[_Line]:
+        new = [o for o in dict.fromkeys(overrides) if o not in self.lines]
+        for line, override in zip(new, parse_overrides(new) if new else []):
+            plain = self._is_plain_value(override)
+            top = override.key_or_group.split(".")[0]
+            self.lines[line] = _Line(override, plain, top if plain and top in CELL_KEYS else None,
+                                     override.value() if plain else None)
+        return [self.lines[o] for o in overrides]
+
+    def _exactly(self, structural: tuple[str, ...], base: _Base, line: _Line) -> bool:
+        key = (structural, line.override.input_line)
+        if key not in self.exact:
+            self.exact[key] = _updates_exactly(base, line.override.key_or_group, line.value)
+        return self.exact[key]
+
+    def _base(self, structural: tuple[str, ...]) -> _Base:
         if structural not in self.bases:
-            self.bases[structural] = compose_config(self.fixed + list(structural))
-        cfg = copy.deepcopy(self.bases[structural])
+            cfg = compose_config(self.fixed + list(structural))
+            try:
+                config = OmegaConf.to_container(cfg, resolve=True)
+            except OmegaConfBaseException:
+                config = None
+            raw = OmegaConf.to_container(cfg, resolve=False)
+            self.bases[structural] = _Base(cfg, config, frozenset(_interpolated_names(raw)))
+        return self.bases[structural]
+
+    @staticmethod
+    def _updated(base: DictConfig, values: list) -> DictConfig:
+        """A copy of `base` with the plain overrides applied as Hydra applies them."""
+        cfg = copy.deepcopy(base)
         for override in values:
             key = override.key_or_group
             if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
@@ -229,6 +340,49 @@ class GridComposer:
 
 
 _ABSENT = object()
+_NAME = re.compile(r"[A-Za-z_]\w*")
+
+
+def _interpolated_names(node) -> set[str]:
+    """Every name in the text of the interpolations of an unresolved config (conservatively: any word
+    of a string that holds `${`), i.e. every key another value may depend on."""
+    if isinstance(node, dict):
+        return set().union(*(_interpolated_names(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_interpolated_names(v) for v in node))
+    return set(_NAME.findall(node)) if isinstance(node, str) and "${" in node else set()
+
+
+def _updates_exactly(base: _Base, key: str, value) -> bool:
+    """Whether setting `key=value` on the base's resolved config gives exactly what Hydra's update of
+    the base, then resolving, gives: a scalar that is no interpolation, on a scalar key that no
+    interpolation mentions."""
+    if base.config is None or not isinstance(value, (str, int, float, bool, type(None))):
+        return False
+    if isinstance(value, str) and "${" in value:
+        return False
+    if any(part in base.interpolated for part in key.split(".")):
+        return False
+    try:
+        return not isinstance(_value(base.config, key), (dict, list))
+    except SpecError:  # absent: the per-cell path refuses it as Hydra does
+        return False
+
+
+def _with_value(config: dict, path: list[str], value) -> dict:
+    """`config` with the value at `path` replaced: the dicts on the path copied, the rest shared."""
+    head, *rest = path
+    return {**config, head: _with_value(config[head], rest, value) if rest else value}
+
+
+def _value(config: dict, key: str):
+    """The resolved config's value at a dotted key; a SpecError naming the key where it is absent."""
+    node = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise SpecError(f"{key} is missing")
+        node = node[part]
+    return node
 
 
 def compose_cell(overrides: list[str], label: str | None = None, composer: GridComposer | None = None) -> Cell:
@@ -236,17 +390,26 @@ def compose_cell(overrides: list[str], label: str | None = None, composer: GridC
     `composer`, `overrides` come on top of the composer's fixed overrides."""
     prefix = f"cell [{label}]: " if label else ""
     try:
-        cfg = composer.compose(overrides) if composer else compose_config(overrides)
-        spec = spec_from_config(cfg)
-        reference = reference_options(cfg.data)
-        options = options_from_config(cfg)
-        config = OmegaConf.to_container(cfg, resolve=True)
+        return composer.cell(overrides) if composer else _resolved_cell(compose_config(overrides), overrides)
     except (ConfigError, SpecError) as err:
         raise ConfigError(f"{prefix}{err}") from None
     except OmegaConfBaseException as err:  # an interpolation that cannot resolve, e.g. ${oc.env:UNSET}
         raise ConfigError(f"{prefix}{_omegaconf_message(err)}") from None
-    return Cell(spec=spec, options=options, overrides=tuple(overrides), config=config,
-                reference_options=reference)
+
+
+def _resolved_cell(cfg: DictConfig, overrides: list[str]) -> Cell:
+    """The cell of a composed DictConfig: resolved, then every typed piece built from it."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    return _assemble(config, overrides, lambda name: _build(name, config))
+
+
+def _assemble(config: dict, overrides: list[str], piece) -> Cell:
+    """A Cell from its resolved config and `piece(name)`, each of PIECES built (or recalled), in order."""
+    pieces = {name: piece(name) for name in PIECES}
+    spec = CellSpec(model=pieces["model"], data=pieces["data"], train=pieces["train"],
+                    precision=pieces["precision"], seed=pieces["seed"])
+    return Cell(spec=spec, options=pieces["options"], overrides=tuple(overrides), config=config,
+                reference_options=pieces["reference"])
 
 
 def _omegaconf_message(err: OmegaConfBaseException) -> str:
@@ -256,12 +419,13 @@ def _omegaconf_message(err: OmegaConfBaseException) -> str:
     return f"{key}: {text}" if key else text
 
 
-# -- DictConfig -> frozen specs ------------------------------------------------------------------------
+# -- resolved config -> frozen specs -------------------------------------------------------------------
 def typed_options(cls, node, section: str):
     """Build dataclass `cls` from a config node, checking every field's type and unknown keys."""
+    if node is None:
+        raise SpecError(f"{section} is missing")
     values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints, fields = _fields(cls)
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise SpecError(f"{section}.{unknown[0]}: unknown field; {section} has {', '.join(fields)}")
@@ -273,6 +437,12 @@ def typed_options(cls, node, section: str):
             continue
         kwargs[name] = _coerce(values[name], hints[name], f"{section}.{name}")
     return cls(**kwargs)
+
+
+@functools.cache
+def _fields(cls) -> tuple[dict, dict]:
+    """A dataclass's field types and fields (resolving the annotations is the costly part)."""
+    return typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
 
 
 def _coerce(value, kind, where: str):
@@ -305,42 +475,35 @@ def _coerce(value, kind, where: str):
     raise SpecError(f"{where}={value!r} must be {getattr(kind, '__name__', kind)}")
 
 
-def spec_from_config(cfg: DictConfig) -> CellSpec:
-    """The cell's frozen spec. A text cell's tokenizer hash and reference are attached afterwards by
-    orchestrator.corpus.prepare_text_cells, which reads the corpus, the reference from the cell's
-    `reference_options`."""
-    if "precision" not in cfg or "name" not in cfg.precision:
+def precision_name(node: dict | None) -> str:
+    """The `precision` section's name (the config group's choice)."""
+    if not isinstance(node, dict) or "name" not in node:
         raise SpecError("precision: choose one of fp32, bf16, amp_bf16")
-    return CellSpec(
-        model=typed_options(ModelSpec, cfg.model, "model"),
-        data=data_spec(cfg.data),
-        train=typed_options(TrainSpec, cfg.train, "train"),
-        precision=_coerce(cfg.precision.name, str, "precision"),
-        seed=_coerce(cfg.seed, int, "seed"),
-    )
+    return _coerce(node["name"], str, "precision")
 
 
-def data_spec(node: DictConfig) -> DataSpec | TextDataSpec:
+def data_spec(node: dict | None) -> DataSpec | TextDataSpec:
     """The `data` section as a spec; a text section's `reference` is typed by `reference_options`."""
-    if _is_text(node):
-        values = OmegaConf.to_container(node, resolve=True)
+    if node is not None and _is_text(node):
+        values = dict(node)
         values.pop("reference", None)
         if "tokenizer_hash" in values:
             raise SpecError("data.tokenizer_hash is set by memsweep from the tokenizer it builds; "
                             "do not set it")
+        _check_scheme("data.corpus_uri", str(values.get("corpus_uri") or ""))
         return typed_options(TextDataSpec, values, "data")
     return typed_options(DataSpec, node, "data")
 
 
-def reference_options(node: DictConfig) -> ReferenceOptions | None:
+def reference_options(node: dict | None) -> ReferenceOptions | None:
     """A text `data` section's `reference` (how the cell's reference model is made), typed; None for
     synthetic data, which is measured without a reference."""
-    if not _is_text(node):
+    if node is None or not _is_text(node):
         return None
     return typed_options(ReferenceOptions, node.get("reference") or {}, "data.reference")
 
 
-def _is_text(node: DictConfig) -> bool:
+def _is_text(node: dict) -> bool:
     return node.get("kind", "synthetic") == "text"
 
 
@@ -359,32 +522,119 @@ def sweep_runtime(sweep: str, overrides: list[str]) -> tuple[RunOptions, dict]:
     and the resolved sweep-level config (its `cluster` and `pack` sections), without composing a cell."""
     try:
         cfg = sweep_config(sweep, [o for o in overrides if not o.startswith("sweep=")])
-        return options_from_config(cfg), OmegaConf.to_container(cfg, resolve=True)
+        config = OmegaConf.to_container(cfg, resolve=True)
+        return options_from_config(config), config
     except SpecError as err:
         raise ConfigError(str(err)) from None
     except OmegaConfBaseException as err:
         raise ConfigError(_omegaconf_message(err)) from None
 
 
-def experiment_name(cfg: DictConfig) -> str:
+def experiment_name(cfg: DictConfig | dict) -> str:
     """One MLflow experiment per sweep; single `memsweep run` cells go to "adhoc"."""
-    return str(cfg.sweep.name) if cfg.get("sweep") is not None else "adhoc"
+    return str(cfg["sweep"]["name"]) if cfg.get("sweep") is not None else "adhoc"
 
 
-def options_from_config(cfg: DictConfig) -> RunOptions:
-    name = experiment_name(cfg)
-    uris = {"storage": str(cfg.storage), "data.corpus_uri": str(cfg.data.get("corpus_uri") or "")}
-    for field_name, uri in uris.items():
-        scheme = unknown_scheme(uri)
-        if scheme:
-            raise ConfigError(f"{field_name}={uri!r}: no filesystem opens {scheme}:// URIs; give a local path "
-                              "or a file://, s3://, gs://, hdfs:// or abfs:// URI")
+def options_from_config(config: dict) -> RunOptions:
+    """Where and how a cell runs, from the resolved config's keys outside CELL_KEYS."""
+    storage, tracking = str(_value(config, "storage")), _value(config, "tracking")
+    _check_scheme("storage", storage)
+    name = experiment_name(config)
     return RunOptions(
-        storage=str(cfg.storage),
-        tracking_uri=str(cfg.tracking.uri),
+        storage=storage,
+        tracking_uri=str(_value(tracking, "uri")),
         experiment=name,
-        artifact_root=None if cfg.tracking.artifact_root is None else str(cfg.tracking.artifact_root),
+        artifact_root=None if tracking.get("artifact_root") is None else str(tracking["artifact_root"]),
         sweep=name,
-        device=str(cfg.device),
-        eval_batch_size=_coerce(cfg.eval_batch_size, int, "eval_batch_size"),
+        device=str(_value(config, "device")),
+        eval_batch_size=_coerce(_value(config, "eval_batch_size"), int, "eval_batch_size"),
     )
+
+
+def _check_scheme(field_name: str, uri: str) -> None:
+    """A URI no filesystem opens is refused at planning, naming the field."""
+    scheme = unknown_scheme(uri)
+    if scheme:
+        raise ConfigError(f"{field_name}={uri!r}: no filesystem opens {scheme}:// URIs; give a local path "
+                          "or a file://, s3://, gs://, hdfs:// or abfs:// URI")
+
+
+# A cell's typed pieces, in the order they are checked: (the section of the resolved config each is
+# built from, alone: a key of CELL_KEYS, or None for the rest of the config, the runtime options; the
+# builder). GridComposer builds a piece once per distinct set of overrides of its section.
+PIECES = {
+    "model": ("model", lambda node: typed_options(ModelSpec, node, "model")),
+    "data": ("data", data_spec),
+    "train": ("train", lambda node: typed_options(TrainSpec, node, "train")),
+    "precision": ("precision", precision_name),
+    "seed": ("seed", lambda node: _coerce(node, int, "seed")),
+    "reference": ("data", reference_options),
+    "options": (None, options_from_config),
+}
+
+
+def _build(name: str, config: dict):
+    """The piece `name` of a cell (PIECES) from its resolved config."""
+    section, builder = PIECES[name]
+    if section is None:
+        return builder({key: value for key, value in config.items() if key not in CELL_KEYS})
+    return builder(config.get(section))
+
+
+# -- typed updates of composed cells ------------------------------------------------------------------
+UPDATABLE_SECTIONS = ("model", "data", "train")  # with_updates' `section.field` keys; `seed` besides
+
+
+def expand_capacity(cells: list[Cell], axis: CapacityAxis) -> list[Cell]:
+    """One cell per (cell, multiple), in that order, sized by a capacity axis (orchestrator.capacity_axis). Two multiples that round to the
+    same N for a cell make one cell: the later is dropped (a tiny shape's 0.25 and 0.3 may both give
+    N = 2)."""
+    expanded = []
+    for cell in cells:
+        seen = set()
+        for multiple in axis.multiples:
+            try:
+                n = axis.sequences(cell.spec, multiple)
+            except SpecError as err:
+                raise ConfigError(str(err)) from None
+            if n in seen:
+                continue
+            seen.add(n)
+            sized = with_updates(cell, {CAPACITY_KEY: n})
+            capacity = {"multiple": multiple, "alpha_bits_per_param": axis.alpha[cell.spec.precision]}
+            expanded.append(dataclasses.replace(sized, config={**sized.config, "capacity": capacity}))
+    return expanded
+
+
+def with_updates(cell: Cell, updates: dict[str, object]) -> Cell:
+    """`cell` with plain values changed (`data.num_sequences`, `seed`, `train.max_steps`, ...): the spec
+    rebuilt and validated (its id follows), each `key=value` override replacing any earlier one for
+    that key, the recorded config updated on a copy. A one-line ConfigError names a bad key or value."""
+    spec, config = cell.spec, copy.deepcopy(cell.config)
+    for key, value in updates.items():
+        spec = _updated_spec(spec, key, value)
+        node = config
+        *parents, name = key.split(".")
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[name] = value
+    changed = [f"{key}={value}" for key, value in updates.items()]
+    kept = [o for o in cell.overrides if o.split("=", 1)[0] not in updates]
+    return dataclasses.replace(cell, spec=spec, overrides=(*kept, *changed), config=config, recorded_id=None)
+
+
+def _updated_spec(spec: CellSpec, key: str, value) -> CellSpec:
+    """`spec` with one `section.field` (or `seed`) replaced, type-checked and validated."""
+    try:
+        if key == "seed":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise SpecError(f"seed={value!r} must be int")
+            return dataclasses.replace(spec, seed=value)
+        section, _, name = key.partition(".")
+        if section not in UPDATABLE_SECTIONS or name not in {f.name for f in dataclasses.fields(getattr(spec, section))}:
+            raise ConfigError(f"{key}: not a field of the cell's spec (seed, or model.*, data.*, train.*)")
+        current = getattr(spec, section)
+        replaced = typed_options(type(current), {**dataclasses.asdict(current), name: value}, section)
+        return dataclasses.replace(spec, **{section: replaced})
+    except SpecError as err:
+        raise ConfigError(str(err)) from None

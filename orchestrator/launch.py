@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
 
 from models.spec import Cell, SpecError
 from orchestrator.compose import ConfigError, load_sweep, sweep_config, sweep_runtime, typed_options
@@ -30,7 +32,7 @@ class Plan:
     cells: list[Cell]
     records: dict[str, CellRecord]  # the tracker's current run of each cell that has one
     cluster: ClusterOptions
-    tracker: Tracker
+    tracker: Tracker | None  # None: a read-only plan (make_plan) whose store does not exist yet
     overrides: list[str]
     pack: PackOptions = PackOptions()
     recorded: RecordedPlan | None = None  # read back from the launches (status, resume); None: composed now
@@ -40,8 +42,10 @@ class Plan:
         return record.status if record else "PENDING"
 
 
-def make_plan(overrides: list[str]) -> Plan:
-    """Expand and validate every cell, then read the tracker. Nothing is written but the store."""
+def make_plan(overrides: list[str], *, read_only: bool = False) -> Plan:
+    """Expand and validate every cell, then read the tracker. Nothing is written but the store; with
+    `read_only` (the dry run) not even that: a store that does not exist yet is not created, and the
+    plan has no tracker and no records."""
     sweep = load_sweep(overrides)
     first = sweep.cells[0]
     for cell in sweep.cells:
@@ -50,10 +54,24 @@ def make_plan(overrides: list[str]) -> Plan:
     cluster, pack = cluster_options(first.config), pack_options(first.config)  # checked before any write
     if cluster.kind == "local":  # an embedded Ray on this machine: every cell must fit it
         check_fits_this_machine(sweep.cells, cluster)
-    tracker = Tracker(first.options.tracking_uri, first.options.artifact_root)
-    tracker.ensure_store()
-    records = tracker.cell_records(first.options.experiment)
+    tracker, records = None, {}
+    if not read_only or store_exists(first.options.tracking_uri):
+        tracker = Tracker(first.options.tracking_uri, first.options.artifact_root)
+        if not read_only:
+            tracker.ensure_store()
+        records = tracker.cell_records(first.options.experiment)
     return Plan(sweep.name, sweep.cells, records, cluster, tracker, list(overrides), pack)
+
+
+def store_exists(uri: str) -> bool:
+    """Whether the tracking store at `uri` is there to be read without creating it: a local SQLite
+    file or a local folder (a file store) must exist; a server (http, postgresql, ...) is asked."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):]).exists()
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        return Path(parsed.path or uri).exists()
+    return True
 
 
 def check_fits_this_machine(cells: list[Cell], cluster: ClusterOptions) -> None:
@@ -91,8 +109,8 @@ def pending_references(plan: Plan, cells: list[Cell]) -> list[Cell]:
     """The reference cells that `cells` need and that have not FINISHED in the store (any sweep of
     the store may have trained one: references live in their own experiment)."""
     needed = reference_cells(cells)
-    if not needed:
-        return []
+    if not needed or plan.tracker is None:  # no store yet: none has finished
+        return needed
     finished = plan.tracker.finished_cells(REFERENCE_EXPERIMENT)
     return [r for r in needed if r.cell_id not in finished]
 

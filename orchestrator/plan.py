@@ -26,22 +26,54 @@ TAG_PLAN = "memsweep.plan_sha256"  # on a launch run whose plan.parquet was reco
 COLUMNS = ("cell_id", "spec", "overrides", "config", "reference_options", "params")
 
 
+SCHEMA = pa.schema([(name, pa.string()) for name in COLUMNS])
+BATCH_ROWS = 10_000  # rows encoded at a time: a 100,000-cell plan never holds all its strings twice
+
+
 def plan_table(cells: list[Cell]) -> pa.Table:
     """One row per cell, every value a JSON string (a spec's nesting and a config's free shape)."""
+    config_json = _ConfigJson()
+    batches = [_plan_batch(cells[start:start + BATCH_ROWS], config_json)
+               for start in range(0, len(cells), BATCH_ROWS)]
+    return pa.Table.from_batches(batches, schema=SCHEMA)
+
+
+def _plan_batch(cells: list[Cell], config_json: _ConfigJson) -> pa.RecordBatch:
     rows = {
         "cell_id": [c.cell_id for c in cells],
         "spec": [_json(to_dict(c.spec)) for c in cells],
         "overrides": [_json(list(c.overrides)) for c in cells],
-        "config": [_json(c.config) for c in cells],
+        "config": [config_json(c.config) for c in cells],
         "reference_options": [None if c.reference_options is None else _json(vars(c.reference_options))
                               for c in cells],
         "params": [_json({k: str(v)[:6000] for k, v in c.recorded_params().items()}) for c in cells],
     }
-    return pa.table({name: pa.array(rows[name], pa.string()) for name in COLUMNS})
+    return pa.RecordBatch.from_arrays([pa.array(rows[name], pa.string()) for name in COLUMNS], schema=SCHEMA)
 
 
 def _json(value) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+class _ConfigJson:
+    """`_json` of many configs that share their sections (a planned grid's cells do: GridComposer
+    copies only the dicts on an override's path), each shared section encoded once."""
+
+    def __init__(self):
+        self.sections: dict[int, tuple[dict, str]] = {}  # id -> (the section, kept alive; its JSON)
+
+    def __call__(self, config: dict) -> str:
+        parts = []
+        for key in sorted(config):
+            value = config[key]
+            if isinstance(value, dict):
+                if id(value) not in self.sections:
+                    self.sections[id(value)] = (value, _json(value))
+                encoded = self.sections[id(value)][1]
+            else:
+                encoded = _json(value)
+            parts.append(f"{_json(key)}:{encoded}")
+        return "{" + ",".join(parts) + "}"
 
 
 def content_hash(table: pa.Table) -> str:
@@ -52,11 +84,24 @@ def content_hash(table: pa.Table) -> str:
     return digest.hexdigest()
 
 
-def record_plan(tracker: Tracker, launch_run_id: str, cells: list[Cell]) -> None:
-    """Record `cells` on the launch run; the hash tag comes last, so a tagged run has the whole table."""
+def record_plan(tracker: Tracker, launch_run_id: str, cells: list[Cell], artifact: str = PLAN_ARTIFACT) -> None:
+    """Record `cells` on the launch run; the hash tag comes last, so a tagged run has the whole table.
+    Another `artifact` (`plan-round-002.parquet`: an adaptive sweep's round) adds cells to the launch's
+    plan under a tag of its own; nothing recorded before is rewritten."""
     table = plan_table(cells)
-    tracker.log_table(launch_run_id, table, PLAN_ARTIFACT)
-    tracker.set_tags(launch_run_id, {TAG_PLAN: content_hash(table)})
+    tracker.log_table(launch_run_id, table, artifact)
+    tracker.set_tags(launch_run_id, {_hash_tag(artifact): content_hash(table)})
+
+
+def _hash_tag(artifact: str) -> str:
+    return TAG_PLAN if artifact == PLAN_ARTIFACT else f"{TAG_PLAN}.{artifact}"
+
+
+def plan_artifacts(tags: dict) -> list[str]:
+    """The plan tables a launch run recorded whole: its plan.parquet, then the added ones by name (a
+    resumed launch records no plan.parquet of its own, but an adaptive sweep may add rounds to it)."""
+    added = sorted(key[len(TAG_PLAN) + 1:] for key in tags if key.startswith(f"{TAG_PLAN}."))
+    return [PLAN_ARTIFACT] * (TAG_PLAN in tags) + added
 
 
 class RecordedPlan:
@@ -73,28 +118,45 @@ class RecordedPlan:
 
     def cells(self, options: RunOptions) -> list[Cell]:
         """The recorded cells with today's `options` (where and how they run); a recorded spec this
-        code cannot build is a SpecError naming the cell."""
+        code cannot build is a SpecError naming the cell. What the cells share (spec sections, config
+        sections, reference options) is built once and shared, as it was when they were planned."""
+        specs, sections, references = {}, {}, {}
         cells = []
         for cell_id, row in self.rows.items():
             try:
-                spec = spec_from_dict(json.loads(row["spec"]))
+                spec = spec_from_dict(json.loads(row["spec"]), specs)
             except SpecError as err:
                 raise SpecError(f"recorded cell {cell_id}: {err}") from None
-            reference = json.loads(row["reference_options"]) if row["reference_options"] else None
+            reference = row["reference_options"]
+            if reference and reference not in references:
+                references[reference] = ReferenceOptions(**json.loads(reference))
             cells.append(Cell(spec=spec, options=options, overrides=tuple(json.loads(row["overrides"])),
-                              config=json.loads(row["config"]), recorded_id=cell_id,
-                              reference_options=ReferenceOptions(**reference) if reference else None))
+                              config=_shared_sections(json.loads(row["config"]), sections),
+                              recorded_id=cell_id, reference_options=references.get(reference)))
         return cells
+
+
+def _shared_sections(config: dict, seen: dict) -> dict:
+    """`config` with each section (a top-level dict) replaced by an equal one `seen` before: a sweep's
+    configs differ in a few values, so 100,000 parsed configs hold a few hundred distinct sections."""
+    for key, value in config.items():
+        if isinstance(value, dict):
+            try:  # a flat section (most are): its items, with their types (1, 1.0 and true differ)
+                config[key] = seen.setdefault((key, tuple(value.items()), tuple(map(type, value.values()))), value)
+            except TypeError:  # a nested one (the sweep's grid) as canonical JSON
+                config[key] = seen.setdefault((key, _json(value)), value)
+    return config
 
 
 def read_plan(tracker: Tracker, sweep: str) -> RecordedPlan | None:
     """The sweep's recorded plan, or None when no launch recorded one (launched before plans were
     recorded: the caller falls back to rebuilding the grid from the recorded overrides)."""
-    launches = [run for run in read_runs(tracker, sweep, kind="launch") if TAG_PLAN in run.tags]
+    launches = [run for run in read_runs(tracker, sweep, kind="launch") if plan_artifacts(run.tags)]
     if not launches:
         return None
     rows: dict[str, dict] = {}
     for run in reversed(launches):  # newest first: its grid in its order, then what only older ones planned
-        for row in tracker.load_table(run.run_id, PLAN_ARTIFACT).to_pylist():
-            rows.setdefault(row["cell_id"], row)
+        for artifact in plan_artifacts(run.tags):
+            for row in tracker.load_table(run.run_id, artifact).to_pylist():
+                rows.setdefault(row["cell_id"], row)
     return RecordedPlan(rows, {tag(run.tags, TAG_CODE, "") for run in launches})

@@ -233,26 +233,14 @@ class Tracker:
 
     # -- reading the record ------------------------------------------------------------------------
     def cell_records(self, experiment: str) -> dict[str, CellRecord]:
-        """The current run of every cell in an experiment, by cell id (paginated). Where a cell has
-        several runs (a crash between creating and tagging one), the FINISHED or newest one wins."""
+        """The current run of every cell in an experiment, by cell id (`read_cell_heads`: only each
+        run's id, status, start and cell id, in pages). Where a cell has several runs (a crash between
+        creating and tagging one), the FINISHED or newest one wins (`replaces`)."""
         exp_id = self.experiment_id(experiment, create=False)
         if exp_id is None:
             return {}
-        records: dict[str, CellRecord] = {}
-        token = None
-        while True:
-            page = self._call("search runs", lambda: self.client.search_runs(
-                [exp_id], filter_string=f"tags.`{TAG_KIND}` = 'cell'", max_results=5000,
-                order_by=["attributes.start_time ASC"], page_token=token,
-            ))
-            for run in page:
-                cell_id = tag(run.data.tags, TAG_CELL)
-                record = CellRecord(cell_id, run.info.run_id, run.info.status, run.data.tags.get(TAG_ERROR))
-                if cell_id and (cell_id not in records or records[cell_id].status != "FINISHED"):
-                    records[cell_id] = record
-            token = page.token
-            if not token:
-                return records
+        heads, _ = read_cell_heads(self, exp_id)
+        return {cell_id: CellRecord(cell_id, h.run_id, h.status, h.error) for cell_id, h in heads.items()}
 
     def finished_cells(self, experiment: str) -> set[str]:
         return {c for c, r in self.cell_records(experiment).items() if r.status == "FINISHED"}
@@ -419,6 +407,13 @@ class Tracker:
                 run_id=run_id, artifact_path=name, dst_path=tmp, tracking_uri=self.uri))
             return pq.read_table(path)
 
+    def load_text(self, run_id: str, name: str) -> str:
+        """A text artifact, as log_text wrote it."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = self._call("download artifact", lambda: mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=name, dst_path=tmp, tracking_uri=self.uri))
+            return Path(path).read_text()
+
 
 class MetricBuffer:
     """Collects step metrics and flushes them in batches: every `flush_every` entries and at the end."""
@@ -439,10 +434,10 @@ class MetricBuffer:
 
 
 # -- reading whole sweeps (aggregate) --------------------------------------------------------------
-# `memsweep aggregate` reads every run of a sweep at once. Runs come in pages of 5,000 with their
-# params, tags and latest metrics; step metrics come in bulk: one SQL query per 500 runs on a
-# database store, one request per 100 runs from a tracking server (the endpoint MLflow's own UI uses
-# for its charts), and one call per run only where neither exists.
+# `memsweep aggregate` reads every cell's current run (`read_cell_runs`, below) with its params, tags
+# and latest metrics; MLflow's run search comes in pages of 5,000; step metrics come in bulk: one SQL
+# query per 500 runs on a database store, one request per 100 runs from a tracking server (the endpoint
+# MLflow's own UI uses for its charts), and one call per run only where neither exists.
 SEARCH_PAGE = 5000
 HISTORY_CHUNK_SQL = 500  # run ids per IN (...) query; far below SQLite's 32,766 variables
 HISTORY_CHUNK_REST = 100  # the server's limit of run ids per get-history-bulk request
@@ -488,6 +483,205 @@ def read_runs(tracker: Tracker, experiment: str, kind: str = "cell") -> list[Run
         token = page.token
         if not token:
             return records
+
+
+# -- reading a sweep's cells (status, resume, aggregate) ---------------------------------------------
+# A sweep of 100,000 cells is read without holding every run's object: only each cell's current run is
+# kept as pages arrive. On a database store the reads are SQL through MLflow's own tables, selecting
+# only the columns needed, in pages keyed by run id; from a tracking server (or any other store) they
+# are MLflow's run search, split into ranges of start time fetched in parallel (a run's start time
+# never changes, so no run moves between ranges while they are read). Soft-deleted runs (superseded by
+# `launch --force`) are never read, as MLflow's search leaves them out.
+CELL_FILTER = f"tags.`{TAG_KIND}` = 'cell'"
+HEAD_PAGE = 20000  # runs per SQL page of `read_cell_heads`
+SEARCH_PARTS = 8  # start-time ranges searched at once on a tracking server
+
+
+@dataclass(frozen=True)
+class CellHead:
+    """What `status` and `resume` need of one cell run."""
+
+    run_id: str
+    status: str
+    start_time_ms: int | None
+    error: str | None  # the memsweep.error tag
+
+
+def _order(run) -> tuple:
+    """Where a run (CellHead or RunRecord) comes in MLflow's search by start time: ties by run id."""
+    return (run.start_time_ms or 0, run.run_id)
+
+
+def replaces(run, current) -> bool:
+    """Whether `run` replaces `current` (None: no run yet) as its cell's current run: a FINISHED run
+    beats any other and the earliest FINISHED one stays (as `status` showed it first), else the newest
+    wins (a retry continues that one). This is reading runs oldest first and letting each replace a run
+    that is not FINISHED, in a form that gives the same answer in any order (pages read in parallel)."""
+    if current is None:
+        return True
+    if (run.status == "FINISHED") != (current.status == "FINISHED"):
+        return run.status == "FINISHED"
+    older = _order(run) < _order(current)
+    return older if run.status == "FINISHED" else not older
+
+
+def _keep_current(chosen: dict, cell_id: str | None, run) -> None:
+    if cell_id and replaces(run, chosen.get(cell_id)):
+        chosen[cell_id] = run
+
+
+def _sql_store(tracker: Tracker):
+    """The tracker's SqlAlchemyStore (SQLite, PostgreSQL, ...), or None for a tracking server."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    store = tracker.client._tracking_client.store
+    return store if isinstance(store, SqlAlchemyStore) else None
+
+
+def read_cell_heads(tracker: Tracker, exp_id: str) -> tuple[dict[str, CellHead], int]:
+    """The current run of each cell of experiment `exp_id` (id, status, start, error), by cell id, and
+    how many active cell runs were read (a cell may have several)."""
+    store = _sql_store(tracker)
+    if store is None:
+        return _search_current(tracker, exp_id, lambda run: CellHead(
+            run.info.run_id, run.info.status, run.info.start_time, run.data.tags.get(TAG_ERROR)))
+    from mlflow.store.tracking.dbmodels.models import SqlRun, SqlTag
+    from sqlalchemy import and_, select
+    from sqlalchemy.orm import aliased
+
+    kind, cell, old, error = (aliased(SqlTag) for _ in range(4))
+
+    def tag_of(alias, key: str):
+        return and_(alias.run_uuid == SqlRun.run_uuid, alias.key == key)
+
+    query = (select(SqlRun.run_uuid, SqlRun.status, SqlRun.start_time, cell.value, old.value, error.value)
+             .join(kind, and_(tag_of(kind, TAG_KIND), kind.value == "cell"))
+             .outerjoin(cell, tag_of(cell, TAG_CELL)).outerjoin(old, tag_of(old, OLD_NAMES[TAG_CELL]))
+             .outerjoin(error, tag_of(error, TAG_ERROR))
+             .where(SqlRun.experiment_id == int(exp_id), SqlRun.lifecycle_stage == "active"))
+    chosen, seen = {}, 0
+    for rows in _sql_pages(tracker, store, query, SqlRun.run_uuid):
+        for run_id, status, start, cell_id, old_id, err in rows:
+            _keep_current(chosen, cell_id if cell_id is not None else old_id, CellHead(run_id, status, start, err))
+        seen += len(rows)
+    return chosen, seen
+
+
+def _sql_pages(tracker: Tracker, store, query, key):
+    """The rows of `query` in pages of HEAD_PAGE ordered by its first column `key` (unique), each page
+    one short read (a long one would hold SQLite's lock against the cells writing)."""
+    after = None
+    while True:
+        page = (query if after is None else query.where(key > after)).order_by(key).limit(HEAD_PAGE)
+        rows = tracker._call("read runs", lambda: _sql_rows(store, page))
+        if rows:
+            yield rows
+        if len(rows) < HEAD_PAGE:
+            return
+        after = rows[-1][0]
+
+
+def _sql_rows(store, statement) -> list:
+    with store.ManagedSessionMaker() as session:
+        return session.execute(statement).all()
+
+
+def _search_current(tracker: Tracker, exp_id: str, convert: Callable) -> tuple[dict, int]:
+    """The current run of each cell, as `convert(run)` makes it from an MLflow Run (a CellHead or a
+    RunRecord), and how many runs were read: MLflow's run search over `SEARCH_PARTS` ranges of start
+    time at once, each page reduced as it arrives."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def search(filter_string: str) -> tuple[dict, int]:
+        chosen, seen, token = {}, 0, None
+        while True:
+            page = tracker._call("search runs", lambda: tracker.client.search_runs(
+                [exp_id], filter_string=filter_string, max_results=SEARCH_PAGE,
+                order_by=["attributes.start_time ASC"], page_token=token))
+            for run in page:
+                _keep_current(chosen, tag(run.data.tags, TAG_CELL), convert(run))
+            seen, token = seen + len(page), page.token
+            if not token:
+                return chosen, seen
+
+    parts = _start_time_ranges(tracker, exp_id, SEARCH_PARTS)
+    with ThreadPoolExecutor(max_workers=max(1, len(parts))) as pool:
+        found = list(pool.map(search, parts))
+    merged: dict = {}
+    for chosen, _ in found:
+        for cell_id, run in chosen.items():
+            _keep_current(merged, cell_id, run)
+    return merged, sum(seen for _, seen in found)
+
+
+def _start_time_ranges(tracker: Tracker, exp_id: str, parts: int) -> list[str]:
+    """Search filters splitting the experiment's cell runs into at most `parts` ranges of start time
+    between its first and last run's (the last range open: a run created meanwhile falls in it)."""
+    def edge(order: str) -> int | None:
+        runs = tracker._call("search runs", lambda: tracker.client.search_runs(
+            [exp_id], filter_string=CELL_FILTER, order_by=[f"attributes.start_time {order}"], max_results=1))
+        return runs[0].info.start_time if runs else None
+
+    first, last = edge("ASC"), edge("DESC")
+    if first is None or last is None or last <= first:
+        return [CELL_FILTER]
+    step = -(-(last - first + 1) // parts)
+    cuts = list(range(first + step, last + 1, step))
+    bounds = [f" and attributes.start_time < {cuts[0]}"]
+    bounds += [f" and attributes.start_time >= {low} and attributes.start_time < {high}"
+               for low, high in zip(cuts, cuts[1:])]
+    bounds.append(f" and attributes.start_time >= {cuts[-1]}")
+    return [CELL_FILTER + bound for bound in bounds]
+
+
+def read_cell_runs(tracker: Tracker, experiment: str) -> tuple[list[RunRecord], int]:
+    """The current run of every cell of `experiment` (`replaces`) as RunRecords, oldest first, and how
+    many active cell runs the store holds. On a database store the heads come first, then the records
+    of the chosen runs only, 500 at a time (four SQL queries each: runs, tags, params, latest metrics);
+    repeated strings (param names and values, tags) are kept once."""
+    exp_id = tracker.experiment_id(experiment, create=False)
+    if exp_id is None:
+        return [], 0
+    store = _sql_store(tracker)
+    if store is None:
+        chosen, seen = _search_current(tracker, exp_id, _run_record)
+        return sorted(chosen.values(), key=_order), seen
+    heads, seen = read_cell_heads(tracker, exp_id)
+    run_ids = [h.run_id for h in sorted(heads.values(), key=_order)]
+    strings: dict[str, str] = {}
+    records = []
+    for i in range(0, len(run_ids), HISTORY_CHUNK_SQL):
+        chunk = run_ids[i : i + HISTORY_CHUNK_SQL]
+        records.extend(tracker._call("read runs", lambda: _records_sql(store, chunk, strings)))
+    return records, seen
+
+
+def _records_sql(store, run_ids: list[str], strings: dict[str, str]) -> list[RunRecord]:
+    """RunRecords of `run_ids`, in that order, from MLflow's tables: the values its search would give
+    (a latest metric stored as NaN reads as NaN). `strings` keeps one copy of each repeated string."""
+    from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlParam, SqlRun, SqlTag
+    from sqlalchemy import select
+
+    def one(value: str) -> str:
+        return strings.setdefault(value, value)
+
+    tags, params, metrics = ({run_id: {} for run_id in run_ids} for _ in range(3))
+    with store.ManagedSessionMaker() as session:
+        runs = {row[0]: row for row in session.execute(select(
+            SqlRun.run_uuid, SqlRun.experiment_id, SqlRun.status, SqlRun.start_time, SqlRun.end_time)
+            .where(SqlRun.run_uuid.in_(run_ids)))}
+        for table, into in ((SqlTag, tags), (SqlParam, params)):
+            for run_id, key, value in session.execute(select(table.run_uuid, table.key, table.value)
+                                                      .where(table.run_uuid.in_(run_ids))):
+                into[run_id][one(key)] = one(value)
+        for run_id, key, value, is_nan in session.execute(select(
+                SqlLatestMetric.run_uuid, SqlLatestMetric.key, SqlLatestMetric.value, SqlLatestMetric.is_nan)
+                .where(SqlLatestMetric.run_uuid.in_(run_ids))):
+            metrics[run_id][one(key)] = float("nan") if is_nan else value
+    return [RunRecord(run_id=run_id, experiment_id=str(runs[run_id][1]), status=runs[run_id][2],
+                      start_time_ms=runs[run_id][3], end_time_ms=runs[run_id][4], tags=tags[run_id],
+                      params=params[run_id], metrics=metrics[run_id])
+            for run_id in run_ids if run_id in runs]
 
 
 def latest_launch_run(tracker: Tracker, experiment: str) -> RunRecord | None:

@@ -8,7 +8,8 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 SCRIPTS = {"__main__": "python -m bench", "gpu": "python -m bench.gpu", "sweep_bench": "python -m bench.sweep_bench",
            "laptop_sweep": "python -m bench.laptop_sweep", "aggregate_bench": "python -m bench.aggregate_bench",
-           "convergence": "python -m bench.convergence", "capacity_probe": "python -m bench.capacity_probe"}
+           "convergence": "python -m bench.convergence", "capacity_probe": "python -m bench.capacity_probe",
+           "scale": "python -m bench.scale"}
 
 
 def imported_modules(path: Path) -> set[str]:
