@@ -37,17 +37,17 @@ AUC_MEMORIZED = 0.95  # the smallest dataset: membership is near-certain
 AUC_FADED = 0.75  # the largest dataset: membership inference near chance (0.5)
 
 
-def run_sweep(root: Path, overrides: list[str]) -> tuple[float, dict[str, list[tuple[int, float, float]]], int]:
-    """`memsweep launch sweep=laptop OVERRIDES` into the store at `root`: its wall time (Ray's start
+def run_sweep(root: Path, overrides: list[str], sweep: str = "laptop") -> tuple[float, dict[str, list[tuple[int, float, float]]], int]:
+    """`memsweep launch sweep=SWEEP OVERRIDES` into the store at `root`: its wall time (Ray's start
     included, as a user sees it), (N, mem_bits, loss AUC) by shape, and the number of cells."""
     env = {**os.environ, "MEMSWEEP_ROOT": str(root)}
     started = time.monotonic()
-    subprocess.run([sys.executable, "-m", "orchestrator.cli", "launch", "sweep=laptop", *overrides], env=env,
+    subprocess.run([sys.executable, "-m", "orchestrator.cli", "launch", f"sweep={sweep}", *overrides], env=env,
                    check=True)
     wall_s = time.monotonic() - started
 
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
-    experiment = client.get_experiment_by_name("laptop")
+    experiment = client.get_experiment_by_name(sweep)
     runs = client.search_runs([experiment.experiment_id], "tags.`memsweep.kind` = 'cell'", max_results=1000)
     by_shape: dict[str, list[tuple[int, float]]] = {}
     for run in runs:
@@ -58,10 +58,10 @@ def run_sweep(root: Path, overrides: list[str]) -> tuple[float, dict[str, list[t
     return wall_s, by_shape, len(runs)
 
 
-def alpha_status(root: Path) -> dict:
-    """`memsweep aggregate laptop` into `root`: alpha (both statistics) and whether it is a lower bound."""
+def alpha_status(root: Path, sweep: str = "laptop") -> dict:
+    """`memsweep aggregate SWEEP` into `root`: alpha (both statistics) and whether it is a lower bound."""
     out = root / "aggregate"
-    subprocess.run([sys.executable, "-m", "orchestrator.cli", "aggregate", "laptop", "--out", str(out)],
+    subprocess.run([sys.executable, "-m", "orchestrator.cli", "aggregate", sweep, "--out", str(out)],
                    env={**os.environ, "MEMSWEEP_ROOT": str(root)}, check=True, capture_output=True)
     fit = json.loads((out / "fits.json").read_text())["alpha"]["fp32"]
     status = ("a lower bound: unconverged plateau cells in " + ", ".join(fit["lower_bound_models"])

@@ -187,21 +187,35 @@ def _submit(plan, command: list[str]) -> int:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
+    from orchestrator.adaptive import plan_options
     from orchestrator.launch import make_plan
 
-    plan = make_plan(args.overrides)  # every cell composed and validated before anything runs
+    plan = make_plan(args.overrides, read_only=args.dry_run)  # every cell validated before anything runs
+    adaptive = plan_options(plan.cells)  # `sweep.adaptive`, checked too; None: a fixed sweep
     if args.submit and not args.dry_run:
         return _submit(plan, ["launch", *args.overrides, *(["--force"] if args.force else [])])
     todo = plan.cells if args.force else [c for c in plan.cells if plan.state(c) != "FINISHED"]
     _print_new_to_the_record(plan)
     if args.dry_run:
         return _dry_run(plan, todo, args)
+    if adaptive:
+        return _run_adaptive(plan, adaptive, todo, force=args.force)
     return _run_sweep(plan, todo, force=args.force)
 
 
+def _run_adaptive(plan, options, first, force: bool = False) -> int:
+    """An adaptive sweep's rounds (orchestrator/adaptive.py): `first`, then the cells each round adds,
+    every batch run as `_run_sweep` runs a fixed sweep's cells."""
+    from orchestrator.adaptive import drive
+
+    return drive(plan, options, lambda cells: _run_sweep(plan, cells, force=force), first=first,
+                 say=lambda line: console.print(line, highlight=False))
+
+
 def _dry_run(plan, todo, args: argparse.Namespace) -> int:
-    """Every cell with its cost, then the totals of the cells that would run; `--format json|csv` for
-    programs (on stdout, nothing else there)."""
+    """Every cell with its cost, then the totals of the cells that would run (at the step cap and at the
+    expected steps, an estimate) and how they would be packed; `--format json|csv` for programs (on
+    stdout, nothing else there). Nothing is written: no store, no run, no file."""
     import csv
 
     from orchestrator.console import plan_table
@@ -211,7 +225,10 @@ def _dry_run(plan, todo, args: argparse.Namespace) -> int:
     rows = cell_rows(plan, throughputs)
     cost = plan_cost([c.spec for c in todo], throughputs)
     if args.format == "json":
-        out.print_json(data={"sweep": plan.name, "cells": rows, "to_run": len(todo), "totals": cost.as_dict()})
+        # Plain json, not rich's pretty printer: a 100,000-cell document takes it minutes and gigabytes.
+        json.dump({"sweep": plan.name, "cells": rows, "to_run": len(todo), "totals": cost.as_dict(),
+                   "packing": _packing(plan, todo)}, sys.stdout, indent=1)
+        sys.stdout.write("\n")
         return 0
     if args.format == "csv":
         writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else ["cell_id"], lineterminator="\n")
@@ -232,6 +249,8 @@ def _print_new_to_the_record(plan) -> None:
     """A relaunch says what it adds to the sweep's recorded plan (a first launch says nothing)."""
     from orchestrator.plan import read_plan
 
+    if plan.tracker is None:  # a dry run before the store exists: nothing is recorded, and nothing is created
+        return
     recorded = read_plan(plan.tracker, plan.name)
     if recorded is None:
         return
@@ -242,24 +261,38 @@ def _print_new_to_the_record(plan) -> None:
                                                       "(status and resume list them)" if kept else ""))
 
 
-def _print_packing(plan, cells) -> None:
+def _packing(plan, cells) -> dict | None:
     """How launch would group `cells` into packs, on CPUs and on GPUs (which it uses is known only once
-    it sees the cluster), before it splits packs to fill idle workers."""
+    it sees the cluster), before it splits packs to fill idle workers: per device, the packs' sizes
+    (largest first), the cells that train alone, and how many of those are too heavy to pack. None
+    when packing is off."""
     import dataclasses
 
     from orchestrator.resources import plan_packs, too_heavy_to_pack
 
     if not plan.pack.enabled:
-        console.print("packing: off (pack.enabled=false)")
-        return
+        return None
     options = dataclasses.replace(plan.pack, fill_workers=False)
+    packing = {}
     for on_gpu, device in ((False, "cpu"), (True, "gpu")):
-        limit = getattr(plan.pack, f"{device}_max_cell_gflops")
         groups = plan_packs([c.spec for c in cells], options, on_gpu=on_gpu)
         sizes = sorted((len(g) for g in groups if len(g) > 1), reverse=True)
-        heavy = sum(1 for c in cells if too_heavy_to_pack(c.spec, plan.pack, on_gpu))
+        packing[device] = {"packs": sizes, "alone": len(groups) - len(sizes),
+                           "too_heavy": sum(1 for c in cells if too_heavy_to_pack(c.spec, plan.pack, on_gpu)),
+                           "max_cell_gflops": getattr(plan.pack, f"{device}_max_cell_gflops")}
+    return packing
+
+
+def _print_packing(plan, cells) -> None:
+    """`_packing` for people."""
+    packing = _packing(plan, cells)
+    if packing is None:
+        console.print("packing: off (pack.enabled=false)")
+        return
+    for device, found in packing.items():
+        sizes, heavy, limit = found["packs"], found["too_heavy"], found["max_cell_gflops"]
         packs = f"{sum(sizes)} cells in {len(sizes)} packs {tuple(sizes)}" if sizes else "no packs"
-        console.print(f"packing on {device.upper()}s: {packs}, {len(groups) - len(sizes)} cells alone"
+        console.print(f"packing on {device.upper()}s: {packs}, {found['alone']} cells alone"
                       + (f" ({heavy} above pack.{device}_max_cell_gflops={limit:g})" if heavy else ""))
 
 
@@ -269,7 +302,7 @@ def _print_references(plan, cells) -> None:
     from orchestrator.launch import pending_references
 
     needed = reference_cells(cells)
-    pending = {c.cell_id for c in pending_references(plan, cells)}
+    pending = {c.cell_id for c in (pending_references(plan, cells) if plan.tracker else needed)}  # no store: none trained
     for ref in needed:
         state = "trains first" if ref.cell_id in pending else "FINISHED, reused"
         console.print(f"reference {ref.cell_id} ({ref.spec.data.num_sequences:,} sequences): {state}")
@@ -293,6 +326,7 @@ def _states(value: str | None) -> tuple[str, ...] | None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from orchestrator.adaptive import recorded_rounds, round_lines
     from orchestrator.console import axis_table, status_document, status_table
     from orchestrator.launch import plan_drift, recorded_plan
 
@@ -302,13 +336,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     running = _running_progress(plan)
     drift = plan_drift(plan)
     url, hint = _sweep_urls(plan)
+    rounds = recorded_rounds(plan.tracker, plan.name)  # an adaptive sweep's; small JSONs
     if args.json:
         from orchestrator.links import run_url
 
         urls = {"experiment": url, "browse": hint,
                 "runs": {r.run_id: run_url(plan.tracker.uri, r.run_id) for r in plan.records.values()}}
-        sys.stdout.write(json.dumps(status_document(plan, chosen, running, _shown_uri(plan.tracker.uri), urls, drift),
-                                    indent=2) + "\n")
+        document = status_document(plan, chosen, running, _shown_uri(plan.tracker.uri), urls, drift)
+        sys.stdout.write(json.dumps({**document, **({"adaptive_rounds": rounds} if rounds else {})}, indent=2) + "\n")
         return 0
     out.print(axis_table(plan))
     rows = chosen if wanted or args.cells else [c for c in plan.cells if plan.state(c) in LISTED_BY_DEFAULT]
@@ -320,6 +355,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     console.print(f"{len(plan.cells)} cells: {_plan_counts(plan)}"
                   + ("" if wanted or args.cells else " (`--cells` lists every cell, `--state S` those in S)"))
     _print_references(plan, plan.cells)
+    for line in (line for document in rounds for line in round_lines(document)):
+        console.print(escape(line), highlight=False, soft_wrap=True)
     console.print(f"MLflow: {hint}", soft_wrap=True)
     if drift:
         console.print(f"[yellow]note:[/yellow] {escape(drift)}", soft_wrap=True)
@@ -377,6 +414,7 @@ def _find_cell(plan, wanted: str):
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
+    from orchestrator.adaptive import plan_options
     from orchestrator.launch import recorded_plan, stale_cells
 
     plan = recorded_plan(args.sweep, args.overrides)
@@ -389,6 +427,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
         raise ConfigError(f"{len(stale)} recorded cells to resume (first {stale[0].cell_id}) hash to other ids "
                           "under this memsweep, whose cell ids changed: they cannot resume under their recorded "
                           f"ids; `memsweep launch sweep={plan.name} ...` runs them as new cells")
+    adaptive = plan_options(plan.cells)
+    if adaptive:  # its unfinished cells, then the rounds go on
+        return _run_adaptive(plan, adaptive, todo)
     return _run_sweep(plan, todo)
 
 

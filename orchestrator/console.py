@@ -154,7 +154,8 @@ def plan_table(name: str, rows: list[dict]) -> Table:
     from orchestrator.resources import human_bytes
 
     table = Table(title=f"sweep {name}: {len(rows)} cells", title_justify="left")
-    for column in ("cell id", "state", "params", "H(X) bits", "predicted mem bits", "memory", "train FLOPs", "request"):
+    for column in ("cell id", "state", "params", "H(X) bits", "predicted mem bits", "memory", "train FLOPs",
+                   "expected FLOPs (est.)", "request"):
         table.add_column(column, justify="left" if column in ("cell id", "state", "request") else "right")
     for row in rows:
         shown = ", ".join(f"{k.replace('num_', '')}={human_bytes(v) if k == 'memory' else f'{v:g}'}"
@@ -163,7 +164,8 @@ def plan_table(name: str, rows: list[dict]) -> Table:
             row["cell_id"], row["state"], _si(row["params"]),
             "-" if row["entropy_bits"] is None else _si(row["entropy_bits"]),
             "-" if row["predicted_mem_bits"] is None else _si(row["predicted_mem_bits"]),
-            human_bytes(row["memory_bytes"]), flops_text(row["train_flops"]), shown,
+            human_bytes(row["memory_bytes"]), flops_text(row["train_flops"]), flops_text(row["expected_train_flops"]),
+            shown,
         )
     return table
 

@@ -1,22 +1,25 @@
 """`launch --dry-run` states a sweep's cost before anything runs (issue 15, point 4): every cell's
-numbers, totals of the cells that would run (training FLOPs at the step cap in readable units,
-device-hours on the devices bench.gpu measured), `--format json|csv` for programs, and no side effect:
-no store, no run, no file under MEMSWEEP_ROOT."""
+numbers, totals of the cells that would run (training FLOPs at the step cap and at the expected steps
+in readable units, device-hours on the devices bench.gpu measured), `--format json|csv` for programs,
+and no side effect: no store, no run, no file under MEMSWEEP_ROOT or the working folder."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import os
+from pathlib import Path
 
 import pytest
 
 from orchestrator.cli import main
-from orchestrator.compose import load_sweep
+from orchestrator.compose import compose_cell, load_sweep
 from orchestrator.cost import (
     TABLE_BATCH,
     TABLE_DATA,
     cell_hours,
+    expected_steps,
     flops_text,
     hours_text,
     measured_throughputs,
@@ -57,15 +60,22 @@ def test_the_paper_grid_states_its_totals_and_leaves_nothing_behind(memsweep_roo
     out, err = dry_run(["sweep=paper_synthetic", "cluster=ray_gpu", "--format", "json"], capsys)
     document = json.loads(out)
     cells = load_sweep(["sweep=paper_synthetic", "cluster=ray_gpu"]).cells
-    assert len(document["cells"]) == document["totals"]["cells"] == document["to_run"] == len(cells) == 1760
+    assert len(document["cells"]) == document["totals"]["cells"] == document["to_run"] == len(cells) == 800
     assert document["totals"]["train_flops"] == pytest.approx(sum(train_flops(c.spec) for c in cells))
     (hours,) = [v for k, v in document["totals"]["device_hours"].items() if "H200" in k]
     assert hours == pytest.approx(sum(row["hours[NVIDIA H200]"] for row in document["cells"]))
     assert document["totals"]["extrapolated_cells"]["NVIDIA H200"] == 0  # the 16 paper shapes are measured
 
     _, err = dry_run(["sweep=paper_synthetic", "cluster=ray_gpu"], capsys)
-    assert f"totals: 1,760 cells, {flops_text(document['totals']['train_flops'])} of training at the step cap" in err
-    assert f"NVIDIA H200: {hours_text(hours)} one cell at a time" in err
+    totals = document["totals"]
+    assert (f"totals of the 800 cells that would run: {flops_text(totals['train_flops'])} of training at the step "
+            f"cap (train.max_steps), {flops_text(totals['expected_train_flops'])} at the expected steps") in err
+    expected_hours = totals["expected_device_hours"]["NVIDIA H200"]
+    assert f"NVIDIA H200: {hours_text(hours)} at the cap, {hours_text(expected_hours)} expected" in err
+    assert expected_hours == pytest.approx(sum(row["expected_hours[NVIDIA H200]"] for row in document["cells"]))
+    assert totals["expected_train_flops"] == pytest.approx(sum(r["expected_train_flops"] for r in document["cells"]))
+    assert totals["expected_train_flops"] < totals["train_flops"]  # the cells below capacity stop early
+    assert document["packing"]["gpu"] == {"packs": [], "alone": 800, "too_heavy": 800, "max_cell_gflops": 16}
 
 
 def test_csv_has_one_row_per_cell(memsweep_root, capsys):
@@ -74,3 +84,50 @@ def test_csv_has_one_row_per_cell(memsweep_root, capsys):
     assert len(rows) == 4 and {r["state"] for r in rows} == {"PENDING"}
     assert json.loads(rows[0]["request"])["num_cpus"] == 1.0
     assert float(rows[0]["train_flops"]) == train_flops(load_sweep(["sweep=smoke"]).cells[0].spec)
+
+
+def files_under(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file and folder under `folder`: its size and modification time (a write changes one)."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize("sweep", ["smoke", "laptop"])
+def test_a_dry_run_creates_nothing(sweep, memsweep_root, tmp_path, monkeypatch, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    before = files_under(tmp_path)
+    out, err = dry_run([f"sweep={sweep}"], capsys)
+    assert f"sweep {sweep}:" in out and "would run" in err
+    assert files_under(tmp_path) == before and not memsweep_root.exists()
+    assert os.getcwd() == str(work)
+
+
+def test_a_dry_run_reads_an_existing_store_without_writing_it(memsweep_root, capsys):
+    from orchestrator.tracking import Tracker
+
+    cell = load_sweep(["sweep=smoke"]).cells[0]
+    Tracker(cell.options.tracking_uri).ensure_store()  # the store a first launch creates
+    before = files_under(memsweep_root)
+    assert before
+    dry_run(["sweep=smoke"], capsys)
+    assert files_under(memsweep_root) == before
+
+
+def test_expected_steps_follow_the_capacity_ratio():
+    """Cells under CONVERGING_RATIO of their predicted capacity stop after about CONVERGE_EPOCHS passes,
+    no earlier than the rules allow (train=cpu: a cool-down triggered at the second evaluation, 500
+    steps, lasting 20%); cells past it, text cells and cosine schedules run to the cap."""
+    from orchestrator.cost import CONVERGE_EPOCHS, CONVERGING_RATIO
+
+    def cell(n: int, *more: str):
+        return compose_cell(["model=l1_d16", f"data.num_sequences={n}", *more]).spec
+
+    capacity = 3.83 * cell(1).params / cell(1).data.sequence_bits  # sequences, the paper's alpha in fp32
+    assert expected_steps(cell(2)) == 600
+    below = int(CONVERGING_RATIO * capacity) - 1
+    assert expected_steps(cell(below)) == max(600, -(-CONVERGE_EPOCHS * below // 64)) < 32000
+    assert expected_steps(cell(below, "train.max_steps=700")) == 700
+    assert expected_steps(cell(int(CONVERGING_RATIO * capacity) + 1)) == 32000
+    assert expected_steps(cell(2, "train.schedule=cosine")) == 32000
+    assert expected_steps(cell(2, "train.eval_interval=1000", "train.warmup_steps=2500")) == 3600  # 3,000 + 20%
