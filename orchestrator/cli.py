@@ -219,15 +219,16 @@ def _dry_run(plan, todo, args: argparse.Namespace) -> int:
     import csv
 
     from orchestrator.console import plan_table
-    from orchestrator.cost import cell_rows, measured_throughputs, plan_cost
+    from orchestrator.cost import cell_rows, flops_text, measured_throughputs, plan_cost
 
     throughputs = measured_throughputs()
     rows = cell_rows(plan, throughputs)
     cost = plan_cost([c.spec for c in todo], throughputs)
+    adaptive = _expected_rounds(plan)
     if args.format == "json":
         # Plain json, not rich's pretty printer: a 100,000-cell document takes it minutes and gigabytes.
         json.dump({"sweep": plan.name, "cells": rows, "to_run": len(todo), "totals": cost.as_dict(),
-                   "packing": _packing(plan, todo)}, sys.stdout, indent=1)
+                   "packing": _packing(plan, todo), "adaptive": adaptive}, sys.stdout, indent=1)
         sys.stdout.write("\n")
         return 0
     if args.format == "csv":
@@ -242,7 +243,40 @@ def _dry_run(plan, todo, args: argparse.Namespace) -> int:
     _print_packing(plan, todo)
     for line in cost.lines():
         console.print(line, highlight=False)
+    if adaptive:
+        precisions = sorted({c.spec.precision for c in plan.cells})
+        alpha = ", ".join(f"{p} {adaptive['alpha'][p]:g}" for p in precisions)
+        console.print(f"adaptive: these cells are round 1; were every cell to measure its prediction min(alpha x "
+                      f"params, H(X)) (alpha: {alpha} bits/param), the rules would add {adaptive['added_cells']:,} "
+                      f"cell(s) in {adaptive['expected_rounds'] - 1} more round(s) ({flops_text(adaptive['added_train_flops'])} "
+                      f"at the cap): expected total {flops_text(adaptive['expected_total_train_flops'])} at the cap, "
+                      f"{flops_text(adaptive['expected_total_expected_train_flops'])} at the expected steps; a shape "
+                      f"that measures otherwise gets more rounds, up to sweep.adaptive.max_cells", highlight=False)
     return 0
+
+
+def _expected_rounds(plan) -> dict | None:
+    """An adaptive sweep's expected cost: the rounds its rules would add if every cell measured exactly
+    its prediction under the sweep's prior alpha (orchestrator.adaptive.expected_rounds); None for a
+    fixed sweep."""
+    from orchestrator.adaptive import expected_rounds, plan_options
+    from models.spec import SpecError
+    from orchestrator.capacity_axis import prior_alpha
+    from orchestrator.cost import plan_cost
+
+    options = plan_options(plan.cells)
+    if options is None or not plan.cells:
+        return None
+    try:
+        alpha = prior_alpha((plan.cells[0].config.get("sweep") or {}).get("capacity_alpha"))
+    except SpecError as err:
+        raise ConfigError(str(err)) from None
+    rounds = expected_rounds(plan.cells, options, alpha)
+    added = plan_cost([c.spec for r in rounds[1:] for c in r], [])
+    total = plan_cost([c.spec for r in rounds for c in r], [])
+    return {"alpha": alpha, "expected_rounds": len(rounds), "cells_per_round": [len(r) for r in rounds],
+            "added_cells": added.cells, "added_train_flops": added.flops,
+            "expected_total_train_flops": total.flops, "expected_total_expected_train_flops": total.flops_expected}
 
 
 def _print_new_to_the_record(plan) -> None:

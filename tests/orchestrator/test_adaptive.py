@@ -3,8 +3,8 @@ decided by the rules and the budget, and, through the real scheduler and store w
 (tests/orchestrator/planted_cells.py: mem_bits = min(2 * params, H(X))), rounds that add exactly the
 cells the rules call for, are recorded append-only, and resume after the driver is killed between them.
 
-With the planted alpha of 2 bits per parameter, sweep=laptop_adaptive (64, 128, 256 sequences of 192
-bits) goes: l1_d16 (9,728 bits, 50.7 sequences) holds only 79% of its smallest dataset: +32, then
+With the planted alpha of 2 bits per parameter, sweep=laptop_adaptive with round 1 at the shared sizes
+64, 128, 256 (sequences of 192 bits; its file sizes each shape by capacity multiples instead) goes: l1_d16 (9,728 bits, 50.7 sequences) holds only 79% of its smallest dataset: +32, then
 its knee 32..64 spans 2: +45; l2_d16 (16,288 bits, 84.8 sequences) has its knee between 64 and 128:
 +91. Both plateaus are flat from the start.
 """
@@ -24,6 +24,7 @@ from tests.orchestrator.planted_cells import ALPHA, planted_measure, run_batches
 from tests.orchestrator.test_sweeps import assert_one_finished_run_each, on_cluster
 
 SWEEP = "laptop_adaptive"
+SIZES = "data.num_sequences=64,128,256"  # round 1, the same for both shapes
 REPO = Path(__file__).resolve().parents[2]
 ROUND_2 = {("l1_d16", 32), ("l2_d16", 91)}
 ROUND_3 = {("l1_d16", 45)}
@@ -75,7 +76,7 @@ def test_a_fixed_sweep_has_no_adaptive_options():
 
 # -- deciding rounds (no store) -----------------------------------------------------------------------------
 def test_rounds_follow_the_rules_and_stop():
-    cells = load_sweep([f"sweep={SWEEP}"]).cells
+    cells = load_sweep([f"sweep={SWEEP}", SIZES]).cells
     rounds = expected_rounds(cells, plan_options(cells), alpha={"fp32": ALPHA})
     assert [sizes(r) for r in rounds[1:]] == [ROUND_2, ROUND_3]
     decided = decide_round(cells, planted(cells), plan_options(cells), 2)
@@ -86,7 +87,7 @@ def test_rounds_follow_the_rules_and_stop():
 
 
 def test_the_budget_cuts_a_round_and_flags_the_group():
-    cells = load_sweep([f"sweep={SWEEP}", "sweep.adaptive.max_cells=7"]).cells
+    cells = load_sweep([f"sweep={SWEEP}", SIZES, "sweep.adaptive.max_cells=7"]).cells
     decided = decide_round(cells, planted(cells), plan_options(cells), 2)
     assert sizes(decided.cells) == {("l1_d16", 32)}
     l2 = next(group for label, group in decided.groups.items() if label.startswith("l2_d16"))
@@ -96,14 +97,14 @@ def test_the_budget_cuts_a_round_and_flags_the_group():
 
 
 def test_past_max_rounds_nothing_is_added():
-    cells = load_sweep([f"sweep={SWEEP}"]).cells
+    cells = load_sweep([f"sweep={SWEEP}", SIZES]).cells
     decided = decide_round(cells, planted(cells), plan_options(cells), 5)  # max_rounds: 4
     assert decided.cells == [] and all(g["state"] == "stopped" for g in decided.groups.values())
     assert all("rounds spent (sweep.adaptive.max_rounds=4)" in g["notes"][-1] for g in decided.groups.values())
 
 
 def test_a_planned_cell_is_never_added_again():
-    cells = load_sweep([f"sweep={SWEEP}"]).cells
+    cells = load_sweep([f"sweep={SWEEP}", SIZES]).cells
     first = decide_round(cells, planted(cells), plan_options(cells), 2)
     again = decide_round(cells + first.cells, planted(cells), plan_options(cells), 3)  # not measured yet
     assert again.cells == []
@@ -115,7 +116,7 @@ def test_rounds_add_exactly_what_the_rules_call_for_and_stop(ray_driver, sweep_r
     from orchestrator.cli import main
     from orchestrator.launch import make_plan
 
-    overrides = [f"sweep={SWEEP}", *on_cluster(ray_driver)]
+    overrides = [f"sweep={SWEEP}", SIZES, *on_cluster(ray_driver)]
     plan = make_plan(overrides)
     run = run_batches(plan)
     assert drive(plan, plan_options(plan.cells), run) == 0
@@ -142,7 +143,7 @@ def test_a_driver_killed_between_rounds_resumes_with_the_next_round(ray_driver, 
 
     env = {**os.environ, "MEMSWEEP_ROOT": str(sweep_root)}
     killed = subprocess.run([sys.executable, "-m", "tests.orchestrator.planted_cells", "2", f"sweep={SWEEP}",
-                             *on_cluster(ray_driver)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                             SIZES, *on_cluster(ray_driver)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stdout + killed.stderr  # killed as round 2's cells were about to run
 
     plan = recorded_plan(SWEEP, on_cluster(ray_driver))

@@ -131,3 +131,22 @@ def test_expected_steps_follow_the_capacity_ratio():
     assert expected_steps(cell(int(CONVERGING_RATIO * capacity) + 1)) == 32000
     assert expected_steps(cell(2, "train.schedule=cosine")) == 32000
     assert expected_steps(cell(2, "train.eval_interval=1000", "train.warmup_steps=2500")) == 3600  # 3,000 + 20%
+
+
+def test_an_adaptive_sweep_states_its_expected_rounds(memsweep_root, capsys):
+    """The dry run of an adaptive sweep adds what its rules would add were every cell to measure its
+    prediction under the sweep's prior alpha: here the shared sizes 64, 128, 256 leave each shape's knee
+    more than sqrt(2) wide, so one cell per shape is expected in round 2."""
+    from orchestrator.adaptive import expected_rounds, plan_options
+
+    args = ["sweep=laptop_adaptive", "data.num_sequences=64,128,256"]
+    out, _ = dry_run([*args, "--format", "json"], capsys)
+    adaptive = json.loads(out)["adaptive"]
+    cells = load_sweep(args).cells
+    rounds = expected_rounds(cells, plan_options(cells), {p: 2.7 for p in ("fp32", "bf16", "amp_bf16")})
+    assert adaptive["cells_per_round"] == [len(r) for r in rounds] == [6, 2]
+    assert adaptive["alpha"]["fp32"] == 2.7  # the sweep's capacity_alpha, not the paper's
+    assert adaptive["expected_total_train_flops"] == pytest.approx(sum(train_flops(c.spec) for r in rounds for c in r))
+    _, err = dry_run(args, capsys)
+    assert "adaptive: these cells are round 1" in err and "add 2 cell(s) in 1 more round(s)" in err
+    assert json.loads(dry_run(["sweep=laptop", "--format", "json"], capsys)[0])["adaptive"] is None

@@ -17,7 +17,9 @@ from orchestrator.plan import RecordedPlan, _json, plan_table
 
 # paper_synthetic's grid with 57 seeds: 16 shapes x 11 sizes x 2 precisions x 57 seeds = 20,064 cells
 # over 16 x 2 combinations of config groups (model=, precision=; train=paper is one choice).
-BIG = ["sweep=paper_synthetic", "seed=range(0,57)"]
+# The paper grid with its former fixed sizes (11 for every shape) and 57 seeds: 20,064 cells.
+BIG = ["sweep=paper_synthetic", "data.num_sequences=128,256,512,1024,2048,4096,8192,16384,32768,65536,131072",
+       "seed=range(0,57)"]
 
 
 def same_cell(fast, full) -> None:
