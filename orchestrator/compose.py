@@ -586,9 +586,9 @@ UPDATABLE_SECTIONS = ("model", "data", "train")  # with_updates' `section.field`
 
 
 def expand_capacity(cells: list[Cell], axis: CapacityAxis) -> list[Cell]:
-    """One cell per (cell, multiple), in that order, sized by a capacity axis (orchestrator.capacity_axis). Two multiples that round to the
-    same N for a cell make one cell: the later is dropped (a tiny shape's 0.25 and 0.3 may both give
-    N = 2)."""
+    """One cell per (cell, multiple), in that order, sized by a capacity axis (orchestrator.capacity_axis).
+    Two multiples that round to the same N for a cell make one cell: the later is dropped (a tiny
+    shape's 0.25 and 0.3 may both give N = 2)."""
     expanded = []
     for cell in cells:
         seen = set()
@@ -609,15 +609,12 @@ def expand_capacity(cells: list[Cell], axis: CapacityAxis) -> list[Cell]:
 def with_updates(cell: Cell, updates: dict[str, object]) -> Cell:
     """`cell` with plain values changed (`data.num_sequences`, `seed`, `train.max_steps`, ...): the spec
     rebuilt and validated (its id follows), each `key=value` override replacing any earlier one for
-    that key, the recorded config updated on a copy. A one-line ConfigError names a bad key or value."""
-    spec, config = cell.spec, copy.deepcopy(cell.config)
+    that key, the recorded config updated on a copy of the dicts along each key (the rest stays shared,
+    as between the cells of a grid). A one-line ConfigError names a bad key or value."""
+    spec, config = cell.spec, cell.config
     for key, value in updates.items():
         spec = _updated_spec(spec, key, value)
-        node = config
-        *parents, name = key.split(".")
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[name] = value
+        config = _with_value(config, key.split("."), value)
     changed = [f"{key}={value}" for key, value in updates.items()]
     kept = [o for o in cell.overrides if o.split("=", 1)[0] not in updates]
     return dataclasses.replace(cell, spec=spec, overrides=(*kept, *changed), config=config, recorded_id=None)
@@ -627,9 +624,7 @@ def _updated_spec(spec: CellSpec, key: str, value) -> CellSpec:
     """`spec` with one `section.field` (or `seed`) replaced, type-checked and validated."""
     try:
         if key == "seed":
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise SpecError(f"seed={value!r} must be int")
-            return dataclasses.replace(spec, seed=value)
+            return dataclasses.replace(spec, seed=_coerce(value, int, "seed"))
         section, _, name = key.partition(".")
         if section not in UPDATABLE_SECTIONS or name not in {f.name for f in dataclasses.fields(getattr(spec, section))}:
             raise ConfigError(f"{key}: not a field of the cell's spec (seed, or model.*, data.*, train.*)")

@@ -19,14 +19,7 @@ from models.train import train
 CELL = "l2_d16-v64-s32-n16-fp32-seed0-0123456789"
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Width-16 models gain nothing from threads, and on a shared 2-core machine OpenMP threads
-    that spin-wait for each other make training several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def state(value: float) -> dict:

@@ -20,12 +20,7 @@ from models.train import train
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def cell(num_sequences: int, seed: int, precision: str = "fp32", **train) -> CellSpec:

@@ -21,12 +21,7 @@ from models.train import LEGACY_STEP, LOSS_KEY, StepOptions, train
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def spec(precision: str = "fp32", seed: int = 0, num_sequences: int = 48, **train) -> CellSpec:
