@@ -338,10 +338,11 @@ def _pack_task(cells: list[Cell], parent_run_id: str | None, num_threads: int,
 
 
 def _where() -> dict[str, str]:
-    """Tags saying where a task ran: node, task (the attempt number is `memsweep.attempt`), worker
-    process, and what Ray granted it (GPU ids and the fraction of a GPU shared with other tasks)."""
+    """Tags saying where a task ran: node, task and its name in Ray's dashboard (`task_name`; the
+    attempt number is `memsweep.attempt`), worker process, and what Ray granted it (GPU ids and the fraction of a GPU shared with other tasks)."""
     context = ray.get_runtime_context()
     where = {"memsweep.ray.node_id": context.get_node_id(), "memsweep.ray.task_id": str(context.get_task_id()),
+             "memsweep.ray.task_name": context.get_task_name() or "",
              "memsweep.ray.worker_pid": str(os.getpid()),
              "memsweep.ray.resources": json.dumps(context.get_assigned_resources(), sort_keys=True)}
     gpus = context.get_accelerator_ids().get("GPU") or []
@@ -493,14 +494,24 @@ class Window:
                        retry_exceptions=False, scheduling_strategy="SPREAD")
         cpus_per_cell = int(self.cluster.cpus_per_cell)
         if len(group) > 1:
-            return _pack_task.options(name=f"pack:{group[0].spec.readable_slug}+{len(group) - 1}", **options).remote(
+            return _pack_task.options(name=f"pack:{task_name(group[0].spec)}", **options).remote(
                 group, self.parent_run_id, cpus_per_cell, self.runner)
         cell = group[0]
         reference = self.references.get(cell.spec.reference.cell_id) if cell.spec.reference is not None else None
         # A reference cell lives in its own experiment (shared by sweeps): not a child of this launch.
         parent = None if cell.options.experiment == REFERENCE_EXPERIMENT else self.parent_run_id
-        return _cell_task.options(name=f"cell:{cell.spec.readable_slug}", **options).remote(
+        return _cell_task.options(name=f"cell:{task_name(cell.spec)}", **options).remote(
             cell, parent, cpus_per_cell, reference, self.runner)
+
+
+def task_name(spec) -> str:
+    """A task's name in Ray's dashboard: the cell's shape and precision (`l2_d32-v2048-s64-bf16`), never
+    its id. Ray's driver keeps state for every task name it has seen for as long as it runs, so a name per cell would
+    grow the driver's memory with every task (measured: about 5 KB a cell, 100 MB per 20,000 cells);
+    which cell a task trains is in its MLflow run (tags memsweep.ray.task_id, memsweep.ray.node_id)."""
+    d = spec.data
+    kind = "" if d.kind == "synthetic" else f"-{d.kind}"
+    return f"{spec.shape_slug}{kind}-v{d.vocab_size}-s{d.seq_len}-{spec.precision}"
 
 
 def _collect(ref, cells: list[Cell], tracker: Tracker) -> list[CellOutcome]:

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.compose import ConfigError, load_sweep
 from orchestrator.launch import make_plan, run_plan
+from orchestrator.scheduler import task_name
 from orchestrator.tracking import Tracker
 from tests.orchestrator.conftest import finish, memsweep, wait_until
 
@@ -164,6 +165,9 @@ def test_smoke_sweep_runs_on_both_workers(ray_driver, sweep_root):
     nodes = {run.data.tags["memsweep.ray.node_id"] for run in runs.values()}
     workers = {node.node_id for node in ray_driver.workers}
     assert nodes == workers, "every cell ran on a worker node, and both workers ran cells"
+    # Ray's task names are per shape, not per cell: the driver keeps state for every name it has seen.
+    names = {run.data.tags["memsweep.ray.task_name"] for run in runs.values()}
+    assert names == {f"cell:{task_name(plan.cells[0].spec)}"} == {"cell:l1_d16-v64-s32-fp32"}, names
     assert all("mem_bits" in run.data.metrics for run in runs.values())
     # Launching again skips everything: the tracker knows the cells finished.
     again = make_plan(SMOKE + on_cluster(ray_driver) + ["seed=0,1,2,3"])
