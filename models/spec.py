@@ -272,19 +272,19 @@ class CellSpec:
     def is_text(self) -> bool:
         return self.data.kind == "text"
 
-    # -- sizes, all derivable without torch -------------------------------------------------------
-    @property
+    # -- sizes, all derivable without torch (computed once per spec: planning a sweep asks often) ----
+    @functools.cached_property
     def params_paper(self) -> int:
         """The paper's count: V*d + S*d + L*(12 d^2 + 13 d) + 2d (tied head, learned positions)."""
         v, s, d, n = self.data.vocab_size, self.data.seq_len, self.model.n_embd, self.model.n_layer
         return v * d + s * d + n * (12 * d * d + 13 * d) + 2 * d
 
-    @property
+    @functools.cached_property
     def params(self) -> int:
         """Every trainable parameter: the paper's count plus the start token's embedding row."""
         return self.params_paper + self.model.n_embd
 
-    @property
+    @functools.cached_property
     def train_flops_per_step(self) -> float:
         """Approximate training FLOPs per optimizer step: 6 * params * tokens + attention."""
         tokens = self.train.batch_size * self.data.seq_len

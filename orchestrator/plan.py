@@ -18,7 +18,8 @@ import json
 
 import pyarrow as pa
 
-from models.spec import Cell, ReferenceOptions, RunOptions, SpecError, spec_from_dict, to_dict
+from models.spec import (Cell, ReferenceOptions, RunOptions, SpecError, _asdict, _field_names, flatten,
+                         spec_from_dict)
 from orchestrator.tracking import TAG_CODE, Tracker, read_runs, tag
 
 PLAN_ARTIFACT = "plan.parquet"
@@ -32,21 +33,20 @@ BATCH_ROWS = 10_000  # rows encoded at a time: a 100,000-cell plan never holds a
 
 def plan_table(cells: list[Cell]) -> pa.Table:
     """One row per cell, every value a JSON string (a spec's nesting and a config's free shape)."""
-    config_json = _ConfigJson()
-    batches = [_plan_batch(cells[start:start + BATCH_ROWS], config_json)
-               for start in range(0, len(cells), BATCH_ROWS)]
+    encode = _SharedJson()
+    batches = [_plan_batch(cells[start:start + BATCH_ROWS], encode) for start in range(0, len(cells), BATCH_ROWS)]
     return pa.Table.from_batches(batches, schema=SCHEMA)
 
 
-def _plan_batch(cells: list[Cell], config_json: _ConfigJson) -> pa.RecordBatch:
+def _plan_batch(cells: list[Cell], encode: _SharedJson) -> pa.RecordBatch:
     rows = {
         "cell_id": [c.cell_id for c in cells],
-        "spec": [_json(to_dict(c.spec)) for c in cells],
+        "spec": [encode.spec(c.spec) for c in cells],
         "overrides": [_json(list(c.overrides)) for c in cells],
-        "config": [config_json(c.config) for c in cells],
-        "reference_options": [None if c.reference_options is None else _json(vars(c.reference_options))
+        "config": [encode.mapping(c.config) for c in cells],
+        "reference_options": [None if c.reference_options is None else encode.value(c.reference_options)
                               for c in cells],
-        "params": [_json({k: str(v)[:6000] for k, v in c.recorded_params().items()}) for c in cells],
+        "params": [encode.params(c) for c in cells],
     }
     return pa.RecordBatch.from_arrays([pa.array(rows[name], pa.string()) for name in COLUMNS], schema=SCHEMA)
 
@@ -55,25 +55,67 @@ def _json(value) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
-class _ConfigJson:
-    """`_json` of many configs that share their sections (a planned grid's cells do: GridComposer
-    copies only the dicts on an override's path), each shared section encoded once."""
+class _SharedJson:
+    """`_json` of many cells' columns, byte for byte, with what cells share encoded once: a planned
+    grid's cells share their spec sections and config sections (GridComposer builds each distinct one
+    once and copies only the dicts on an override's path), so 100,000 rows hold a few hundred distinct
+    sections, and a few thousand distinct scalars."""
 
     def __init__(self):
-        self.sections: dict[int, tuple[dict, str]] = {}  # id -> (the section, kept alive; its JSON)
+        self.shared: dict[int, tuple[object, str]] = {}  # id -> (the object, kept alive; its JSON)
+        self.scalars: dict[tuple, str] = {}  # (key, type, value) -> '"key":value'
+        self.keys: dict[str, str] = {}  # key -> its JSON
+        self.param_sections: dict[int, tuple[object, str]] = {}  # id(spec section) -> (it, its params' JSON items)
 
-    def __call__(self, config: dict) -> str:
-        parts = []
-        for key in sorted(config):
-            value = config[key]
-            if isinstance(value, dict):
-                if id(value) not in self.sections:
-                    self.sections[id(value)] = (value, _json(value))
-                encoded = self.sections[id(value)][1]
-            else:
-                encoded = _json(value)
-            parts.append(f"{_json(key)}:{encoded}")
-        return "{" + ",".join(parts) + "}"
+    def value(self, value) -> str:
+        """A section (a dict or a spec's dataclass) by identity; anything else as it is."""
+        if not isinstance(value, dict) and not _field_names(type(value)):
+            return _json(value)
+        found = self.shared.get(id(value))
+        if found is None:
+            found = self.shared[id(value)] = (value, _json(_asdict(value)))
+        return found[1]
+
+    def item(self, key: str, value) -> str:
+        """'"key":value' of a top-level entry."""
+        if isinstance(value, (str, int, float, bool, type(None))):
+            scalar = (key, type(value), repr(value) if isinstance(value, float) else value)  # -0.0 is not 0.0
+            if scalar not in self.scalars:
+                self.scalars[scalar] = f"{_json(key)}:{_json(value)}"
+            return self.scalars[scalar]
+        if key not in self.keys:
+            self.keys[key] = _json(key)
+        return f"{self.keys[key]}:{self.value(value)}"
+
+    def mapping(self, mapping: dict) -> str:
+        """`_json(mapping)` for a dict of str keys."""
+        return "{" + ",".join(self.item(key, mapping[key]) for key in sorted(mapping)) + "}"
+
+    def spec(self, spec) -> str:
+        """`_json(to_dict(spec))`."""
+        top = {name: getattr(spec, name) for name in _field_names(type(spec))}
+        if spec.reference is None and not spec.is_text:
+            top.pop("reference")
+        return self.mapping(top)
+
+    def params(self, cell: Cell) -> str:
+        """`_json` of the cell's recorded params (every value as `str(v)[:6000]`). A text cell's data
+        params depend on its reference: those are encoded whole."""
+        spec = cell.spec
+        if spec.is_text:
+            return _json({k: str(v)[:6000] for k, v in cell.recorded_params().items()})
+        # flatten() keys sorted: the sections' prefixes sort as data < model < precision < seed < train.
+        parts = [self._param_section("data", spec.data), self._param_section("model", spec.model),
+                 self.item("precision.name", str(spec.precision)[:6000]), self.item("seed", str(spec.seed)[:6000]),
+                 self._param_section("train", spec.train)]
+        return "{" + ",".join(p for p in parts if p) + "}"
+
+    def _param_section(self, name: str, section) -> str:
+        found = self.param_sections.get(id(section))
+        if found is None:
+            flat = {f"{name}.{k}": str(v)[:6000] for k, v in flatten(_asdict(section)).items()}
+            found = self.param_sections[id(section)] = (section, _json(flat)[1:-1])
+        return found[1]
 
 
 def content_hash(table: pa.Table) -> str:

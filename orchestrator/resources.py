@@ -74,21 +74,27 @@ class ClusterOptions:
 
 def estimate_memory_bytes(spec: CellSpec, eval_batch_size: int = 1024) -> int:
     """Peak memory of training and scoring one cell on its device, excluding the process itself."""
-    return int(sum(memory_terms(spec, eval_batch_size).values()))
+    return int(sum(_memory_sizes(spec, eval_batch_size)))
 
 
 def memory_terms(spec: CellSpec, eval_batch_size: int = 1024) -> dict[str, int]:
     """`estimate_memory_bytes`'s terms, each keyed by the setting that sizes it (for messages)."""
     m, d, t = spec.model, spec.data, spec.train
+    names = (f"model={m.name} ({spec.params:,} params)", f"train.batch_size={t.batch_size:,}",
+             f"eval_batch_size={eval_batch_size:,}", f"data.num_sequences={d.num_sequences:,}")
+    return dict(zip(names, _memory_sizes(spec, eval_batch_size)))
+
+
+def _memory_sizes(spec: CellSpec, eval_batch_size: int) -> tuple[int, int, int, int]:
+    """The terms' bytes: the model's state, a training batch's activations, an evaluation batch's
+    logits, the data."""
+    m, d, t = spec.model, spec.data, spec.train
     per_param = 20 if spec.precision == "bf16" else 16  # weights, grads, two Adam moments (+ master)
     # Saved activations per token: ~16 d floats per layer plus attention scores, then the logits.
     per_token = m.n_layer * (16 * m.n_embd + 2 * m.n_head * d.seq_len) + 3 * d.vocab_size
-    return {
-        f"model={m.name} ({spec.params:,} params)": spec.params * per_param,
-        f"train.batch_size={t.batch_size:,}": t.batch_size * d.seq_len * per_token * 4,
-        f"eval_batch_size={eval_batch_size:,}": min(eval_batch_size, d.num_sequences) * d.seq_len * d.vocab_size * 4 * 2,
-        f"data.num_sequences={d.num_sequences:,}": (d.num_sequences + d.num_nonmembers) * d.seq_len * 8,
-    }
+    return (spec.params * per_param, t.batch_size * d.seq_len * per_token * 4,
+            min(eval_batch_size, d.num_sequences) * d.seq_len * d.vocab_size * 4 * 2,
+            (d.num_sequences + d.num_nonmembers) * d.seq_len * 8)
 
 
 def train_flops(spec: CellSpec) -> float:

@@ -10,6 +10,7 @@ import random
 
 import pytest
 
+from models.spec import to_dict
 import orchestrator.compose as compose_module
 from orchestrator.compose import ConfigError, GridComposer, check_distinct, compose_cell, load_sweep, prepared
 from orchestrator.launch import make_plan, store_exists
@@ -117,12 +118,19 @@ def test_a_size_set_after_composition_is_a_cell_like_any_other(memsweep_root):
 
 @pytest.mark.parametrize("overrides", [
     ["sweep=laptop"],
+    ["sweep=laptop_adaptive", "seed=0,1"],
     ["sweep=text_small", "data.num_sequences=16,64", "data.reference.num_sequences=512"],
 ])
 def test_the_recorded_plan_reads_back_the_planned_cells(overrides, memsweep_root):
     cells = load_sweep(overrides).cells
     table = plan_table(cells)
-    assert table.column("config").to_pylist() == [_json(c.config) for c in cells]
+    # Every column is the plain JSON of each cell's values (the table shares what cells share).
+    plain = {"cell_id": [c.cell_id for c in cells], "spec": [_json(to_dict(c.spec)) for c in cells],
+             "overrides": [_json(list(c.overrides)) for c in cells], "config": [_json(c.config) for c in cells],
+             "reference_options": [None if c.reference_options is None else _json(vars(c.reference_options))
+                                   for c in cells],
+             "params": [_json({k: str(v)[:6000] for k, v in c.recorded_params().items()}) for c in cells]}
+    assert {name: table.column(name).to_pylist() for name in plain} == plain
     recorded = RecordedPlan({row["cell_id"]: row for row in table.to_pylist()}, set())
     back = recorded.cells(cells[0].options)
     assert [c.cell_id for c in back] == [c.cell_id for c in cells] and not any(c.stale for c in back)
