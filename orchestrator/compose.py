@@ -74,6 +74,42 @@ def config_dir() -> Path:
     return Path(str(importlib.resources.files("conf")))
 
 
+PACKAGES = ("models", "orchestrator", "measure")  # memsweep's code that composing and typing a cell runs
+ENV_READ = re.compile(r"oc\.env:([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def grid_fingerprint(overrides: list[str]) -> str:
+    """A hash of everything composing `overrides` reads: the overrides, every file of conf/, memsweep's
+    code (PACKAGES), the environment variables conf/ reads, and hydra-core's and omegaconf's versions.
+    Two compositions with one fingerprint give the same cells, so `status` need not compose today's grid
+    to know that it was recorded (launch.plan_drift). A change anywhere, even one that moves no id, gives
+    another fingerprint: that only costs a composition. (Text cells also read their corpus: their plans
+    are not fingerprinted.)"""
+    import hashlib
+    from importlib.metadata import version
+
+    digest = hashlib.sha256()
+
+    def add(*parts: str | bytes) -> None:
+        for part in parts:
+            digest.update(part if isinstance(part, bytes) else part.encode())
+            digest.update(b"\x1f")
+
+    add("overrides", *overrides, "versions", version("hydra-core"), version("omegaconf"))
+    code = Path(__file__).resolve().parents[1]
+    trees = [("conf", config_dir(), "*")] + [(name, code / name, "*.py") for name in PACKAGES]
+    env: set[str] = set()
+    for name, root, pattern in trees:
+        for path in sorted(p for p in root.rglob(pattern) if p.is_file() and "__pycache__" not in p.parts):
+            content = path.read_bytes()
+            add(name, path.relative_to(root).as_posix(), content)
+            if name == "conf":
+                env.update(ENV_READ.findall(content.decode(errors="replace")))
+    for variable in sorted(env):
+        add("env", variable, os.environ.get(variable, "\x00unset"))
+    return digest.hexdigest()
+
+
 @contextmanager
 def hydra_context():
     """Initialise Hydra's global state on conf/ (re-entrant: an existing initialisation is kept)."""

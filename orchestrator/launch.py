@@ -19,7 +19,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from models.spec import Cell, SpecError
-from orchestrator.compose import ConfigError, load_sweep, sweep_config, sweep_runtime, typed_options
+from orchestrator.compose import (ConfigError, grid_fingerprint, load_sweep, sweep_config, sweep_runtime,
+                                  typed_options)
 from orchestrator.corpus import REFERENCE_EXPERIMENT, reference_cells
 from orchestrator.plan import RecordedPlan, read_plan, record_plan
 from orchestrator.resources import GiB, ClusterOptions, PackOptions, check_fits_memory, machine_memory_bytes
@@ -36,6 +37,7 @@ class Plan:
     overrides: list[str]
     pack: PackOptions = PackOptions()
     recorded: RecordedPlan | None = None  # read back from the launches (status, resume); None: composed now
+    fingerprint: str | None = None  # of what a plan composed now was composed from (compose.grid_fingerprint)
 
     def state(self, cell: Cell) -> str:
         record = self.records.get(cell.cell_id)
@@ -46,6 +48,7 @@ def make_plan(overrides: list[str], *, read_only: bool = False) -> Plan:
     """Expand and validate every cell, then read the tracker. Nothing is written but the store; with
     `read_only` (the dry run) not even that: a store that does not exist yet is not created, and the
     plan has no tracker and no records."""
+    fingerprint = grid_fingerprint(overrides)  # before composing: a file changed meanwhile gives another
     sweep = load_sweep(overrides)
     first = sweep.cells[0]
     for cell in sweep.cells:
@@ -60,7 +63,9 @@ def make_plan(overrides: list[str], *, read_only: bool = False) -> Plan:
         if not read_only:
             tracker.ensure_store()
         records = tracker.cell_records(first.options.experiment)
-    return Plan(sweep.name, sweep.cells, records, cluster, tracker, list(overrides), pack)
+    text = any(cell.spec.is_text for cell in sweep.cells)  # composing them reads a corpus too
+    return Plan(sweep.name, sweep.cells, records, cluster, tracker, list(overrides), pack,
+                fingerprint=None if text else fingerprint)
 
 
 def store_exists(uri: str) -> bool:
@@ -155,7 +160,7 @@ def _start_launch(plan: Plan, cells: list[Cell], force: bool) -> str:
                                        description=sweep_description(plan))
     plan.tracker.set_tags(parent, {TAG_OVERRIDES: json.dumps([redact(o) for o in plan.overrides]), **driver_tags()})
     if plan.recorded is None:  # a plan composed now (resume runs cells already recorded)
-        record_plan(plan.tracker, parent, plan.cells)  # before any cell runs: a driver killed now leaves it
+        record_plan(plan.tracker, parent, plan.cells, plan.fingerprint)  # before any cell runs
     if force:
         for cell in cells:
             record = plan.records.get(cell.cell_id)
@@ -230,6 +235,8 @@ def plan_drift(plan: Plan) -> str | None:
     recorded (None when every one of them is recorded, or nothing was recorded)."""
     if plan.recorded is None:
         return None
+    if grid_fingerprint(plan.overrides) in plan.recorded.fingerprints:
+        return None  # a launch recorded the cells of exactly what today's overrides, conf/ and code compose
     try:
         today = [c.cell_id for c in load_sweep(plan.overrides).cells]
     except ConfigError as err:

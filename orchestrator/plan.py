@@ -24,6 +24,7 @@ from orchestrator.tracking import TAG_CODE, Tracker, read_runs, tag
 
 PLAN_ARTIFACT = "plan.parquet"
 TAG_PLAN = "memsweep.plan_sha256"  # on a launch run whose plan.parquet was recorded whole
+TAG_GRID = "memsweep.grid_sha256"  # ... and what it was composed from (orchestrator.compose.grid_fingerprint)
 COLUMNS = ("cell_id", "spec", "overrides", "config", "reference_options", "params")
 
 
@@ -126,13 +127,16 @@ def content_hash(table: pa.Table) -> str:
     return digest.hexdigest()
 
 
-def record_plan(tracker: Tracker, launch_run_id: str, cells: list[Cell], artifact: str = PLAN_ARTIFACT) -> None:
-    """Record `cells` on the launch run; the hash tag comes last, so a tagged run has the whole table.
-    Another `artifact` (`plan-round-002.parquet`: an adaptive sweep's round) adds cells to the launch's
-    plan under a tag of its own; nothing recorded before is rewritten."""
+def record_plan(tracker: Tracker, launch_run_id: str, cells: list[Cell], fingerprint: str | None = None,
+                artifact: str = PLAN_ARTIFACT) -> None:
+    """Record `cells` on the launch run; the hash tag comes last, so a tagged run has the whole table
+    (with `fingerprint`, what the cells were composed from: TAG_GRID). Another `artifact`
+    (`plan-round-002.parquet`: an adaptive sweep's round) adds cells to the launch's plan under a tag of
+    its own; nothing recorded before is rewritten."""
     table = plan_table(cells)
     tracker.log_table(launch_run_id, table, artifact)
-    tracker.set_tags(launch_run_id, {_hash_tag(artifact): content_hash(table)})
+    tracker.set_tags(launch_run_id, {_hash_tag(artifact): content_hash(table),
+                                     **({TAG_GRID: fingerprint} if fingerprint else {})})
 
 
 def _hash_tag(artifact: str) -> str:
@@ -150,9 +154,10 @@ class RecordedPlan:
     """The union of a sweep's recorded launch plans, rows by cell id: the latest launch's cells in its
     order, then the cells only earlier launches planned (newest launch first)."""
 
-    def __init__(self, rows: dict[str, dict], code_versions: set[str]):
+    def __init__(self, rows: dict[str, dict], code_versions: set[str], fingerprints: frozenset[str] = frozenset()):
         self.rows = rows
         self.code_versions = code_versions  # of the launches that recorded it
+        self.fingerprints = fingerprints  # of what those launches composed their cells from (TAG_GRID)
 
     def params(self) -> dict[str, dict]:
         """Each cell's recorded params, for aggregate's PENDING rows."""
@@ -201,4 +206,5 @@ def read_plan(tracker: Tracker, sweep: str) -> RecordedPlan | None:
         for artifact in plan_artifacts(run.tags):
             for row in tracker.load_table(run.run_id, artifact).to_pylist():
                 rows.setdefault(row["cell_id"], row)
-    return RecordedPlan(rows, {tag(run.tags, TAG_CODE, "") for run in launches})
+    return RecordedPlan(rows, {tag(run.tags, TAG_CODE, "") for run in launches},
+                        frozenset(run.tags[TAG_GRID] for run in launches if TAG_GRID in run.tags))

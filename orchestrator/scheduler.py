@@ -18,7 +18,7 @@ import socket
 import time
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Protocol
 
 import ray
@@ -408,7 +408,9 @@ def run_cells(
     tasks: Tasks | None = None,
     runner: str | None = None,
 ) -> list[CellOutcome]:
-    """Run `cells` on the connected Ray cluster; returns one outcome per cell, in completion order.
+    """Run `cells` on the connected Ray cluster; returns one outcome per cell, in completion order,
+    without its metrics once `display` has shown them (they are in the cell's MLflow run: kept here, they
+    would grow the driver by a few KB a cell).
     Compatible cells are grouped into packs (`pack`); a pack is one task with the summed request.
     `tasks`: what `prepare` made of `cells` (prepared here when not given). `runner`: what runs a cell
     in its task (`cell_runner`; orchestrator.cell.run_cell when None).
@@ -435,8 +437,8 @@ def run_cells(
             for ref in done:
                 for outcome in _collect(ref, window.in_flight.pop(ref), tracker):
                     failed += outcome.status != "FINISHED"
-                    outcomes.append(outcome)
                     display.cell_done(outcome, time.monotonic() - start)
+                    outcomes.append(replace(outcome, metrics={}) if outcome.metrics else outcome)
             window.top_up()
             unfinished = window.unfinished_cells()
             display.update(len(outcomes) - failed, failed,

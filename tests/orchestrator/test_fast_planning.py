@@ -159,3 +159,38 @@ def test_which_stores_exist(tmp_path):
     assert not store_exists(str(tmp_path / "mlruns")) and not store_exists((tmp_path / "mlruns").as_uri())
     assert store_exists(str(tmp_path)) and store_exists(tmp_path.as_uri())
     assert store_exists("http://127.0.0.1:5000")  # a server answers for itself
+
+
+def test_status_composes_today_s_grid_only_when_something_composing_reads_changed(memsweep_root, monkeypatch,
+                                                                                 tmp_path):
+    """A launch records what its cells were composed from (compose.grid_fingerprint); plan_drift, which
+    `status` runs, composes today's grid only when that changed: not at all for an unchanged conf/,
+    code and environment, and when a file or a variable conf/ reads changed, with the note only where
+    the ids moved."""
+    import shutil
+    from pathlib import Path
+
+    import orchestrator.launch as launch_module
+    from orchestrator.launch import _start_launch, plan_drift, recorded_plan
+
+    plan = make_plan(["sweep=smoke", "seed=0,1"])
+    _start_launch(plan, plan.cells, force=False)
+    composed = []
+    real = launch_module.load_sweep
+    monkeypatch.setattr(launch_module, "load_sweep", lambda overrides: composed.append(overrides) or real(overrides))
+
+    assert plan_drift(recorded_plan("smoke", [])) is None and composed == []
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # read by conf/cluster/ray.yaml: moves no id
+    assert plan_drift(recorded_plan("smoke", [])) is None and len(composed) == 1
+
+    conf = tmp_path / "conf"  # a changed default: every id moves
+    shutil.copytree(Path(compose_module.__file__).resolve().parents[1] / "conf", conf)
+    recipe = conf / "train" / "cpu.yaml"
+    recipe.write_text(recipe.read_text().replace("lr: ", "lr: 2.0e-2 #", 1))
+    monkeypatch.setenv("MEMSWEEP_CONF", str(conf))
+    note = plan_drift(recorded_plan("smoke", []))
+    assert len(composed) == 2 and note and "4 of 4 cells that no launch recorded" in note, note
+
+    text = make_plan(["sweep=text_small", "data.num_sequences=16", "data.reference.num_sequences=64"],
+                     read_only=True)
+    assert text.fingerprint is None  # composing text cells also reads their corpus: never fingerprinted
