@@ -390,8 +390,8 @@ class Cell:
         how it runs (paths, tracking, cluster, packing, device, the sweep's grid) is in its
         config.yaml artifact, never in params, so runs compare by their science alone."""
         spec = self.spec
-        values = {"model": _asdict(spec.model), "data": _asdict(spec.data),
-                  "train": _asdict(spec.train), "precision": {"name": spec.precision},
+        values = {"model": plain_dict(spec.model), "data": plain_dict(spec.data),
+                  "train": plain_dict(spec.train), "precision": {"name": spec.precision},
                   "seed": spec.seed}
         reference = self._reference_params()
         if reference is not None:
@@ -403,7 +403,7 @@ class Cell:
         has none)."""
         if not self.spec.is_text or (self.reference_options is None and self.spec.reference is None):
             return None
-        reference = _asdict(self.reference_options or ReferenceOptions())
+        reference = plain_dict(self.reference_options or ReferenceOptions())
         if self.spec.reference is not None:
             reference.update(num_sequences=self.spec.reference.data.num_sequences,
                              cell_id=self.spec.reference.cell_id)
@@ -423,21 +423,21 @@ def pack_key(spec: CellSpec) -> tuple | None:
 def to_dict(spec: CellSpec) -> dict:
     """Nested plain dict of a spec (for ids, params and Parquet columns). A synthetic cell's dict has
     no `reference` key, so its id is what it was before text cells existed."""
-    out = _asdict(spec)
+    out = plain_dict(spec)
     if spec.reference is None and not spec.is_text:
         out.pop("reference")
     return out
 
 
-def _asdict(value):
+def plain_dict(value):
     """dataclasses.asdict for specs, whose fields hold scalars or specs: the same dict, without
     asdict's deep copy of every value (ids of a whole sweep are computed at planning)."""
-    names = _field_names(type(value))
-    return {name: _asdict(getattr(value, name)) for name in names} if names else value
+    names = field_names(type(value))
+    return {name: plain_dict(getattr(value, name)) for name in names} if names else value
 
 
 @functools.cache
-def _field_names(cls) -> tuple[str, ...]:
+def field_names(cls) -> tuple[str, ...]:
     """A dataclass's field names; () for any other type."""
     return tuple(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else ()
 
@@ -451,7 +451,7 @@ def spec_from_dict(payload: dict, memo: dict | None = None) -> CellSpec:
         key = memo is not None and (cls, *((k, type(v), v) for k, v in sorted(values.items())))
         if key and key in memo:
             return memo[key]
-        unknown = sorted(set(values) - set(_field_names(cls)))
+        unknown = sorted(set(values) - set(field_names(cls)))
         if unknown:
             raise SpecError(f"{section}.{unknown[0]}: recorded, but this memsweep has no such field")
         try:

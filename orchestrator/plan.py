@@ -18,7 +18,7 @@ import json
 
 import pyarrow as pa
 
-from models.spec import (Cell, ReferenceOptions, RunOptions, SpecError, _asdict, _field_names, flatten,
+from models.spec import (Cell, ReferenceOptions, RunOptions, SpecError, field_names, flatten, plain_dict,
                          spec_from_dict)
 from orchestrator.tracking import TAG_CODE, Tracker, read_runs, tag
 
@@ -70,11 +70,11 @@ class _SharedJson:
 
     def value(self, value) -> str:
         """A section (a dict or a spec's dataclass) by identity; anything else as it is."""
-        if not isinstance(value, dict) and not _field_names(type(value)):
+        if not isinstance(value, dict) and not field_names(type(value)):
             return _json(value)
         found = self.shared.get(id(value))
         if found is None:
-            found = self.shared[id(value)] = (value, _json(_asdict(value)))
+            found = self.shared[id(value)] = (value, _json(plain_dict(value)))
         return found[1]
 
     def item(self, key: str, value) -> str:
@@ -94,7 +94,7 @@ class _SharedJson:
 
     def spec(self, spec) -> str:
         """`_json(to_dict(spec))`."""
-        top = {name: getattr(spec, name) for name in _field_names(type(spec))}
+        top = {name: getattr(spec, name) for name in field_names(type(spec))}
         if spec.reference is None and not spec.is_text:
             top.pop("reference")
         return self.mapping(top)
@@ -114,7 +114,7 @@ class _SharedJson:
     def _param_section(self, name: str, section) -> str:
         found = self.param_sections.get(id(section))
         if found is None:
-            flat = {f"{name}.{k}": str(v)[:6000] for k, v in flatten(_asdict(section)).items()}
+            flat = {f"{name}.{k}": str(v)[:6000] for k, v in flatten(plain_dict(section)).items()}
             found = self.param_sections[id(section)] = (section, _json(flat)[1:-1])
         return found[1]
 
