@@ -86,7 +86,13 @@ def grid_fingerprint(overrides: list[str]) -> str:
     another fingerprint: that only costs a composition. (Text cells also read their corpus: their plans
     are not fingerprinted.)"""
     import hashlib
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:  # importable without metadata: its code still counts, unversioned
+            return "unknown"
 
     digest = hashlib.sha256()
 
@@ -95,7 +101,7 @@ def grid_fingerprint(overrides: list[str]) -> str:
             digest.update(part if isinstance(part, bytes) else part.encode())
             digest.update(b"\x1f")
 
-    add("overrides", *overrides, "versions", version("hydra-core"), version("omegaconf"))
+    add("overrides", *overrides, "versions", installed("hydra-core"), installed("omegaconf"))
     code = Path(__file__).resolve().parents[1]
     trees = [("conf", config_dir(), "*")] + [(name, code / name, "*.py") for name in PACKAGES]
     env: set[str] = set()
