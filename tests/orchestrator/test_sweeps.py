@@ -291,12 +291,14 @@ def test_eight_cells_finishing_at_once_lose_nothing(ray_driver, sweep_root):
     plan = make_plan(SMOKE + on_cluster(ray_driver) + ["seed=0,1,2,3,4,5,6,7", "data.num_sequences=16",
                                                        "train.max_steps=40", "train.eval_interval=20"])
     assert len(plan.cells) == 8 and plan.tracker.uri.startswith("sqlite:///")
-    outcomes = run_plan(plan, plan.cells, display=Quiet())
+    display = Quiet()
+    outcomes = run_plan(plan, plan.cells, display=display)
     assert [o.status for o in outcomes] == ["FINISHED"] * 8, [o.error for o in outcomes]
+    assert all(o.metrics == {} for o in outcomes)  # returned without metrics: the display showed them
     runs = assert_one_finished_run_each(sweep_root, "smoke", [c.cell_id for c in plan.cells])
     client = MlflowClient(plan.tracker.uri)
     for cell_id, run in runs.items():
-        outcome = next(o for o in outcomes if o.cell_id == cell_id)
+        outcome = next(o for o in display.finished if o.cell_id == cell_id)  # as the worker returned it
         assert run.data.metrics["mem_bits"] == pytest.approx(outcome.metrics["mem_bits"], rel=0, abs=0)
         assert len(run.data.metrics) == len(outcome.metrics) + 1  # + the step curve's train loss
         assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml", "per_sequence.parquet"]
