@@ -339,7 +339,8 @@ def _pack_task(cells: list[Cell], parent_run_id: str | None, num_threads: int,
 
 def _where() -> dict[str, str]:
     """Tags saying where a task ran: node, task and its name in Ray's dashboard (`task_name`; the
-    attempt number is `memsweep.attempt`), worker process, and what Ray granted it (GPU ids and the fraction of a GPU shared with other tasks)."""
+    attempt number is `memsweep.attempt`), worker process, and what Ray granted it (GPU ids and the
+    fraction of a GPU shared with other tasks)."""
     context = ray.get_runtime_context()
     where = {"memsweep.ray.node_id": context.get_node_id(), "memsweep.ray.task_id": str(context.get_task_id()),
              "memsweep.ray.task_name": context.get_task_name() or "",
