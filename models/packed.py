@@ -354,6 +354,25 @@ class _Pack:
             model.flat.copy_(self.master)  # rounds float32 -> bfloat16
         return losses.detach()
 
+    def snapshot(self, row: int) -> tuple:
+        """Row `row`'s weights, float32 master and AdamW state (copies): a trunk kept while its branch
+        runs."""
+        optimizer = self.optimizer
+        master = None if self.master is self.model.flat else self.master[row].clone()
+        return (self.model.flat[row].clone(), master, optimizer.exp_avg[row].clone(),
+                optimizer.exp_avg_sq[row].clone(), optimizer.steps[row])
+
+    @torch.no_grad()
+    def restore(self, row: int, saved: tuple) -> None:
+        """Row `row` back to what `snapshot` kept."""
+        weights, master, exp_avg, exp_avg_sq, steps = saved
+        self.model.flat[row].copy_(weights)
+        if master is not None:
+            self.master[row].copy_(master)
+        self.optimizer.exp_avg[row].copy_(exp_avg)
+        self.optimizer.exp_avg_sq[row].copy_(exp_avg_sq)
+        self.optimizer.steps[row] = steps
+
     def checkpoint(self, row: int) -> dict:
         """Row `row`'s weights and AdamW state, in train()'s checkpoint format."""
         slots = self.model.slots
@@ -397,6 +416,7 @@ class _PackedCell:
     store: CheckpointStore | None
     isolate_errors: bool
     progress: CellProgress = field(init=False)  # set when the pack resumes it
+    trunk: tuple | None = None  # the trunk's row (`_Pack.snapshot`) while a branch runs
     final: GPT | None = None
     error: BaseException | None = None
 
@@ -429,9 +449,12 @@ class _PackedCell:
             if result is None:
                 return
             metrics.update(result)
-            progress.record_evaluation(metrics["mem_bits"])
-            self.call(self.log, metrics, progress.step)
+            self.call(self.log, *progress.record_evaluation(metrics))
         self.call(self.report, progress.step, metrics)
+        if progress.branch_over:  # a(T) is measured: the trunk goes on from where the branch left it
+            pack.restore(row, self.trunk)
+            self.trunk = None
+            progress.end_branch()
         if self.error is None and self.store is not None and progress.checkpoint_due:
             self.call(self.save, pack, row)
 
@@ -484,6 +507,10 @@ def train_packed(
     active = pack.drop_finished(cells)
     pack.model.train()
     while active:
+        for row, cell in enumerate(active):
+            if cell.progress.branch_due:  # keep the trunk's row; a cool-down branch starts from it
+                cell.trunk = pack.snapshot(row)
+                cell.progress.start_branch()
         lrs = [cell.progress.learning_rate() for cell in active]
         index = np.concatenate([cell.order.indices(cell.progress.step) + cell.offset for cell in active])
         rows = to_device(torch.from_numpy(index), device, sync)

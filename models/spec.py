@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass, field
 
 PRECISIONS = ("fp32", "bf16", "amp_bf16")
-SCHEDULES = ("wsd", "cosine", "constant")
+SCHEDULES = ("branches", "wsd", "cosine", "constant")
 FORMATS = ("text", "jsonl", "parquet")  # corpus file formats models/text.py reads
 TOKENIZERS = ("bytes", "bpe")
 BYTE_VOCAB_SIZE = 257  # the byte tokenizer's ids: 256 bytes, then the end of a document
@@ -176,9 +176,14 @@ class ReferenceOptions:
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """The training recipe: AdamW with a linear warm-up, then one of three schedules
+    """The training recipe: AdamW with a linear warm-up, then one of four schedules
     (models/progress.py has the rules, docs/science.md the definitions):
 
+    - `branches` (the default): a constant-rate trunk with annealed branches. At each horizon T
+      (`first_branch`, then each doubling up to `max_steps`) a copy of the trunk cools its rate down
+      linearly to `min_lr_ratio * lr` over `cooldown_fraction * T` steps and is measured at its end,
+      a(T); the trunk goes on. The cell has converged at T when |a(T) - a(T/2)| < converge_tol * a(T),
+      and its model is then, or at the last horizon, its last branch.
     - `wsd` (warmup-stable-decay): the constant rate `lr` until mem_bits moves by less than
       `trigger_tol` (relative, up or down) over the last doubling of the steps, then a linear cool-down
       over `cooldown_fraction` of the steps taken so far to `min_lr_ratio * lr`, which it keeps. The cool-down starts in time
@@ -186,14 +191,15 @@ class TrainSpec:
     - `cosine`: a cosine decay from `lr` to `min_lr_ratio * lr` over `max_steps`.
     - `constant`: `lr` throughout (no decay).
 
-    A cell has converged when, at an evaluation after the schedule's final decay, mem_bits moved by less
-    than `converge_tol` (relative) over the last doubling of its steps: |m(t) - m(t/2)| < tol * m(t). It
-    then stops; `max_steps` is a cap, and a cell that reaches it without converging is unconverged."""
+    Under the other schedules a cell has converged when, at an evaluation after the schedule's final
+    decay, mem_bits moved by less than `converge_tol` (relative) over the last doubling of its steps:
+    |m(t) - m(t/2)| < tol * m(t). It then stops; `max_steps` is a cap, and a cell that reaches it
+    without converging is unconverged."""
 
     max_steps: int
     batch_size: int
     lr: float
-    schedule: str = "wsd"
+    schedule: str = "branches"
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
@@ -203,8 +209,9 @@ class TrainSpec:
     eval_interval: int = 250
     converge_tol: float = 0.01
     trigger_tol: float = 0.02  # wsd: the stable phase ends when the gain per doubling falls below it
-    cooldown_fraction: float = 0.2  # wsd: the cool-down lasts this fraction of the steps taken so far
+    cooldown_fraction: float = 0.2  # a cool-down lasts this fraction of its horizon (wsd: of the steps so far)
     checkpoint_interval: int = 1000
+    first_branch: int = 500  # branches: the first horizon, in optimizer steps
 
     def __post_init__(self) -> None:
         _require_positive(
@@ -217,11 +224,15 @@ class TrainSpec:
             trigger_tol=self.trigger_tol,
             cooldown_fraction=self.cooldown_fraction,
             checkpoint_interval=self.checkpoint_interval,
+            first_branch=self.first_branch,
         )
         if self.schedule not in SCHEDULES:
             raise SpecError(f"train.schedule={self.schedule!r} is not one of {SCHEDULES}")
         if self.warmup_steps < 0:
             raise SpecError(f"train.warmup_steps={self.warmup_steps} must be >= 0")
+        if self.schedule == "branches" and self.warmup_steps > self.first_branch <= self.max_steps:
+            raise SpecError(f"train.first_branch={self.first_branch} is shorter than train.warmup_steps="
+                            f"{self.warmup_steps}: a branch must start after the warm-up")
         if not 0 <= self.min_lr_ratio <= 1:
             raise SpecError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         if self.weight_decay < 0:

@@ -17,6 +17,7 @@ on a GPU they agree up to float rounding.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from dataclasses import dataclass
@@ -191,7 +192,11 @@ def train(
     forward = _compiled(model, options)
 
     model.train()
+    trunk = None  # the trunk's weights and optimizer state while a branch runs
     while not cell.done:
+        if cell.branch_due:
+            trunk = copy.deepcopy((weights.state_dict(), optimizer.state_dict()))
+            cell.start_branch()
         indices = to_device(torch.from_numpy(order.indices(cell.step)), device, options.sync_every_step)
         targets = data[indices]  # (B, S)
         loss = _optimizer_step(model, forward, weights, optimizer, targets, cell.learning_rate(), hp.grad_clip)
@@ -199,9 +204,14 @@ def train(
         metrics = StepMetrics(loss, read=options.sync_every_step or cell.evaluation_due)
         if cell.evaluation_due:
             metrics.update(evaluate(model))
-            cell.record_evaluation(metrics["mem_bits"])
-            log(metrics, cell.step)
+            log(*cell.record_evaluation(metrics))
         progress(cell.step, metrics)
+        if cell.branch_over:  # a(T) is measured: the trunk goes on from where the branch left it
+            weights.load_state_dict(trunk[0])
+            optimizer.load_state_dict(trunk[1])
+            _use_kernel(optimizer, device, options)
+            trunk = None
+            cell.end_branch()
         if checkpoints is not None and cell.checkpoint_due:
             checkpoints.save(cell.step, {"weights": weights.state_dict(), "optimizer": optimizer.state_dict(),
                                          **cell.checkpoint_state()})

@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from models.checkpoint import CheckpointStore
-from models.progress import CellProgress, forced_decay_start, gain_over_last_doubling, learning_rate
+from models.progress import (
+    CellProgress,
+    annealed_gain,
+    branch_steps_total,
+    forced_decay_start,
+    gain_over_last_doubling,
+    horizons,
+    learning_rate,
+)
 from models.spec import CellSpec, DataSpec, ModelSpec, TrainSpec
 
 MEM_BITS = [10.0, 20.0, 25.0, 25.0, 25.0, 25.0]  # a curve that flattens after the third evaluation
@@ -28,13 +36,18 @@ def from_list(progress: CellProgress) -> float:
 def walk(progress: CellProgress, curve=from_list) -> dict[str, list]:
     """Run the loop's bookkeeping to the end, as train() does; what was due at which step. `curve`
     gives mem_bits at an evaluation (from the progress, e.g. its step)."""
-    seen = {"lr": [], "evaluations": [], "checkpoints": []}
+    seen = {"lr": [], "evaluations": [], "checkpoints": [], "logged": [], "steps": []}
     while not progress.done:
+        if progress.branch_due:
+            progress.start_branch()
         seen["lr"].append(progress.learning_rate())
+        seen["steps"].append(progress.step)
         progress.advance()
         if progress.evaluation_due:
-            progress.record_evaluation(curve(progress))
+            seen["logged"].append(progress.record_evaluation({"mem_bits": curve(progress)}))
             seen["evaluations"].append(progress.step)
+        if progress.branch_over:
+            progress.end_branch()
         if progress.checkpoint_due:
             seen["checkpoints"].append(progress.step)
     return seen
@@ -147,7 +160,7 @@ def test_a_checkpoint_mid_cool_down_round_trips_and_goes_on_as_the_straight_run(
     while progress.decay is None or progress.step < progress.decay[0] + 3:
         progress.advance()
         if progress.evaluation_due:
-            progress.record_evaluation(curve(progress))
+            progress.record_evaluation({"mem_bits": curve(progress)})
     progress.prior_wall_s = 5.0
     store = CheckpointStore(str(tmp_path), cell.cell_id)
     store.save(progress.step, {"weights": {}, "optimizer": {}, **progress.checkpoint_state()})
@@ -196,3 +209,109 @@ def test_the_result_counts_this_sessions_steps_and_time():
     assert result.tokens_per_s == 6 * 4 * 8 / progress.session_s  # steps * batch_size * seq_len / s
     assert result.mem_history == [(3, 10.0), (6, 20.0), (9, 25.0), (10, 25.0)]
     assert result.gain_last_doubling == pytest.approx((25.0 - 10.0) / 25.0)  # step 10 against step 3 (<= 5)
+
+
+# -- the branches schedule: a constant-rate trunk with annealed branches ----------------------------------
+def branches_spec(**train) -> CellSpec:
+    recipe = dict(schedule="branches", max_steps=1600, first_branch=100, warmup_steps=10, eval_interval=50,
+                  checkpoint_interval=1000, cooldown_fraction=0.2, min_lr_ratio=0.1, converge_tol=0.01)
+    return spec(**{**recipe, **train})
+
+
+def annealed(trunk, jump: float = 0.15):
+    """A curve whose cool-downs add `jump` (relative) to what the trunk holds at the horizon, as they
+    do on the tiny shapes (10-20%): trunk evaluations read trunk(step), a branch's end trunk(T) * (1 + jump)."""
+    def curve(p):
+        return trunk(p.branch[0]) * (1 + jump) if p.branch is not None else trunk(p.step)
+    return curve
+
+
+def test_horizons_double_from_the_first_branch_up_to_the_cap():
+    assert horizons(branches_spec().train) == (100, 200, 400, 800, 1600)
+    assert horizons(branches_spec(max_steps=1000).train) == (100, 200, 400, 800)
+    assert horizons(branches_spec(max_steps=60, first_branch=100, warmup_steps=0).train) == (60,)  # one, at the cap
+    assert branch_steps_total(branches_spec().train, 400) == 400 + 20 + 40 + 80  # trunk + its branches
+
+
+def test_each_branch_cools_a_copy_of_the_trunk_down_and_the_trunk_goes_on_at_the_peak_rate():
+    cell = branches_spec(converge_tol=1e-12)  # never converges: every horizon is branched
+    progress = CellProgress.resume(cell, None)
+    seen = walk(progress, annealed(lambda s: 1000.0 * s / (s + 100)))
+    steps, lr = seen["steps"], seen["lr"]
+    # The steps: the trunk to 100, its branch 100 -> 120, back to the trunk at 100, on to 200, ...
+    assert steps[:125] == list(range(0, 120)) + list(range(100, 105))
+    branch = [r for s, r in zip(steps[100:120], lr[100:120])]
+    assert branch[0] == 1e-2 and all(a > b for a, b in zip(branch, branch[1:])) and branch[-1] > 1e-3
+    assert lr[120:220] == [1e-2] * 100  # the trunk again, at the peak rate
+    assert [(t, e) for t, e, _ in progress.branches] == [(100, 120), (200, 240), (400, 480), (800, 960),
+                                                           (1600, 1920)]
+    # a(T) is logged at the horizon T as annealed_mem_bits, with its exposures (steps * batch / N = 16)
+    assert ({"annealed_mem_bits": pytest.approx(1.15 * 500.0), "annealed_exposures": 120 * 4 / 16}, 100) \
+        in seen["logged"]
+    # Checkpoints: at each horizon before its branch and after it (a(T) kept), at 1000, at the end; none in a branch.
+    assert seen["checkpoints"] == [100, 100, 200, 200, 400, 400, 800, 800, 1000, 1600, 1920]
+    assert progress.done and not progress.converged and progress.step == 1920  # the last branch is the model
+    assert progress.steps_trained == branch_steps_total(cell.train, 1600)
+    result = progress.result(model=None)
+    assert result.steps == 1920 and result.steps_trained == 1600 + 20 + 40 + 80 + 160 + 320
+
+
+@pytest.mark.parametrize("scale", [1, 10, 100])
+def test_the_annealed_rule_fires_on_a_plateau_at_any_step_scale_and_never_across_a_cool_down_jump(scale):
+    """The trunk saturates; every branch adds 15%. The rule compares a(T) with a(T/2), both annealed, so
+    it fires where the annealed curve flattens, at every step scale; a rule that compared a(T) with the
+    trunk's m(T/2) would see the 15% jump at every horizon and never fire."""
+    cell = branches_spec(max_steps=1600 * scale, first_branch=100 * scale, eval_interval=50 * scale,
+                         checkpoint_interval=1000 * scale)
+    plateau = CellProgress.resume(cell, None)
+    walk(plateau, annealed(lambda s: 1000.0 * (1 - math.exp(-s / (40 * scale)))))
+    assert plateau.converged and plateau.converged_step == 400 * scale + 80 * scale  # a(400) vs a(200): < 1%
+    assert plateau.step == plateau.converged_step  # its model is that branch
+    assert abs(plateau.gain) < 0.01 and plateau.mem_history[-1][0] == 400 * scale  # trunk curve to the horizon
+    # The same plateau seen through a rule on the trunk's value half way back: the jump is never < 1%.
+    jumps = [(1.15 * 1000.0 * (1 - math.exp(-t / 40)) - 1000.0 * (1 - math.exp(-t / 80))) for t in (400, 800, 1600)]
+    assert all(j / 1150.0 > 0.1 for j in jumps)
+
+    climb = CellProgress.resume(cell, None)
+    walk(climb, annealed(lambda s: float(s) ** 0.05))  # gains 3.4% per doubling at every scale
+    assert not climb.converged and climb.done and len(climb.branches) == 5
+    assert climb.gain == pytest.approx(1 - 2 ** -0.05, rel=0.01)
+
+
+def test_annealed_gain_needs_two_branches_and_positive_memorization():
+    assert annealed_gain([]) is None and annealed_gain([(100, 120, 5.0)]) is None
+    assert annealed_gain([(100, 120, 4.0), (200, 240, 5.0)]) == pytest.approx(0.2)
+    assert annealed_gain([(100, 120, 0.0), (200, 240, 0.0)]) is None
+
+
+@pytest.mark.parametrize("stop_at", [100, 110, 150, 200, 230])
+def test_resuming_from_any_checkpoint_of_a_branched_cell_goes_on_as_the_straight_run(stop_at):
+    """Checkpoints at a horizon (before its branch), after a branch, and periodic ones: a run stopped
+    anywhere (inside a branch too: it resumes from the trunk's last checkpoint) ends as the straight run."""
+    cell = branches_spec(max_steps=800, checkpoint_interval=30, converge_tol=1e-12)
+    curve = annealed(lambda s: 1000.0 * s / (s + 300))
+    straight = CellProgress.resume(cell, None)
+    walk(straight, curve)
+
+    progress, saved = CellProgress.resume(cell, None), None
+    while progress.steps_trained < stop_at:
+        if progress.branch_due:
+            progress.start_branch()
+        progress.advance()
+        if progress.evaluation_due:
+            progress.record_evaluation({"mem_bits": curve(progress)})
+        if progress.branch_over:
+            progress.end_branch()
+        if progress.checkpoint_due:
+            saved = {"weights": {}, "optimizer": {}, **progress.checkpoint_state()}
+    resumed = CellProgress.resume(cell, saved)
+    walk(resumed, curve)
+    assert resumed.branches == straight.branches and resumed.step == straight.step
+    assert resumed.steps_trained >= straight.steps_trained  # a branch cut short is run again
+    assert resumed.mem_history == straight.mem_history
+
+
+def test_a_short_run_below_the_first_branch_ends_with_one_branch_at_the_cap():
+    progress = CellProgress.resume(branches_spec(max_steps=60, warmup_steps=5), None)
+    walk(progress, annealed(lambda s: 10.0))
+    assert progress.branches == [(60, 72, pytest.approx(11.5))] and progress.done and progress.step == 72

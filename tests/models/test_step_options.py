@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def spec(precision: str = "fp32", seed: int = 0, num_sequences: int = 48, **train) -> CellSpec:
     recipe = dict(max_steps=40, batch_size=16, lr=1e-2, warmup_steps=5, eval_interval=15, checkpoint_interval=20,
-                  grad_clip=1.0)
+                  grad_clip=1.0, schedule="cosine")  # steps 1..40 in order (how a step runs, not a schedule)
     recipe.update(train)
     return CellSpec(ModelSpec("l2_d16", 2, 2, 16), DataSpec(64, 32, num_sequences, 32), TrainSpec(**recipe),
                     precision, seed)
