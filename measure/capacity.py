@@ -1,10 +1,14 @@
 """Capacity, bits per parameter and the membership-inference scaling law over a sweep.
 
 docs/science.md, "Capacity (sweep)", "Alpha" and "The MIA law": a model's capacity is its plateau of
-memorized bits as the dataset grows; alpha (bits per parameter) is given by two statistics over the
-shapes of one precision, the slope through the origin of capacity against params and the mean of
-capacity / params, each with a two-level bootstrap interval (shapes, then seeds); the MIA law ties
-balanced F1 to sequences per parameter. Inputs are plain arrays taken from the sweep's table.
+memorized bits as the dataset grows, in two forms: measured (from each cell's mem_bits; a lower bound
+unless its plateau cells converged) and extrapolated (from each cell's asymptote A of a(T) = A - B T^-c,
+capped at H(X), with an interval that draws each A within its own); alpha (bits per parameter) is given
+by two statistics over the shapes of one (precision, V, S, recipe) group, the slope through the origin
+of capacity against params and the mean of capacity / params, each with a two-level bootstrap interval
+(shapes, then seeds, plus each cell's asymptote uncertainty for the extrapolated form) that is called a
+range below MIN_SHAPES_FOR_CI shapes; the MIA law ties balanced F1 to sequences per parameter and is
+identifiable only with a cell inside its transition. Inputs are plain arrays taken from the sweep's table.
 """
 
 from __future__ import annotations
@@ -67,6 +71,139 @@ def capacity(dataset_sizes, mem_bits, converged, entropy_bits) -> CapacityEstima
     )
 
 
+Z95 = 1.959963984540054  # the standard normal's 97.5th percentile: a 95% interval is +- Z95 sigma
+
+
+@dataclass(frozen=True)
+class CellExtrapolations:
+    """Each cell's extrapolated memorization (bits) and the spread its draws take, arrays (num_cells,).
+
+    `value` is min(A, H(X)) for a cell with an extrapolable asymptote A, its measured mem_bits for a
+    converged cell without one (it is at its asymptote), NaN for an unconverged cell without one (its
+    asymptote is unknown). `sd_low` / `sd_high` are the standard deviations, below and above A, of the
+    split normal whose 2.5th and 97.5th percentiles are the cell's 95% interval for A (0 where no
+    interval is known); `cap` is H(X): no draw exceeds it.
+    """
+
+    value: np.ndarray
+    asymptote: np.ndarray  # A itself (uncapped), NaN where the cell has none
+    sd_low: np.ndarray
+    sd_high: np.ndarray
+    cap: np.ndarray
+    from_asymptote: np.ndarray  # bool: the value is the cell's (capped) asymptote
+    capped: np.ndarray  # bool: A exceeded H(X), so the value is H(X)
+
+
+def cell_extrapolations(mem_bits, converged, extrapolable, asymptote, ci_low, ci_high, entropy_bits) -> CellExtrapolations:
+    """The extrapolated memorization of each cell (bits) from its logged asymptote fit, arrays of shape
+    (num_cells,): `extrapolable` 0/1 (NaN: not logged, counted as 0), `asymptote` A and its 95% interval
+    `ci_low`, `ci_high` (NaN where absent), `entropy_bits` H(X). See CellExtrapolations."""
+    mem = np.asarray(mem_bits, dtype=np.float64).ravel()
+    done = np.asarray(converged, dtype=bool).ravel()
+    a = np.asarray(asymptote, dtype=np.float64).ravel()
+    fitted = (np.nan_to_num(np.asarray(extrapolable, dtype=np.float64).ravel(), nan=0.0) > 0.5) & np.isfinite(a)
+    cap = np.asarray(entropy_bits, dtype=np.float64).ravel()
+    low = np.asarray(ci_low, dtype=np.float64).ravel()
+    high = np.asarray(ci_high, dtype=np.float64).ravel()
+    value = np.where(fitted, np.minimum(a, cap), np.where(done, mem, np.nan))
+    sd_low = np.where(fitted & np.isfinite(low), np.maximum(a - low, 0.0) / Z95, 0.0)
+    sd_high = np.where(fitted & np.isfinite(high), np.maximum(high - a, 0.0) / Z95, 0.0)
+    return CellExtrapolations(value, np.where(fitted, a, np.nan), sd_low, sd_high, cap, fitted, fitted & (a > cap))
+
+
+def _draw(value: np.ndarray, sd_low: np.ndarray, sd_high: np.ndarray, cap: np.ndarray, rng) -> np.ndarray:
+    """One draw of each value from its split normal (sd_low below, sd_high above), kept in [0, cap]."""
+    z = rng.standard_normal(value.shape)
+    return np.clip(value + z * np.where(z < 0, sd_low, sd_high), 0.0, cap)
+
+
+@dataclass(frozen=True)
+class SizeCells:
+    """One dataset size's seeds of one shape for the extrapolated bootstrap: each seed's extrapolated
+    value (bits, the asymptote where it has one: uncapped, so a draw is capped once), its split-normal
+    spreads and its cap H(X)."""
+
+    value: np.ndarray
+    sd_low: np.ndarray
+    sd_high: np.ndarray
+    cap: np.ndarray
+
+
+def size_cells(dataset_sizes, extrapolations: CellExtrapolations, fill: np.ndarray) -> list[SizeCells]:
+    """A shape's cells split by dataset size (ascending) for the extrapolated bootstrap; `fill` gives the
+    value of a cell with no extrapolated one (its measured mem_bits, for cells off the plateau)."""
+    sizes = np.asarray(dataset_sizes).ravel()
+    e = extrapolations
+    centre = np.where(e.from_asymptote, e.asymptote, np.where(np.isfinite(e.value), e.value, fill))
+    return [SizeCells(centre[sizes == n], e.sd_low[sizes == n], e.sd_high[sizes == n], e.cap[sizes == n])
+            for n in np.unique(sizes)]
+
+
+def _point_capacity(sizes: list) -> float:
+    """A shape's capacity from its per-size seeds: the maximum over sizes of the seed means (of the
+    capped extrapolated values, for SizeCells)."""
+    if isinstance(sizes[0], SizeCells):
+        return float(max(np.minimum(s.value, s.cap).mean() for s in sizes))
+    return float(max(seeds.mean() for seeds in sizes))
+
+
+@dataclass(frozen=True)
+class ExtrapolatedCapacity:
+    """One group's extrapolated capacity (bits), or why it has none."""
+
+    capacity_bits: float | None  # max over sizes of the seed means of the cells' extrapolated values
+    ci_low: float | None  # 95% percentile interval of the bootstrap (seeds resampled, each A drawn)
+    ci_high: float | None
+    num_sequences_at_max: int | None
+    reason: str | None  # None when there is a value
+    missing_plateau_cells: tuple[int, ...]  # unconverged plateau cells without an extrapolable fit
+    from_asymptote: int  # cells whose value is their asymptote (the others: converged, at theirs)
+    capped: int  # of those, cells whose A exceeded H(X) and count as H(X)
+
+
+def extrapolated_capacity(dataset_sizes, mem_bits, entropy_bits, extrapolations: CellExtrapolations,
+                          measured_capacity_bits: float, *, n_boot: int = 1000, seed: int = 0,
+                          ci: float = 0.95) -> ExtrapolatedCapacity:
+    """The extrapolated capacity of one (model shape, precision) group: the maximum over dataset sizes
+    of the seed means of each cell's extrapolated value (cell_extrapolations), with a percentile
+    interval from `n_boot` replicates that resample each size's seeds and draw each cell's A from its
+    split normal (capped at H(X)), then retake the maximum.
+
+    An unconverged cell without an extrapolable asymptote has no extrapolated value: when its H(X)
+    exceeds the measured capacity (a plateau cell, where the maximum could lie) the group has none and
+    the reason says which; below it (it cannot reach the maximum) it enters with its measured mem_bits.
+    """
+    sizes = np.asarray(dataset_sizes).ravel()
+    mem = np.asarray(mem_bits, dtype=np.float64).ravel()
+    entropy = np.asarray(entropy_bits, dtype=np.float64).ravel()
+    e = extrapolations
+    missing = np.flatnonzero(~np.isfinite(e.value) & (entropy > measured_capacity_bits))
+    counts = dict(from_asymptote=int(e.from_asymptote.sum()), capped=int(e.capped.sum()))
+    if missing.size:
+        return ExtrapolatedCapacity(None, None, None, None,
+                                    f"{missing.size} unconverged plateau cell(s) without an extrapolable asymptote: "
+                                    "their asymptote is unknown, and the maximum could lie above the measured "
+                                    "capacity", tuple(int(i) for i in missing), **counts)
+    per_size = size_cells(sizes, e, mem)
+    point = [_point_capacity([s]) for s in per_size]
+    best = int(np.argmax(point))
+    replicates = _resampled_extrapolated(per_size, np.random.default_rng(seed), (n_boot,))
+    tail = (1.0 - ci) / 2.0
+    low, high = (float(q) for q in np.quantile(replicates, [tail, 1.0 - tail]))
+    return ExtrapolatedCapacity(point[best], low, high, int(np.unique(sizes)[best]), None, (), **counts)
+
+
+def _resampled_extrapolated(sizes: list[SizeCells], rng, shape: tuple[int, ...]) -> np.ndarray:
+    """Extrapolated capacities of one shape, an array of `shape`: at every dataset size the seeds are
+    drawn with replacement, each drawn seed's value drawn from its split normal and capped at its
+    H(X), and averaged; then the maximum over sizes."""
+    means = []
+    for s in sizes:
+        picks = rng.integers(0, s.value.size, size=(*shape, s.value.size))
+        means.append(_draw(s.value[picks], s.sd_low[picks], s.sd_high[picks], s.cap[picks], rng).mean(axis=-1))
+    return np.max(means, axis=0)
+
+
 def alpha_slope(params, capacity_bits) -> np.ndarray:
     """Least-squares slope through the origin of capacity against params along the last axis,
     sum(P * C) / sum(P^2), in bits per parameter. It weights each shape by P^2, so the largest
@@ -86,14 +223,25 @@ def alpha_mean_ratio(params, capacity_bits) -> np.ndarray:
 ALPHA_STATISTICS = {"slope": alpha_slope, "mean_ratio": alpha_mean_ratio}
 
 
+MIN_SHAPES_FOR_CI = 5  # a bootstrap over fewer shapes is a range, not a confidence interval
+
+
+def interval_kind(n_models: int) -> str:
+    """What an alpha bootstrap over `n_models` shapes gives: "none" (one shape: nothing to resample),
+    "range" (fewer than MIN_SHAPES_FOR_CI: its percentiles show the shapes' spread but cannot claim 95%
+    coverage) or "ci" (a 95% percentile confidence interval)."""
+    return "none" if n_models <= 1 else "range" if n_models < MIN_SHAPES_FOR_CI else "ci"
+
+
 @dataclass(frozen=True)
 class AlphaFit:
-    """One alpha statistic over the shapes of a precision, bits per parameter, with its interval."""
+    """One alpha statistic over the shapes of a group, bits per parameter, with its interval."""
 
     alpha: float
     ci_low: float | None  # None with one shape: resampling shapes cannot show their scatter
     ci_high: float | None
     n_models: int
+    interval_kind: str = "ci"  # interval_kind(n_models): "none", "range" or "ci"
 
 
 def _check_shapes(params: np.ndarray, per_shape: list[list[np.ndarray]]) -> None:
@@ -103,17 +251,25 @@ def _check_shapes(params: np.ndarray, per_shape: list[list[np.ndarray]]) -> None
     if not (np.all(np.isfinite(params)) and np.all(params > 0)):
         raise ValueError("params must be positive and finite")
     for sizes in per_shape:
-        if not sizes or any(seeds.size == 0 for seeds in sizes):
+        values = [s.value if isinstance(s, SizeCells) else s for s in sizes]
+        if not sizes or any(seeds.size == 0 for seeds in values):
             raise ValueError("every shape needs at least one dataset size with at least one seed")
-        if not all(np.all(np.isfinite(seeds)) for seeds in sizes):
+        if not all(np.all(np.isfinite(seeds)) for seeds in values):
             raise ValueError("mem_bits contains NaN or infinite values")
 
 
-def _resampled_capacity(sizes: list[np.ndarray], rng, shape: tuple[int, ...]) -> np.ndarray:
+def _resampled_capacity(sizes: list, rng, shape: tuple[int, ...]) -> np.ndarray:
     """Capacities of one model shape with its seeds resampled, an array of `shape`: at every dataset
-    size the seeds are drawn with replacement and averaged, then the maximum over sizes is taken."""
+    size the seeds are drawn with replacement and averaged, then the maximum over sizes is taken.
+    SizeCells (the extrapolated form) also draw each seed's value within its interval."""
+    if isinstance(sizes[0], SizeCells):
+        return _resampled_extrapolated(sizes, rng, shape)
     means = [seeds[rng.integers(0, seeds.size, size=(*shape, seeds.size))].mean(axis=-1) for seeds in sizes]
     return np.max(means, axis=0)
+
+
+def _per_size(sizes) -> list:
+    return [s if isinstance(s, SizeCells) else np.asarray(s, dtype=np.float64).ravel() for s in sizes]
 
 
 def bootstrap_capacities(params, mem_bits_by_size, *, n_boot: int = 1000, seed: int = 0):
@@ -124,10 +280,11 @@ def bootstrap_capacities(params, mem_bits_by_size, *, n_boot: int = 1000, seed: 
     at each dataset size and retakes the capacity (maximum over sizes of the seed means). A shape
     drawn twice gets two independent seed resamples. The replicates thus carry the scatter between
     shapes as well as the seed noise. `mem_bits_by_size[m]` is shape m's list of per-size arrays of
-    seed mem_bits (bits).
+    seed mem_bits (bits), or of SizeCells for the extrapolated form (each drawn seed's asymptote is
+    then also drawn within its interval, capped at H(X)).
     """
     p = np.asarray(params, dtype=np.float64).ravel()
-    per_shape = [[np.asarray(s, dtype=np.float64).ravel() for s in sizes] for sizes in mem_bits_by_size]
+    per_shape = [_per_size(sizes) for sizes in mem_bits_by_size]
     _check_shapes(p, per_shape)
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, p.size, size=(n_boot, p.size))  # (n_boot, M) shape indices
@@ -148,14 +305,16 @@ def fit_alpha(params, mem_bits_by_size, *, n_boot: int = 1000, seed: int = 0,
     `params` has shape (M,); `mem_bits_by_size[m]` is shape m's list of per-size arrays of seed
     mem_bits. The point estimates use each shape's capacity, the maximum over sizes of the seed
     means. With one shape every replicate draws it again: the interval would show seed noise only,
-    so it is None.
+    so it is None; with fewer than MIN_SHAPES_FOR_CI shapes it is a range (AlphaFit.interval_kind).
+    Given SizeCells (the extrapolated form), the point estimates use each shape's extrapolated
+    capacity and the replicates also draw each cell's asymptote within its interval.
     """
     if not 0.0 < ci < 1.0:
         raise ValueError(f"ci={ci} must lie strictly between 0 and 1")
     p = np.asarray(params, dtype=np.float64).ravel()
-    per_shape = [[np.asarray(s, dtype=np.float64).ravel() for s in sizes] for sizes in mem_bits_by_size]
+    per_shape = [_per_size(sizes) for sizes in mem_bits_by_size]
     _check_shapes(p, per_shape)
-    capacities = np.array([max(seeds.mean() for seeds in sizes) for sizes in per_shape])
+    capacities = np.array([_point_capacity(sizes) for sizes in per_shape])
     replicates = bootstrap_capacities(p, per_shape, n_boot=n_boot, seed=seed) if p.size > 1 else None
     tail = (1.0 - ci) / 2.0
     fits = {}
@@ -163,7 +322,7 @@ def fit_alpha(params, mem_bits_by_size, *, n_boot: int = 1000, seed: int = 0,
         low = high = None
         if replicates is not None:
             low, high = (float(q) for q in np.quantile(statistic(*replicates), [tail, 1.0 - tail]))
-        fits[name] = AlphaFit(float(statistic(p, capacities)), low, high, int(p.size))
+        fits[name] = AlphaFit(float(statistic(p, capacities)), low, high, int(p.size), interval_kind(int(p.size)))
     return fits
 
 
@@ -233,19 +392,28 @@ def fit_mia_law(x, f1, p0=None) -> MiaLawFit:
 
 
 NO_TRANSITION_TOL = 0.02  # F1 this close to 1 (or to 0.5) in every cell: the cells show no transition
+TRANSITION = (0.55, 0.95)  # F1 strictly between these: a cell inside the law's transition, which fixes c2
 
 
-def mia_law_unidentifiable(f1, tol: float = NO_TRANSITION_TOL) -> str | None:
+def mia_law_unidentifiable(f1, tol: float = NO_TRANSITION_TOL, transition: tuple[float, float] = TRANSITION) -> str | None:
     """Why the MIA law cannot be fitted to these F1 values (fractions, shape (num_cells,)), or None.
 
     When every cell sits within `tol` of 1 (all memorized) or of 0.5 (chance), the cells lie on one
     flat tail of the sigmoid: any step placed beyond the data fits them to rounding error, so the
-    constants carry no information and are not reported.
+    constants carry no information and are not reported. When no cell lies inside the transition,
+    `transition[0]` < F1 < `transition[1]`, the cells sit on the two tails: they bracket the step but
+    any steepness c2 that fits between them fits as well, so the law is not identifiable either.
     """
     values = np.asarray(f1, dtype=np.float64).ravel()
     for level, what in ((1.0, "1 (every cell fully distinguished)"), (0.5, "0.5 (chance in every cell)")):
         if values.size and np.all(np.abs(values - level) <= tol):
             return f"no transition: all {values.size} F1 within {tol:g} of {what}"
+    low, high = transition
+    if values.size and not np.any((values > low) & (values < high)):
+        upper, lower = int(np.sum(values >= high)), int(np.sum(values <= low))
+        return (f"no cell inside the transition ({low:g} < F1 < {high:g}): the {values.size} cells lie on its two "
+                f"tails ({upper} at F1 >= {high:g}, {lower} at F1 <= {low:g}), which bracket the step but do not "
+                "fix its steepness c2")
     return None
 
 

@@ -1,12 +1,16 @@
-"""Sweep-level fits from a table of cells: capacity per group, alpha per precision (two statistics with
-two-level bootstrap intervals, beside the paper's), the MIA law per data kind and the predictions, plus
-seed means of text cells (docs/science.md, "Capacity (sweep)", "Alpha" and "The MIA law").
+"""Sweep-level fits from a table of cells: capacity per group, measured and extrapolated; alpha per
+(precision, V, S, recipe) group in the same two forms (two statistics with two-level bootstrap
+intervals, called ranges below 5 shapes, beside the paper's); the MIA law per data kind and the
+predictions, plus seed means of text cells (docs/science.md, "Capacity (sweep)", "Alpha" and "The MIA
+law").
 
     fits = fit_sweep(cells, grouping(config_keys))   # a JSON-able dict: what fits.json holds
 
 The input is a pyarrow table with one row per cell (orchestrator/aggregate.py builds it from MLflow):
 the cell's typed configuration as columns named like `model.n_layer`, its `status`, and its final metrics
-as float columns named as measure/metrics.py declares them. Which configuration columns exist is the
+as float columns named as measure/metrics.py declares them (the asymptote columns of ASYMPTOTE_COLUMNS
+may be absent, as in a table aggregated before cells logged them: the extrapolated forms then say they
+are not available). Which configuration columns exist is the
 caller's business: `grouping` takes their names and says which of them a capacity group shares. Only
 FINISHED rows enter a fit; degenerate sweeps give partial results with the reason for what was
 skipped, never an exception.
@@ -22,13 +26,17 @@ import numpy as np
 import pyarrow as pa
 
 from measure.capacity import (
+    MIN_SHAPES_FOR_CI,
     capacity,
+    cell_extrapolations,
+    extrapolated_capacity,
     fit_alpha,
     fit_mia_law,
     mem_prediction_error,
     mia_law_unidentifiable,
     published_mia_law_as_printed,
     published_mia_law_corrected,
+    size_cells,
 )
 from measure.memorization import predicted_mem_bits
 from measure.metrics import (
@@ -118,11 +126,32 @@ def select_rows(cols: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.n
     return {name: values[mask] for name, values in cols.items()}
 
 
+# The final metrics of a cell trained with annealed branches that the extrapolated forms and the tables
+# read (measure/metrics.py declares them); a table aggregated before cells logged them lacks them.
+ASYMPTOTE_COLUMNS = (
+    "asymptote_extrapolable", "mem_bits_asymptote", "mem_bits_asymptote_ci_low", "mem_bits_asymptote_ci_high",
+    "asymptote_exponent", "fraction_of_asymptote", "exposures", "num_branches", "last_horizon_steps",
+    "mem_bits_floor",
+)
+
+
+def float_column(cols: dict[str, np.ndarray], name: str) -> np.ndarray:
+    """A float column of `cols`, NaN where it is null, all NaN when the table lacks it (or it is not numeric)."""
+    n = len(cols["status"]) if "status" in cols else len(cols.get("cell_id", []))
+    values = cols.get(name)
+    if values is None:
+        return np.full(n, np.nan)
+    try:
+        return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+    except (TypeError, ValueError):
+        return np.full(n, np.nan)
+
+
 def finished_columns(table: pa.Table, groups: Grouping) -> dict[str, np.ndarray]:
     """Columns of the FINISHED cells that carry the numbers every fit needs: mem_bits, params and N,
     and for a synthetic cell H(X) (`entropy_bits`). A text cell without mem_bits (a reference model,
     which has nothing to be measured against) is left out."""
-    names = ["cell_id", "status", *groups.text, SIZE, SEED, *metric_names()]
+    names = ["cell_id", "status", *groups.text, SIZE, SEED, *metric_names(), *ASYMPTOTE_COLUMNS]
     names += [n for n in table.column_names if n.endswith("_f1") or n.endswith("_auc")]
     cols = column_arrays(table, dict.fromkeys(names))
     keep = cols["status"] == "FINISHED"
@@ -202,18 +231,96 @@ def seed_mem_bits_by_size(sizes: np.ndarray, mem_bits: np.ndarray) -> list[np.nd
     return [mem_bits[sizes == n] for n in np.unique(sizes)]
 
 
-def capacity_entry(group: CapacityGroup, cols: dict[str, np.ndarray]) -> dict:
-    """fits.json's record of one capacity group: the capacity, its seeds, and why it is a lower
-    bound when it is one (the unconverged cells whose H(X) exceeds it, and their N)."""
+EXTRAPOLATED_NOTE = ("an extrapolation, not a measurement: each cell's asymptote A of a(T) = A - B T^-c fitted to "
+                     "its annealed branches, capped at its H(X) (a converged cell without an extrapolable fit counts "
+                     "at its measured mem_bits), then the maximum over dataset sizes of the seed means")
+EXTRAPOLATED_INTERVAL = ("95% percentile interval of {n} bootstrap replicates: at every dataset size the seeds "
+                         "resampled with replacement and each drawn cell's A drawn from the split normal that matches "
+                         "its own 95% interval, capped at H(X); the maximum over sizes retaken")
+NO_ASYMPTOTE = "not available: the cells logged no asymptote"
+
+
+def group_extrapolations(rows: np.ndarray, cols: dict[str, np.ndarray]):
+    """The cells' extrapolated values (measure.capacity.cell_extrapolations) for the rows of `rows`."""
+    return cell_extrapolations(
+        cols["mem_bits"][rows], np.nan_to_num(float_column(cols, "converged")[rows], nan=0.0) > 0.5,
+        float_column(cols, "asymptote_extrapolable")[rows], float_column(cols, "mem_bits_asymptote")[rows],
+        float_column(cols, "mem_bits_asymptote_ci_low")[rows], float_column(cols, "mem_bits_asymptote_ci_high")[rows],
+        cols["entropy_bits"][rows])
+
+
+def _plateau_fraction(rows: np.ndarray, cols: dict[str, np.ndarray], extrapolations, plateau: np.ndarray):
+    """The mean fraction_of_asymptote of the plateau cells that have an extrapolated value (1 for a
+    converged cell without an extrapolable fit: it is at its asymptote), and how many there are."""
+    logged = float_column(cols, "fraction_of_asymptote")[rows]
+    mem = cols["mem_bits"][rows]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fraction = np.where(extrapolations.from_asymptote,
+                            np.where(np.isfinite(logged), logged, mem / extrapolations.asymptote),
+                            np.where(np.isfinite(extrapolations.value), 1.0, np.nan))
+    chosen = fraction[plateau & np.isfinite(fraction)]
+    return (float(chosen.mean()) if chosen.size else None), int(chosen.size)
+
+
+def extrapolated_fields(group: CapacityGroup, cols: dict[str, np.ndarray], measured_bits: float, params: float,
+                        n_boot: int = N_BOOT):
+    """The extrapolated half of a capacity entry, and the group's per-size cells for the extrapolated
+    alpha bootstrap (None when the group has no extrapolated capacity)."""
+    rows = group.rows
+    sizes = cols["data.num_sequences"][rows].astype(np.int64)
+    mem, entropy = cols["mem_bits"][rows], cols["entropy_bits"][rows]
+    e = group_extrapolations(rows, cols)
+    plateau = entropy > measured_bits
+    fields = {"capacity_extrapolated_bits": None, "capacity_extrapolated_ci_low": None,
+              "capacity_extrapolated_ci_high": None, "capacity_extrapolated_interval": None,
+              "bits_per_param_extrapolated": None, "num_sequences_at_max_extrapolated": None,
+              "extrapolated_reason": None, "extrapolated_missing_cells": [], "extrapolated_cells": None,
+              "fraction_of_asymptote": None, "fraction_of_asymptote_cells": 0, "extrapolated_note": EXTRAPOLATED_NOTE}
+    if not np.isfinite(float_column(cols, "asymptote_extrapolable")[rows]).any():
+        fields["extrapolated_reason"] = NO_ASYMPTOTE
+        return fields, None
+    fields["fraction_of_asymptote"], fields["fraction_of_asymptote_cells"] = _plateau_fraction(rows, cols, e, plateau)
+    estimate = extrapolated_capacity(sizes, mem, entropy, e, measured_bits, n_boot=n_boot, seed=0)
+    has_value = np.isfinite(e.value)
+    fields["extrapolated_cells"] = {
+        "asymptote": estimate.from_asymptote, "capped_at_entropy": estimate.capped,
+        "converged_at_measured": int((has_value & ~e.from_asymptote).sum()),
+        "measured_off_plateau": int((~has_value & ~plateau).sum()),
+    }
+    if estimate.capacity_bits is None:
+        missing = list(estimate.missing_plateau_cells)
+        ids = [str(c) for c in cols["cell_id"][rows][missing]]
+        at = ", ".join(f"{n:,}" for n in sorted({int(n) for n in sizes[missing]}))
+        fields.update(extrapolated_reason=f"{estimate.reason} ({', '.join(ids[:4])}"
+                                          f"{f', ... ({len(ids)} in all)' if len(ids) > 4 else ''}; N = {at})",
+                      extrapolated_missing_cells=ids)
+        return fields, None
+    fields.update(capacity_extrapolated_bits=estimate.capacity_bits, capacity_extrapolated_ci_low=estimate.ci_low,
+                  capacity_extrapolated_ci_high=estimate.ci_high,
+                  capacity_extrapolated_interval=EXTRAPOLATED_INTERVAL.format(n=n_boot),
+                  bits_per_param_extrapolated=estimate.capacity_bits / params,
+                  num_sequences_at_max_extrapolated=estimate.num_sequences_at_max)
+    return fields, size_cells(sizes, e, mem)
+
+
+def capacity_entry(group: CapacityGroup, cols: dict[str, np.ndarray], n_boot: int = N_BOOT) -> dict:
+    """fits.json's record of one capacity group: the measured capacity, its seeds, and why it is a
+    lower bound when it is one (the unconverged cells whose H(X) exceeds it, and their N); beside it
+    the extrapolated capacity (extrapolated_fields) with its interval, or the reason it has none."""
+    return capacity_entry_and_cells(group, cols, n_boot)[0]
+
+
+def capacity_entry_and_cells(group: CapacityGroup, cols: dict[str, np.ndarray], n_boot: int = N_BOOT):
+    """capacity_entry, and the group's per-size cells for the extrapolated alpha (None without one)."""
     key_dict, rows = group.key, group.rows
     sizes = cols["data.num_sequences"][rows].astype(np.int64)
     mem, entropy = cols["mem_bits"][rows], cols["entropy_bits"][rows]
-    converged = np.nan_to_num(cols["converged"][rows], nan=0.0) > 0.5
+    converged = np.nan_to_num(float_column(cols, "converged")[rows], nan=0.0) > 0.5
     estimate = capacity(sizes, mem, converged, entropy)
     at_max = sizes == estimate.num_sequences_at_max
     unconverged = list(estimate.unconverged_plateau_cells)
     params = float(cols["params"][rows][0])
-    return {
+    entry = {
         "label": group.label,
         "model": key_dict.get("model.name"),
         "precision": key_dict.get("precision.name"),
@@ -237,17 +344,24 @@ def capacity_entry(group: CapacityGroup, cols: dict[str, np.ndarray]) -> dict:
         "num_cells": int(rows.sum()),
         "num_dataset_sizes": int(np.unique(sizes).size),
     }
+    extrapolated, cells = extrapolated_fields(group, cols, estimate.capacity_bits, params, n_boot)
+    entry.update(extrapolated)
+    return entry, cells
 
 
-def fit_capacities(cols: dict[str, np.ndarray], keys: tuple[str, ...]) -> tuple[list[dict], list[list[np.ndarray]]]:
-    """Capacity per (model shape, precision, data shape, recipe) group of finished cells, and beside
-    each group its seeds' mem_bits per dataset size (what the alpha bootstrap resamples)."""
-    entries, seeds = [], []
+def fit_capacities(cols: dict[str, np.ndarray], keys: tuple[str, ...], n_boot: int = N_BOOT):
+    """Capacity per (model shape, precision, data shape, recipe) group of finished cells; beside each
+    group its seeds' mem_bits per dataset size (what the measured alpha bootstrap resamples) and its
+    per-size extrapolated cells (measure.capacity.SizeCells, what the extrapolated alpha bootstrap
+    resamples; None for a group without an extrapolated capacity): three parallel lists."""
+    entries, seeds, extrapolated = [], [], []
     for group in capacity_groups(cols, keys):
-        entries.append(capacity_entry(group, cols))
+        entry, cells = capacity_entry_and_cells(group, cols, n_boot)
+        entries.append(entry)
+        extrapolated.append(cells)
         sizes = cols["data.num_sequences"][group.rows].astype(np.int64)
         seeds.append(seed_mem_bits_by_size(sizes, cols["mem_bits"][group.rows]))
-    return entries, seeds
+    return entries, seeds, extrapolated
 
 
 ALPHA_DESCRIPTIONS = {
@@ -262,23 +376,108 @@ def _precision_order(precision) -> tuple:
     return (PRECISION_ORDER.index(precision) if precision in PRECISION_ORDER else 99, str(precision))
 
 
-def fit_alphas(capacities: list[dict], seeds: list[list[np.ndarray]], n_boot: int = N_BOOT) -> dict[str, dict]:
-    """Alpha (bits per parameter) per precision over its capacity groups, by both statistics, each
-    with its two-level bootstrap interval (shapes, then seeds) and the paper's value computed the same
-    way from its table. `seeds` is fit_capacities' second result, parallel to `capacities`."""
+INTERVAL_NOTES = {
+    "none": "one shape: an interval must resample shapes to carry their scatter, and one shape has none to show, "
+            "so no interval is given",
+    "range": "fewer than {min} shapes ({n}): the bootstrap's 2.5th to 97.5th percentiles show the spread the shapes "
+             "allow, a range, not a 95% confidence interval (too few shapes to resample for coverage)",
+    "ci": "95% percentile confidence interval of the two-level bootstrap over {n} shapes",
+}
+V_KEY, S_KEY = "data.vocab_size", "data.seq_len"
+
+
+def _short(key: str) -> str:
+    return {V_KEY: "V", S_KEY: "S"}.get(key, key)
+
+
+def _value_text(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def alpha_groups(capacities: list[dict]) -> dict[str, list[int]]:
+    """The capacity entries of each alpha group, by fits.json key: one group per (precision, V, S,
+    recipe), i.e. per precision and values of every grouping key beyond the model shape that varies in
+    the sweep. A precision with one group is keyed by its name; otherwise each group by a readable
+    label, `fp32 (V=2048, S=64)`, naming the keys that vary between that precision's groups."""
+    by_precision: dict = {}
+    for i, c in enumerate(capacities):
+        members = by_precision.setdefault(c["precision"], {})
+        members.setdefault(tuple(sorted((c.get("group") or {}).items())), []).append(i)
+    keyed = {}
+    for precision in sorted(by_precision, key=_precision_order):
+        groups = by_precision[precision]
+        if len(groups) == 1:
+            keyed[str(precision)] = next(iter(groups.values()))
+            continue
+        varying = [k for k in dict.fromkeys(k for key in groups for k, _ in key)
+                   if len({dict(key).get(k) for key in groups}) > 1 and k not in (V_KEY, S_KEY)]
+        for key, members in groups.items():
+            first = capacities[members[0]]
+            parts = [f"V={_value_text(first['vocab_size'])}", f"S={_value_text(first['seq_len'])}"]
+            parts += [f"{_short(k)}={_value_text(dict(key).get(k))}" for k in varying]
+            keyed[f"{precision} ({', '.join(parts)})"] = members
+    return keyed
+
+
+def _statistics(fits, paper: dict) -> dict:
+    return {name: {"alpha": fit.alpha, "ci_low": fit.ci_low, "ci_high": fit.ci_high, "paper": paper.get(name),
+                   "statistic": ALPHA_DESCRIPTIONS[name]} for name, fit in fits.items()}
+
+
+def _extrapolated_alpha(models: list[dict], cells: list, n_boot: int, paper: dict) -> dict:
+    """The extrapolated form of one alpha group: both statistics over its shapes' extrapolated
+    capacities, the bootstrap also drawing each cell's asymptote within its interval; or the reason
+    there is none (a shape without an extrapolated capacity)."""
+    missing = [(c["label"], c["extrapolated_reason"]) for c, cell in zip(models, cells) if cell is None]
+    if missing:
+        reasons = "; ".join(f"{label}: {reason}" for label, reason in missing)
+        if all(reason == NO_ASYMPTOTE for _, reason in missing):
+            reason = NO_ASYMPTOTE
+        else:
+            reason = f"{len(missing)} of {len(models)} shape(s) have no extrapolated capacity ({reasons})"
+        return {"available": False, "reason": reason, "alpha": None}
+    fits = fit_alpha([c["params"] for c in models], cells, n_boot=n_boot, seed=0)
+    kind = fits[ALPHA_FOR_PREDICTIONS].interval_kind
+    return {"available": True, "reason": None, "alpha": fits[ALPHA_FOR_PREDICTIONS].alpha,
+            **_statistics(fits, paper), "interval_kind": kind,
+            "bootstrap": f"{n_boot} replicates: shapes with replacement, then each drawn shape's seeds at every "
+                         "dataset size, each drawn cell's asymptote within its own 95% interval (capped at H(X)), "
+                         "its extrapolated capacity retaken" if len(models) > 1 else "none",
+            "note": "an extrapolation, not a measurement: alpha of the shapes' extrapolated capacities (each cell's "
+                    "asymptote A of a(T) = A - B T^-c, capped at H(X))"}
+
+
+def fit_alphas(capacities: list[dict], seeds: list[list[np.ndarray]], n_boot: int = N_BOOT,
+               extrapolated: list | None = None) -> dict[str, dict]:
+    """Alpha (bits per parameter) per (precision, V, S, recipe) group of capacities (alpha_groups), by
+    both statistics, each with its two-level bootstrap interval (shapes, then seeds; a range below
+    MIN_SHAPES_FOR_CI shapes) and the paper's value computed the same way from its table: measured, at
+    the entry's top level, and extrapolated, under `extrapolated`. `seeds` and `extrapolated` are
+    fit_capacities' second and third results, parallel to `capacities`; each capacity entry gets the
+    key of its alpha group (`alpha_key`)."""
+    extrapolated = extrapolated if extrapolated is not None else [None] * len(capacities)
     alphas = {}
-    for precision in sorted({c["precision"] for c in capacities}, key=_precision_order):
-        chosen = [i for i, c in enumerate(capacities) if c["precision"] == precision]
+    varying_recipe = sorted({k for c in capacities for k in (c.get("group") or {}) if k not in (V_KEY, S_KEY)})
+    for key, chosen in alpha_groups(capacities).items():
         models = [capacities[i] for i in chosen]
+        for c in models:
+            c["alpha_key"] = key
+        precision = models[0]["precision"]
         fits = fit_alpha([c["params"] for c in models], [seeds[i] for i in chosen], n_boot=n_boot, seed=0)
         paper = paper_alpha(precision) or {}
-        entry = {"alpha": fits[ALPHA_FOR_PREDICTIONS].alpha, "alpha_statistic": ALPHA_FOR_PREDICTIONS}
-        for name, fit in fits.items():
-            entry[name] = {"alpha": fit.alpha, "ci_low": fit.ci_low, "ci_high": fit.ci_high,
-                           "paper": paper.get(name), "statistic": ALPHA_DESCRIPTIONS[name]}
+        kind = fits[ALPHA_FOR_PREDICTIONS].interval_kind
+        entry = {"alpha": fits[ALPHA_FOR_PREDICTIONS].alpha, "alpha_statistic": ALPHA_FOR_PREDICTIONS,
+                 "form": "measured: from the shapes' measured capacities (mem_bits); a lower bound where lower_bound",
+                 **_statistics(fits, paper)}
         bounds = [c["label"] for c in models if c["lower_bound"]]
         entry.update({
-            "ci": 0.95, "n_models": len(models),
+            "key": key, "precision": precision, "vocab_size": models[0]["vocab_size"],
+            "seq_len": models[0]["seq_len"], "group": dict(models[0].get("group") or {}),
+            "recipe": {k: (models[0].get("group") or {}).get(k) for k in varying_recipe},
+            "models": [c["label"] for c in models],
+            "ci": 0.95, "interval_kind": kind,
+            "interval_note": INTERVAL_NOTES[kind].format(min=MIN_SHAPES_FOR_CI, n=len(models)),
+            "n_models": len(models),
             "bootstrap": f"{n_boot} replicates: shapes with replacement, then each drawn shape's seeds at "
                          "every dataset size, its capacity retaken" if len(models) > 1 else "none",
             "paper_column": PAPER_CAPACITY_COLUMN.get(precision),
@@ -286,22 +485,48 @@ def fit_alphas(capacities: list[dict], seeds: list[list[np.ndarray]], n_boot: in
             "plateaus_reached": all(c["plateau_reached"] for c in models),
         })
         if len(models) == 1:
-            entry["note"] = ("one shape: an interval must resample shapes to carry their scatter, and one "
-                             "shape has none to show, so no interval is given")
-        alphas[precision] = entry
+            entry["note"] = INTERVAL_NOTES["none"]
+        entry["extrapolated"] = _extrapolated_alpha(models, [extrapolated[i] for i in chosen], n_boot, paper)
+        entry["alpha_extrapolated"] = entry["extrapolated"]["alpha"]
+        alphas[key] = entry
     return alphas
 
 
-def alpha_for(precision: str, alphas: dict) -> tuple[float, str]:
-    """The alpha (bits per parameter) used to predict a cell, and where it came from: the sweep's own
-    slope for its precision, else the paper's slope for that weight dtype (3.6, the paper's headline,
-    for a precision the paper's table cannot stand for)."""
+def _matches(entry: dict, key: dict) -> bool:
+    """Whether a cell with configuration `key` (column -> value) belongs to the alpha group `entry`."""
+    wanted = {V_KEY: entry.get("vocab_size"), S_KEY: entry.get("seq_len"), **(entry.get("group") or {})}
+    return all(_plain(key.get(k)) == v for k, v in wanted.items())
+
+
+def alpha_entry_for(precision: str, alphas: dict, key: dict | None = None) -> tuple[str, dict] | None:
+    """(fits.json key, entry) of the alpha group a cell of `precision` with configuration `key` belongs
+    to; without a matching group (a text cell), the precision's entry when it has a single group."""
+    if key is not None:
+        for name, entry in alphas.items():
+            if entry.get("precision", name) == precision and _matches(entry, key):
+                return name, entry
     if precision in alphas:
-        return alphas[precision]["alpha"], f"fitted {ALPHA_FOR_PREDICTIONS}"
+        return precision, alphas[precision]
+    return None
+
+
+def alpha_for(precision: str, alphas: dict, key: dict | None = None) -> tuple[float, str]:
+    """The alpha (bits per parameter) used to predict a cell, and where it came from: the measured
+    slope of the cell's own (precision, V, S, recipe) group (alpha_entry_for; `key` is the cell's
+    configuration, column -> value), else the paper's slope for that weight dtype (3.6, the paper's
+    headline, for a precision the paper's table cannot stand for)."""
+    found = alpha_entry_for(precision, alphas, key)
+    if found is not None:
+        return found[1]["alpha"], f"fitted {ALPHA_FOR_PREDICTIONS}"
     paper = paper_alpha(precision)
     if paper is None:
         return 3.6, "paper headline"
     return paper[ALPHA_FOR_PREDICTIONS], f"paper {ALPHA_FOR_PREDICTIONS} ({PAPER_CAPACITY_COLUMN[precision]})"
+
+
+def row_key(cols: dict[str, np.ndarray], i: int) -> dict:
+    """Row i's configuration for alpha_entry_for: its data.*, train.* and precision columns."""
+    return {k: _plain(v[i]) for k, v in cols.items() if k.startswith(("data.", "train.", "precision."))}
 
 
 def published_constants() -> dict:
@@ -343,30 +568,35 @@ def published_comparison(f1, sizes, params, seq_len, alpha) -> dict:
     }
 
 
-def mia_law_entry(x: np.ndarray, f1: np.ndarray) -> dict:
+def mia_law_entry(x: np.ndarray, f1: np.ndarray, unconverged_cells=()) -> dict:
     """The law's constants fitted to (x, f1), or `identifiable: false` and the reason: too few cells
-    or distinct x for 3 constants, no transition in the cells, or a fit that did not converge."""
+    or distinct x for 3 constants, no transition in the cells (one flat tail, or no cell inside the
+    transition 0.55 < F1 < 0.95: cells on the two tails bracket it and do not fix c2), or a fit that did
+    not converge. Either way `unconverged_cells` lists the ids of the entry's cells whose `converged`
+    is 0 (their F1 may still move with training)."""
+    listed = {"unconverged_cells": [str(c) for c in unconverged_cells]}
     distinct = int(np.unique(x).size)
     if x.size < MIN_MIA_CELLS or distinct < MIN_MIA_CELLS:
         return {"identifiable": False,
                 "reason": f"the law's 3 constants need at least {MIN_MIA_CELLS} cells at {MIN_MIA_CELLS} "
-                          f"distinct sequences-per-parameter values; have {x.size} cells at {distinct}"}
+                          f"distinct sequences-per-parameter values; have {x.size} cells at {distinct}", **listed}
     flat = mia_law_unidentifiable(f1)
     if flat is not None:
-        return {"identifiable": False, "reason": flat}
+        return {"identifiable": False, "reason": flat, **listed}
     try:
         fit = fit_mia_law(x, f1)
     except (RuntimeError, ValueError) as err:  # curve_fit did not converge
-        return {"identifiable": False, "reason": f"the fit failed: {err}"}
+        return {"identifiable": False, "reason": f"the fit failed: {err}", **listed}
     return {"identifiable": True, "c1": fit.c1, "c2": fit.c2, "c3": fit.c3,
             "c1_std": fit.c1_std, "c2_std": fit.c2_std, "c3_std": fit.c3_std,
-            "rmse": fit.rmse, "c1_at_bound": bool(fit.c1 >= 10.0 - 1e-9)}
+            "rmse": fit.rmse, "c1_at_bound": bool(fit.c1 >= 10.0 - 1e-9), **listed}
 
 
 def fit_mia_kind(cols: dict[str, np.ndarray], kind: str, alphas: dict) -> dict[str, dict]:
     """The MIA law per attack over the cells of one data kind in `cols`, against x = N / params; the
     paper's published forms beside it for text cells only (it fitted its law on text)."""
     results = {}
+    unconverged = float_column(cols, "converged") == 0.0
     for attack in attack_names(cols):
         f1, x = cols[f"{attack}_f1"], cols["sequences_per_param"]
         ok = np.isfinite(f1) & np.isfinite(x)
@@ -374,10 +604,11 @@ def fit_mia_kind(cols: dict[str, np.ndarray], kind: str, alphas: dict) -> dict[s
             continue  # an attack this kind never measures (the reference attack on synthetic cells)
         entry = {"kind": kind, "attack": attack, "num_cells": int(ok.sum()),
                  "x": "sequences_per_param (N / params)", "x_min": float(x[ok].min()), "x_max": float(x[ok].max())}
-        entry.update(mia_law_entry(x[ok], f1[ok]))
+        entry.update(mia_law_entry(x[ok], f1[ok], cols["cell_id"][ok & unconverged]))
         seq_len = cols.get("data.seq_len", np.full(len(f1), np.nan))[ok]
         if kind == TEXT and np.all(np.isfinite(seq_len)):
-            alpha = np.array([alpha_for(p, alphas)[0] for p in cols["precision.name"][ok]])
+            alpha = np.array([alpha_for(cols["precision.name"][i], alphas, row_key(cols, i))[0]
+                              for i in np.flatnonzero(ok)])
             entry["published"] = published_comparison(f1[ok], cols["data.num_sequences"][ok], cols["params"][ok],
                                                       seq_len, alpha)
         elif kind == TEXT:
@@ -394,10 +625,17 @@ def fit_mia(cols: dict[str, np.ndarray], alphas: dict) -> dict[str, dict]:
 
 
 def predict_cells(cols: dict[str, np.ndarray], alphas: dict) -> dict:
-    """Measured against predicted min(alpha * params, H(X)) per finished cell, alpha its precision's."""
+    """Measured against predicted min(alpha * params, H(X)) per finished cell, alpha the measured slope
+    of its own (precision, V, S, recipe) group; beside each cell its exposures, its noise floor
+    (mem_bits_floor) and its extrapolated memorization where it has one (null otherwise)."""
     records = []
+    n = len(cols.get("cell_id", []))
+    if n:
+        e = group_extrapolations(np.ones(n, dtype=bool), cols)
+        exposures, floor = float_column(cols, "exposures"), float_column(cols, "mem_bits_floor")
+        converged = float_column(cols, "converged")
     for i, cell_id in enumerate(cols.get("cell_id", [])):
-        alpha, source = alpha_for(cols["precision.name"][i], alphas)
+        alpha, source = alpha_for(cols["precision.name"][i], alphas, row_key(cols, i))
         predicted = float(predicted_mem_bits(alpha, cols["params"][i], cols["entropy_bits"][i]))
         records.append({
             "cell_id": cell_id, "precision": cols["precision.name"][i], "alpha": alpha, "alpha_source": source,
@@ -405,6 +643,9 @@ def predict_cells(cols: dict[str, np.ndarray], alphas: dict) -> dict:
             "capacity_ratio": float(cols["entropy_bits"][i] / (alpha * cols["params"][i])),
             "mem_bits": float(cols["mem_bits"][i]), "predicted_mem_bits": predicted,
             "error": float(mem_prediction_error(cols["mem_bits"][i], predicted)),
+            "mem_bits_floor": float(floor[i]), "exposures": float(exposures[i]),
+            "converged": float(converged[i]),
+            "mem_bits_extrapolated": float(e.value[i]) if e.from_asymptote[i] else None,
         })
     errors = np.array([r["error"] for r in records])
     summary = {"num_cells": len(records)}
@@ -413,7 +654,9 @@ def predict_cells(cols: dict[str, np.ndarray], alphas: dict) -> dict:
                         "median_abs_error": float(np.median(np.abs(errors))),
                         "max_abs_error": float(np.max(np.abs(errors)))})
     return {"summary": summary, "cells": records,
-            "error": "(measured - predicted) / predicted, a signed fraction"}
+            "error": "(measured - predicted) / predicted, a signed fraction",
+            "mem_bits_extrapolated": "the cell's asymptote A capped at H(X), an extrapolation (null without an "
+                                     "extrapolable fit)"}
 
 
 # The text section: seed means (and seed spreads) of these final metrics of text cells, per group and
@@ -480,7 +723,7 @@ def fit_sweep(table: pa.Table, groups: Grouping, n_boot: int = N_BOOT) -> dict:
     cols, text = select_rows(finished, kinds == SYNTHETIC), select_rows(finished, kinds == TEXT)
     num_text = len(text["cell_id"])
     notes, skipped = [], {}
-    capacities, seeds = fit_capacities(cols, groups.capacity)
+    capacities, seeds, extrapolated = fit_capacities(cols, groups.capacity, n_boot=n_boot)
     if not capacities:
         if num_text:
             reason = (f"no FINISHED synthetic cells (the sweep has {num_text} FINISHED text cells): capacity, "
@@ -498,7 +741,7 @@ def fit_sweep(table: pa.Table, groups: Grouping, n_boot: int = N_BOOT) -> dict:
     if others:
         notes.append(f"{int(np.isin(kinds, others).sum())} FINISHED cells of data.kind {', '.join(others)} "
                      "are in no fit")
-    alphas = fit_alphas(capacities, seeds, n_boot=n_boot)
+    alphas = fit_alphas(capacities, seeds, n_boot=n_boot, extrapolated=extrapolated)
     prediction = predict_cells(cols, alphas)
     if "prediction" in skipped:
         prediction["skipped"] = skipped["prediction"]
@@ -516,23 +759,41 @@ def fit_sweep(table: pa.Table, groups: Grouping, n_boot: int = N_BOOT) -> dict:
     })
 
 
+def metric_key(key: str, entry: dict) -> str:
+    """An alpha group's name in MLflow metric names: its precision when the fits key it so, else
+    `<precision>_V<V>_S<S>` and each varying recipe key's last part and value."""
+    if key == entry.get("precision", key):
+        return re.sub(r"[^A-Za-z0-9_.\-]", "_", key)
+    parts = [str(entry.get("precision")), f"V{_value_text(entry.get('vocab_size'))}", f"S{_value_text(entry.get('seq_len'))}"]
+    parts += [f"{k.split('.')[-1]}{_value_text(v)}" for k, v in (entry.get("group") or {}).items() if k not in (V_KEY, S_KEY)]
+    return re.sub(r"[^A-Za-z0-9_.\-]", "_", "_".join(parts))
+
+
 def fit_metrics(fits: dict) -> dict[str, float]:
-    """The fits as flat MLflow metrics for the launch run (finite values only): `alpha_<precision>` is
-    the slope (the alpha of predictions), `alpha_<precision>_<statistic>[_ci_low|_ci_high]` each
-    statistic, `mia_<kind>_<attack>_<constant>` each identifiable law."""
+    """The fits as flat MLflow metrics for the launch run (finite values only): `alpha_<key>` is the
+    measured slope (the alpha of predictions), `alpha_<key>_<statistic>[_ci_low|_ci_high]` each
+    measured statistic, `alpha_<key>_extrapolated` and `alpha_<key>_extrapolated_<statistic>[...]` the
+    extrapolated ones (metric_key names the group), `mia_<kind>_<attack>_<constant>` each identifiable
+    law, `capacity_bits/...` and `capacity_extrapolated_bits/...` each group's capacities."""
     metrics = {"cells_total": fits["cells"]["total"], "cells_finished": fits["cells"]["finished"]}
-    for precision, fit in fits["alpha"].items():
-        metrics[f"alpha_{precision}"] = fit["alpha"]
+    for key, fit in fits["alpha"].items():
+        name = metric_key(key, fit)
+        metrics[f"alpha_{name}"] = fit["alpha"]
+        extrapolated = fit.get("extrapolated") or {}
+        metrics[f"alpha_{name}_extrapolated"] = extrapolated.get("alpha")
         for statistic in ALPHA_DESCRIPTIONS:
-            for name in ("alpha", "ci_low", "ci_high"):
-                suffix = "" if name == "alpha" else f"_{name}"
-                metrics[f"alpha_{precision}_{statistic}{suffix}"] = fit[statistic][name]
+            for value in ("alpha", "ci_low", "ci_high"):
+                suffix = "" if value == "alpha" else f"_{value}"
+                metrics[f"alpha_{name}_{statistic}{suffix}"] = fit[statistic][value]
+                metrics[f"alpha_{name}_extrapolated_{statistic}{suffix}"] = (extrapolated.get(statistic) or {}).get(value)
     for kind, attacks in fits["mia"].items():
         for attack, fit in attacks.items():
             for name in ("c1", "c2", "c3", "c1_std", "c2_std", "c3_std", "rmse"):
                 metrics[f"mia_{kind}_{attack}_{name}"] = fit.get(name)
     for c in fits["capacity"]:
-        metrics["capacity_bits/" + re.sub(r"[^A-Za-z0-9_.\- ]", "_", c["label"]).replace(" ", "/")] = c["capacity_bits"]
+        label = re.sub(r"[^A-Za-z0-9_.\- ]", "_", c["label"]).replace(" ", "/")
+        metrics["capacity_bits/" + label] = c["capacity_bits"]
+        metrics["capacity_extrapolated_bits/" + label] = c.get("capacity_extrapolated_bits")
     summary = fits["prediction"]["summary"]
     metrics["mem_prediction_mean_abs_error"] = summary.get("mean_abs_error")
     return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}

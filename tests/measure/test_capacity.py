@@ -6,15 +6,20 @@ import numpy as np
 import pytest
 
 from measure.capacity import (
+    SizeCells,
     alpha_mean_ratio,
     alpha_slope,
     bootstrap_capacities,
     capacity,
+    cell_extrapolations,
+    extrapolated_capacity,
     fit_alpha,
+    interval_kind,
     fit_mia_law,
     mem_prediction_error,
     mia_law,
     mia_law_unidentifiable,
+    size_cells,
 )
 from measure.paper import paper_alpha, reference_rows
 
@@ -157,3 +162,107 @@ def test_fit_mia_law_needs_three_points():
 
 def test_prediction_error_is_signed_and_relative():
     np.testing.assert_allclose(mem_prediction_error([90.0, 120.0], [100.0, 100.0]), [-0.1, 0.2])
+
+
+# -- the extrapolated capacity ------------------------------------------------------------------------------
+def test_each_cells_extrapolated_value_follows_its_fit_its_convergence_and_its_entropy():
+    # An extrapolable fit (A = 120 under H = 200), one whose A exceeds H (capped), a converged cell without
+    # a fit (its measured value), an unconverged one without (none), a NaN flag (not logged: no fit).
+    e = cell_extrapolations(mem_bits=[100.0, 90.0, 80.0, 70.0, 60.0], converged=[False, True, True, False, True],
+                            extrapolable=[1.0, 1.0, 0.0, 0.0, np.nan], asymptote=[120.0, 300.0, np.nan, np.nan, 99.0],
+                            ci_low=[110.0, 280.0, np.nan, np.nan, np.nan], ci_high=[140.0, 320.0, np.nan, np.nan, np.nan],
+                            entropy_bits=[200.0, 150.0, 100.0, 100.0, 100.0])
+    np.testing.assert_allclose(e.value, [120.0, 150.0, 80.0, np.nan, 60.0])
+    assert list(e.from_asymptote) == [True, True, False, False, False] and list(e.capped) == [False, True, False, False, False]
+    # The split normal's sigmas match the 95% interval on each side of A.
+    assert e.sd_low[0] == pytest.approx(10.0 / 1.959964) and e.sd_high[0] == pytest.approx(20.0 / 1.959964)
+    assert e.sd_low[2] == 0.0 and e.sd_high[2] == 0.0
+
+
+def _asymptote_group(rng, unconverged_without_fit=None):
+    """Sizes 100..1600 (H = 10 N), three seeds each: a true capacity of 5,000 bits; plateau cells
+    reached 80% of theirs (A logged within 1% noise, a +-4% interval), the others converged."""
+    sizes = np.repeat([100, 200, 400, 800, 1600], 3)
+    entropy = 10.0 * sizes
+    truth = np.minimum(5000.0, entropy)
+    plateau = entropy > 5000.0
+    mem = np.where(plateau, 0.8 * truth, truth)
+    a = truth * (1 + 0.01 * rng.standard_normal(sizes.size))
+    extrapolable = plateau.astype(float)
+    converged = ~plateau
+    if unconverged_without_fit is not None:
+        extrapolable[unconverged_without_fit] = 0.0
+    e = cell_extrapolations(mem, converged, extrapolable, np.where(plateau, a, np.nan), a - 0.04 * truth,
+                            a + 0.04 * truth, entropy)
+    return sizes, mem, entropy, e
+
+
+def test_the_extrapolated_capacity_recovers_planted_asymptotes_and_its_interval_covers_them():
+    rng = np.random.default_rng(11)
+    sizes, mem, entropy, e = _asymptote_group(rng)
+    measured = capacity(sizes, mem, ~(entropy > 5000.0), entropy)
+    assert measured.capacity_bits == pytest.approx(4000.0) and measured.lower_bound  # 80% of 5,000 bits
+    estimate = extrapolated_capacity(sizes, mem, entropy, e, measured.capacity_bits, n_boot=400)
+    assert estimate.reason is None and estimate.capacity_bits == pytest.approx(5000.0, rel=0.02)
+    assert estimate.ci_low < 5000.0 < estimate.ci_high  # the interval carries each cell's own
+    assert estimate.ci_high - estimate.ci_low < 0.1 * 5000.0
+    assert estimate.from_asymptote == 6 and estimate.capped == 0
+
+
+def test_an_unconverged_plateau_cell_without_a_fit_leaves_no_extrapolated_capacity():
+    rng = np.random.default_rng(12)
+    sizes, mem, entropy, e = _asymptote_group(rng, unconverged_without_fit=13)  # N = 1,600, a plateau cell
+    estimate = extrapolated_capacity(sizes, mem, entropy, e, 4000.0, n_boot=50)
+    assert estimate.capacity_bits is None and estimate.ci_low is None
+    assert estimate.missing_plateau_cells == (13,) and "without an extrapolable asymptote" in estimate.reason
+    # Below the measured capacity such a cell cannot hold the maximum: it enters with its measured value.
+    e2 = cell_extrapolations([10.0, 50.0], [False, True], [0.0, 0.0], [np.nan, np.nan], [np.nan] * 2, [np.nan] * 2,
+                             [20.0, 60.0])
+    below = extrapolated_capacity([1, 2], [10.0, 50.0], [20.0, 60.0], e2, 50.0, n_boot=20)
+    assert below.capacity_bits == 50.0 and below.ci_low == below.ci_high == 50.0
+
+
+def test_the_extrapolated_alpha_draws_each_asymptote_within_its_interval():
+    # Eight shapes, one seed at one size each, their A exactly 3.6 * P with a +-10% interval: the point
+    # is 3.6 and the interval is wide only because of the cells' own uncertainty.
+    params = np.geomspace(1e5, 7e6, 8)
+    exact = [[SizeCells(np.array([3.6 * p]), np.array([0.0]), np.array([0.0]), np.array([1e12]))] for p in params]
+    uncertain = [[SizeCells(np.array([3.6 * p]), np.array([0.36 * p / 1.96]), np.array([0.36 * p / 1.96]),
+                            np.array([1e12]))] for p in params]
+    sharp, blurred = fit_alpha(params, exact, n_boot=400), fit_alpha(params, uncertain, n_boot=400)
+    for statistic in ("slope", "mean_ratio"):
+        assert sharp[statistic].alpha == pytest.approx(3.6) and blurred[statistic].alpha == pytest.approx(3.6)
+        assert sharp[statistic].ci_high - sharp[statistic].ci_low < 1e-9
+        assert blurred[statistic].ci_low < 3.6 < blurred[statistic].ci_high
+        assert blurred[statistic].ci_high - blurred[statistic].ci_low > 0.03 * 3.6
+    # A cap below A: every draw and the point are capped at H(X).
+    capped = fit_alpha([10.0, 20.0], [[SizeCells(np.array([50.0]), np.array([5.0]), np.array([5.0]), np.array([30.0]))],
+                                      [SizeCells(np.array([90.0]), np.array([5.0]), np.array([5.0]), np.array([60.0]))]],
+                       n_boot=200)
+    assert capped["mean_ratio"].alpha == pytest.approx(3.0) and capped["mean_ratio"].ci_high <= 3.0 + 1e-9
+
+
+def test_size_cells_fill_cells_without_a_value_with_their_measured_bits():
+    e = cell_extrapolations([10.0, 20.0, 30.0], [False, True, False], [0.0, 0.0, 1.0], [np.nan, np.nan, 45.0],
+                            [np.nan, np.nan, 40.0], [np.nan, np.nan, 50.0], [15.0, 25.0, 40.0])
+    first, second = size_cells([1, 1, 2], e, np.array([10.0, 20.0, 30.0]))
+    np.testing.assert_allclose(first.value, [10.0, 20.0])
+    np.testing.assert_allclose(second.value, [45.0])  # A itself: the cap applies to each draw
+    np.testing.assert_allclose(second.cap, [40.0])
+
+
+@pytest.mark.parametrize("shapes, kind", [(1, "none"), (2, "range"), (4, "range"), (5, "ci"), (9, "ci")])
+def test_an_alpha_bootstrap_over_fewer_than_five_shapes_is_a_range(shapes, kind):
+    assert interval_kind(shapes) == kind
+    params = np.geomspace(1e5, 1e6, shapes)
+    fits = fit_alpha(params, [[np.array([3.5 * p, 3.7 * p])] for p in params], n_boot=50)
+    assert {fit.interval_kind for fit in fits.values()} == {kind}
+
+
+def test_cells_only_on_the_two_tails_do_not_identify_the_law():
+    tails = [1.0, 0.99, 0.98, 0.52, 0.5, 0.51]  # F1 ~1 at small x, ~0.5 at large x, nothing between
+    reason = mia_law_unidentifiable(tails)
+    assert reason is not None and "no cell inside the transition (0.55 < F1 < 0.95)" in reason
+    assert "3 at F1 >= 0.95, 3 at F1 <= 0.55" in reason and "c2" in reason
+    assert mia_law_unidentifiable(tails + [0.75]) is None  # one cell inside the transition
+    assert mia_law_unidentifiable([0.96, 0.55, 0.95]) is not None  # the bounds themselves are tails

@@ -25,41 +25,70 @@ PLANTED_ALPHA = {"fp32": 3.8, "bf16": 3.5}
 C1, C2, C3 = 1.34, -33.14, 33.14 * 0.0337  # the published law in x = N / params
 
 
-def params_of(layers, width):
-    return V * width + S * width + layers * (12 * width * width + 13 * width) + 3 * width
+MORE_SHAPES = {"l1_d48": (1, 48), "l2_d96": (2, 96)}  # with SHAPES: five shapes, enough for a confidence interval
 
 
-def cell(i, model, precision, size, seed, mem, *, status="FINISHED", converged=1.0, extra=None):
-    layers, width = SHAPES[model]
-    p = params_of(layers, width)
-    entropy = size * BITS_PER_SEQUENCE
+def params_of(layers, width, vocab=V, seq_len=S):
+    return vocab * width + seq_len * width + layers * (12 * width * width + 13 * width) + 3 * width
+
+
+def cell(i, model, precision, size, seed, mem, *, status="FINISHED", converged=1.0, extra=None, vocab=V, seq_len=S):
+    layers, width = {**SHAPES, **MORE_SHAPES}[model]
+    p = params_of(layers, width, vocab, seq_len)
+    entropy = size * seq_len * math.log2(vocab)
     x = size / p
     metrics = {"params": p, "params_paper": p - width, "entropy_bits": entropy, "mem_bits": mem,
                "sequences_per_param": x, "converged": converged, "test_nll_bits_per_token": 11.0,
                "loss_f1": float(mia_law(x, C1, C2, C3)), "loss_auc": 1.0, **(extra or {})}
     params = {"model.name": model, "model.n_layer": str(layers), "model.n_head": "4", "model.n_embd": str(width),
-              "data.vocab_size": str(V), "data.seq_len": str(S), "data.num_sequences": str(size),
+              "data.vocab_size": str(vocab), "data.seq_len": str(seq_len), "data.num_sequences": str(size),
               "data.num_nonmembers": "512", "data.kind": "synthetic", "precision.name": precision,
               "seed": str(seed), "train.lr": "0.001", "train.max_steps": "1000"}
     return RunRecord(f"run{i}", "1", status, i, i + 1, {"cell_id": f"c{i}", "memsweep.kind": "cell"},
                      params, metrics if status == "FINISHED" else {})
 
 
-def planted_sweep(precisions=("fp32", "bf16"), seeds=(0, 1, 2), noise=0.01, rng_seed=0):
+def planted_sweep(precisions=("fp32", "bf16"), seeds=(0, 1, 2), noise=0.01, rng_seed=0, *, shapes=SHAPES,
+                  alphas=PLANTED_ALPHA, vocab=V, seq_len=S, first=0):
     """Every shape at sizes from a tenth to four times its capacity; mem = min(alpha P, H) with
     multiplicative noise, so each shape's plateau is alpha * P."""
     rng = np.random.default_rng(rng_seed)
-    runs, i = [], 0
+    runs, i = [], first
+    bits_per_sequence = seq_len * math.log2(vocab)
     for precision in precisions:
-        for model, (layers, width) in SHAPES.items():
-            capacity_sequences = PLANTED_ALPHA[precision] * params_of(layers, width) / BITS_PER_SEQUENCE
+        for model, (layers, width) in shapes.items():
+            capacity_sequences = alphas[precision] * params_of(layers, width, vocab, seq_len) / bits_per_sequence
             for factor in (0.1, 0.3, 0.7, 1.5, 4.0):
                 size = int(capacity_sequences * factor)
                 for seed in seeds:
-                    cap = PLANTED_ALPHA[precision] * params_of(layers, width)
-                    mem = min(cap, size * BITS_PER_SEQUENCE) * (1 + noise * rng.standard_normal())
-                    runs.append(cell(i, model, precision, size, seed, mem))
+                    cap = alphas[precision] * params_of(layers, width, vocab, seq_len)
+                    mem = min(cap, size * bits_per_sequence) * (1 + noise * rng.standard_normal())
+                    runs.append(cell(i, model, precision, size, seed, mem, vocab=vocab, seq_len=seq_len))
                     i += 1
+    return runs
+
+
+def with_asymptotes(runs, reached=0.85, noise=0.01, half_width=0.04, rng_seed=5):
+    """Cells trained with annealed branches: each cell's true asymptote is its planted mem_bits (the
+    capacity law); the plateau cells (H(X) above alpha P) stopped at `reached` of it, unconverged, with
+    an extrapolable fit A within `noise` of it and a 95% interval of +-`half_width`; the others
+    converged, with an extrapolable fit whose A overshoots H(X) by 20% (capped at H(X))."""
+    rng = np.random.default_rng(rng_seed)
+    for r in runs:
+        m = r.metrics
+        truth, entropy = m["mem_bits"], m["entropy_bits"]
+        plateau = entropy > 1.05 * truth  # below capacity the truth is H(X) itself (up to the noise)
+        a = truth * (1 + noise * rng.standard_normal()) if plateau else 1.2 * entropy
+        m.update({"asymptote_extrapolable": 1.0, "mem_bits_asymptote": a,
+                  "mem_bits_asymptote_ci_low": a - half_width * truth, "mem_bits_asymptote_ci_high": a + half_width * truth,
+                  "asymptote_exponent": 0.7, "exposures": 100.0 * entropy / 1e5, "num_branches": 6.0,
+                  "last_horizon_steps": 8000.0, "mem_bits_floor": 12.5})
+        if plateau:
+            m["mem_bits"] = reached * truth
+            m["converged"] = 0.0
+            m["fraction_of_asymptote"] = m["mem_bits"] / a
+        else:
+            m["fraction_of_asymptote"] = m["mem_bits"] / a
     return runs
 
 
@@ -231,3 +260,139 @@ def test_the_console_summary_shows_lower_bounds_both_alphas_and_the_laws(capsys)
     assert f"slope through origin {slope['alpha']:.3f}, {interval}; paper 3.875" in text
     assert f"mean of capacity/params {ratio['alpha']:.3f}, 95% [" in text and "paper 3.828" in text
     assert "MIA law (synthetic, loss): c1=" in text
+
+
+# -- the extrapolated forms, alpha per (precision, V, S, recipe), ranges, the MIA law's identifiability -----
+def test_extrapolated_capacity_and_alpha_recover_planted_asymptotes_beside_the_measured_lower_bounds():
+    fits = fit_sweep(build_cells_table(with_asymptotes(planted_sweep(precisions=("fp32",)))), GROUPING, n_boot=300)
+    assert len(fits["capacity"]) == 3
+    for c in fits["capacity"]:
+        planted = PLANTED_ALPHA["fp32"] * c["params"]
+        # Measured: 85% of the plateau, a lower bound (its plateau cells did not converge).
+        assert c["capacity_bits"] == pytest.approx(0.85 * planted, rel=0.03) and c["lower_bound"]
+        # Extrapolated: the planted asymptote, with an interval that covers it.
+        assert c["extrapolated_reason"] is None and c["extrapolated_missing_cells"] == []
+        assert c["capacity_extrapolated_bits"] == pytest.approx(planted, rel=0.03)
+        assert c["capacity_extrapolated_ci_low"] < planted < c["capacity_extrapolated_ci_high"]
+        assert c["capacity_extrapolated_ci_high"] - c["capacity_extrapolated_ci_low"] < 0.1 * planted
+        assert c["bits_per_param_extrapolated"] == pytest.approx(c["capacity_extrapolated_bits"] / c["params"])
+        assert c["fraction_of_asymptote"] == pytest.approx(0.85, rel=0.03) and c["fraction_of_asymptote_cells"] == 6
+        assert c["extrapolated_cells"]["asymptote"] == 15 and c["extrapolated_cells"]["capped_at_entropy"] == 9
+        assert "an extrapolation" in c["extrapolated_note"] and "bootstrap" in c["capacity_extrapolated_interval"]
+    alpha = fits["alpha"]["fp32"]
+    assert alpha["slope"]["alpha"] == pytest.approx(0.85 * 3.8, rel=0.03) and alpha["lower_bound"]
+    extrapolated = alpha["extrapolated"]
+    assert extrapolated["available"] and alpha["alpha_extrapolated"] == extrapolated["slope"]["alpha"]
+    for statistic in ("slope", "mean_ratio"):
+        fit = extrapolated[statistic]
+        assert fit["alpha"] == pytest.approx(3.8, rel=0.03), statistic
+        assert fit["ci_low"] < 3.8 < fit["ci_high"], statistic
+        assert fit["paper"] == alpha[statistic]["paper"]
+    assert "an extrapolation" in extrapolated["note"] and "asymptote" in extrapolated["bootstrap"]
+    metrics = fit_metrics(fits)
+    assert metrics["alpha_fp32_extrapolated"] == pytest.approx(extrapolated["slope"]["alpha"])
+    assert metrics["alpha_fp32_extrapolated_mean_ratio_ci_high"] == pytest.approx(extrapolated["mean_ratio"]["ci_high"])
+    assert metrics["capacity_extrapolated_bits/l2_d64/fp32"] == pytest.approx(
+        [c for c in fits["capacity"] if c["model"] == "l2_d64"][0]["capacity_extrapolated_bits"])
+    by_id = {r["cell_id"]: r for r in fits["prediction"]["cells"]}
+    assert all(r["exposures"] > 0 and r["mem_bits_floor"] == 12.5 for r in by_id.values())
+    assert all(r["mem_bits_extrapolated"] <= r["entropy_bits"] for r in by_id.values())  # capped at H(X)
+
+
+def test_an_unconverged_plateau_cell_without_an_extrapolable_fit_leaves_its_group_without_one():
+    runs = with_asymptotes(planted_sweep(precisions=("fp32",), seeds=(0,)))
+    largest = max(int(r.params["data.num_sequences"]) for r in runs if r.params["model.name"] == "l2_d64")
+    (lost,) = [r for r in runs if r.params["model.name"] == "l2_d64" and int(r.params["data.num_sequences"]) == largest]
+    lost.metrics["asymptote_extrapolable"] = 0.0  # unconverged, on the plateau, and no fit
+    for name in ("mem_bits_asymptote", "mem_bits_asymptote_ci_low", "mem_bits_asymptote_ci_high", "fraction_of_asymptote"):
+        del lost.metrics[name]
+    fits = fit_sweep(build_cells_table(runs), GROUPING, n_boot=50)
+    caps = {c["model"]: c for c in fits["capacity"]}
+    bad = caps["l2_d64"]
+    assert bad["capacity_extrapolated_bits"] is None and bad["capacity_extrapolated_ci_low"] is None
+    assert "1 unconverged plateau cell(s) without an extrapolable asymptote" in bad["extrapolated_reason"]
+    assert bad["extrapolated_missing_cells"] == [lost.tags["cell_id"]] and f"N = {largest:,}" in bad["extrapolated_reason"]
+    assert bad["capacity_bits"] > 0 and bad["lower_bound"]  # the measured form is there as ever
+    assert caps["l1_d32"]["capacity_extrapolated_bits"] is not None  # the other shapes keep theirs
+    extrapolated = fits["alpha"]["fp32"]["extrapolated"]
+    assert extrapolated["available"] is False and fits["alpha"]["fp32"]["alpha_extrapolated"] is None
+    assert "l2_d64 fp32" in extrapolated["reason"] and "1 of 3 shape(s)" in extrapolated["reason"]
+    assert "alpha_fp32_extrapolated" not in fit_metrics(fits) and "alpha_fp32" in fit_metrics(fits)
+
+
+def test_alpha_is_fitted_per_data_shape_never_pooled_across_them():
+    wide = planted_sweep(precisions=("fp32",), seeds=(0, 1))
+    narrow = planted_sweep(precisions=("fp32",), seeds=(0, 1), alphas={"fp32": 3.0}, vocab=512, first=len(wide))
+    fits = fit_sweep(build_cells_table(wide + narrow), GROUPING, n_boot=100)
+    assert len(fits["capacity"]) == 6
+    assert set(fits["alpha"]) == {"fp32 (V=2048, S=64)", "fp32 (V=512, S=64)"}  # two groups, not one of 6 shapes
+    for key, planted, vocab in (("fp32 (V=2048, S=64)", 3.8, 2048), ("fp32 (V=512, S=64)", 3.0, 512)):
+        alpha = fits["alpha"][key]
+        assert alpha["n_models"] == 3 and alpha["precision"] == "fp32" and alpha["key"] == key
+        assert alpha["vocab_size"] == vocab and alpha["seq_len"] == 64 and alpha["group"] == {"data.vocab_size": vocab}
+        assert alpha["slope"]["alpha"] == pytest.approx(planted, rel=0.02)
+        assert all(f"data.vocab_size={vocab}" in c["label"] for c in fits["capacity"] if c["alpha_key"] == key)
+    for record in fits["prediction"]["cells"]:  # each cell predicted with its own group's alpha
+        vocab = 512 if int(record["cell_id"][1:]) >= len(wide) else 2048
+        assert record["alpha"] == fits["alpha"][f"fp32 (V={vocab}, S=64)"]["alpha"]
+    metrics = fit_metrics(fits)
+    assert metrics["alpha_fp32_V512_S64"] == pytest.approx(fits["alpha"]["fp32 (V=512, S=64)"]["alpha"])
+    assert "alpha_fp32_V2048_S64_mean_ratio" in metrics and "alpha_fp32" not in metrics
+
+
+def test_alpha_is_fitted_per_recipe():
+    runs = planted_sweep(precisions=("fp32",), seeds=(0,))
+    other = planted_sweep(precisions=("fp32",), seeds=(0,), first=len(runs))
+    for r in other:
+        r.params["train.lr"] = "0.003"
+    fits = fit_sweep(build_cells_table(runs + other), GROUPING, n_boot=50)
+    assert sorted(fits["alpha"]) == ["fp32 (V=2048, S=64, train.lr=0.001)", "fp32 (V=2048, S=64, train.lr=0.003)"]
+    assert all(a["n_models"] == 3 and set(a["recipe"]) == {"train.lr"} for a in fits["alpha"].values())
+
+
+@pytest.mark.parametrize("shapes, kind", [(SHAPES, "range"), ({**SHAPES, **MORE_SHAPES}, "ci")])
+def test_an_alpha_over_fewer_than_five_shapes_is_a_range(shapes, kind):
+    fits = fit_sweep(build_cells_table(with_asymptotes(planted_sweep(precisions=("fp32",), seeds=(0, 1), shapes=shapes))),
+                     GROUPING, n_boot=100)
+    alpha = fits["alpha"]["fp32"]
+    assert alpha["n_models"] == len(shapes) and alpha["interval_kind"] == kind
+    assert alpha["extrapolated"]["interval_kind"] == kind
+    assert ("a range, not a 95% confidence interval" in alpha["interval_note"]) == (kind == "range")
+    assert alpha["slope"]["ci_low"] < alpha["slope"]["alpha"] < alpha["slope"]["ci_high"]
+
+
+def test_a_two_tailed_mia_law_is_not_identifiable_until_a_cell_lies_inside_the_transition():
+    sizes = [200, 300, 500, 800, 20000, 30000, 45000, 60000]  # l2_d64: x from ~0.001 to ~0.25
+    runs = []
+    for i, size in enumerate(sizes):
+        r = cell(i, "l2_d64", "fp32", size, 0, 1000.0, converged=0.0 if i in (1, 6) else 1.0)
+        r.metrics["loss_f1"] = 0.99 + 0.002 * i if i < 4 else 0.5 + 0.003 * i  # ~1, then ~0.5, nothing between
+        runs.append(r)
+    loss = fit_sweep(build_cells_table(runs), GROUPING)["mia"]["synthetic"]["loss"]
+    assert loss["identifiable"] is False and "no cell inside the transition (0.55 < F1 < 0.95)" in loss["reason"]
+    assert "do not fix its steepness c2" in loss["reason"] and "c2" not in loss
+    assert loss["unconverged_cells"] == ["c1", "c6"]
+    middle = cell(len(runs), "l2_d64", "fp32", 8000, 0, 1000.0)
+    middle.metrics["loss_f1"] = 0.75
+    loss = fit_sweep(build_cells_table(runs + [middle]), GROUPING)["mia"]["synthetic"]["loss"]
+    assert loss["identifiable"] is True and {"c1", "c2", "c3"} <= set(loss)
+    assert loss["unconverged_cells"] == ["c1", "c6"]
+
+
+def test_a_table_without_the_asymptote_columns_fits_as_before():
+    table = build_cells_table(planted_sweep(seeds=(0, 1)))
+    for old in (table, table.drop_columns([n for n in ("converged", "mem_bits_floor", "exposures")
+                                           if n in table.column_names])):
+        fits = fit_sweep(old, GROUPING, n_boot=50)
+        assert len(fits["capacity"]) == 6 and set(fits["alpha"]) == {"fp32", "bf16"}
+        for c in fits["capacity"]:
+            assert c["capacity_bits"] > 0 and c["capacity_extrapolated_bits"] is None
+            assert c["extrapolated_reason"] == "not available: the cells logged no asymptote"
+            assert c["fraction_of_asymptote"] is None
+        for a in fits["alpha"].values():
+            assert a["extrapolated"] == {"available": False, "reason": "not available: the cells logged no asymptote",
+                                         "alpha": None}
+        assert all(r["exposures"] is None and r["mem_bits_extrapolated"] is None for r in fits["prediction"]["cells"])
+        assert "unconverged_cells" in fits["mia"]["synthetic"]["loss"]
+        metrics = fit_metrics(fits)
+        assert "alpha_fp32" in metrics and not any("extrapolated" in k for k in metrics)
