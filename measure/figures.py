@@ -153,74 +153,138 @@ STATISTIC_LABELS = {"slope": "slope through origin", "mean_ratio": "mean of capa
 STATISTIC_STYLES = {"slope": {"fit": "-", "paper": ":"}, "mean_ratio": {"fit": "--", "paper": "-."}}
 
 
-def _interval(fit: dict) -> str:
+def _interval(fit: dict, kind: str = "ci") -> str:
+    """An alpha's interval as the legend names it: a 95% CI, a range (fewer than 5 shapes), or none."""
     if fit.get("ci_low") is None or fit.get("ci_high") is None:
         return "no interval (one shape)"
-    return f"[{fit['ci_low']:.2f}, {fit['ci_high']:.2f}]"
+    name = "range" if kind == "range" else "95% CI"
+    return f"{name} [{fit['ci_low']:.2f}, {fit['ci_high']:.2f}]"
 
 
 def _alpha_lines(ax, line_p: np.ndarray, precision: str, alphas: dict, source: str, color) -> dict:
     """One line alpha * params per statistic in `alphas` (statistic -> alpha, or -> {alpha, ci_low,
-    ci_high} for the sweep's fit); returns the plotted data by statistic."""
+    ci_high} for the sweep's fit, whose `interval_kind` names the interval); returns the plotted data
+    by statistic."""
     plotted = {}
     for statistic, label in STATISTIC_LABELS.items():
         value = alphas.get(statistic)
         if value is None:
             continue
         alpha = float(value["alpha"] if isinstance(value, dict) else value)
-        text = f"{source} {precision}, {label}: {alpha:.3f} bits/param"
+        text = f"{'measured fit' if source == 'fit' else source} {precision}, {label}: {alpha:.3f} bits/param"
         if isinstance(value, dict):
-            text += f" {_interval(value)}"
+            text += f" {_interval(value, alphas.get('interval_kind', 'ci'))}"
         ax.plot(line_p, alpha * line_p, color=color, ls=STATISTIC_STYLES[statistic][source],
                 lw=1.4 if source == "fit" else 0.9, label=text)
         plotted[statistic] = {"alpha": alpha, "params": _floats(line_p), "capacity_bits": _floats(alpha * line_p)}
     return plotted
 
 
+def _alpha_band(ax, line_p: np.ndarray, key: str, entry: dict, color) -> dict | None:
+    """The measured slope's interval as a band around its line: hatched and called a range when the
+    bootstrap had fewer than 5 shapes, shaded and called a 95% CI otherwise; none for one shape."""
+    slope = entry.get("slope") or {}
+    low, high = slope.get("ci_low"), slope.get("ci_high")
+    if low is None or high is None:
+        return None
+    kind = entry.get("interval_kind", "ci")
+    if kind == "range":
+        label = (f"{key}, slope: range [{low:.2f}, {high:.2f}] over {entry.get('n_models')} shapes "
+                 "(not a 95% CI: under 5 shapes)")
+        ax.fill_between(line_p, low * line_p, high * line_p, facecolor="none", edgecolor=color, hatch="///",
+                        lw=0.0, alpha=0.35, label=label)
+    else:
+        label = f"{key}, slope: 95% CI [{low:.2f}, {high:.2f}]"
+        ax.fill_between(line_p, low * line_p, high * line_p, color=color, alpha=0.12, lw=0.0, label=label)
+    return {"kind": kind, "label": label, "params": _floats(line_p), "low_bits": _floats(low * line_p),
+            "high_bits": _floats(high * line_p)}
+
+
 def _sweep_points(ax, rows: list[dict], precision: str, color) -> dict:
-    """The sweep's capacities with seed-std bars; hollow where a capacity is a lower bound."""
+    """The sweep's measured capacities with seed-std bars, hollow where a capacity is a lower bound;
+    beside them the extrapolated capacities (diamonds) with their 95% interval bars."""
     params = _floats([m["params"] for m in rows])
     bits = _floats([m["capacity_bits"] for m in rows])
     std = _floats([m["seed_std_bits"] for m in rows])
     lower = [bool(m["lower_bound"]) for m in rows]
-    for hollow, label in ((False, f"this sweep, {precision}"),
-                          (True, f"this sweep, {precision} (an unconverged plateau cell: lower bound)")):
+    for hollow, label in ((False, f"this sweep, {precision}, measured"),
+                          (True, f"this sweep, {precision}, measured (an unconverged plateau cell: lower bound)")):
         chosen = [i for i, low in enumerate(lower) if low == hollow]
         if chosen:
             ax.errorbar([params[i] for i in chosen], [bits[i] for i in chosen], yerr=[std[i] for i in chosen],
                         fmt="o", mfc="none" if hollow else color, color=color, ms=6 if hollow else 5, capsize=2,
                         label=label)
-    return {"params": params, "capacity_bits": bits, "seed_std_bits": std, "lower_bound": lower}
+    extrapolated = [m for m in rows if m.get("capacity_extrapolated_bits") is not None]
+    points = {"params": _floats([m["params"] for m in extrapolated]),
+              "capacity_bits": _floats([m["capacity_extrapolated_bits"] for m in extrapolated]),
+              "ci_low": _floats([m.get("capacity_extrapolated_ci_low", np.nan) for m in extrapolated]),
+              "ci_high": _floats([m.get("capacity_extrapolated_ci_high", np.nan) for m in extrapolated])}
+    if extrapolated:
+        value = np.array(points["capacity_bits"])
+        below = np.nan_to_num(value - np.array(points["ci_low"]), nan=0.0).clip(min=0.0)
+        above = np.nan_to_num(np.array(points["ci_high"]) - value, nan=0.0).clip(min=0.0)
+        ax.errorbar(points["params"], points["capacity_bits"], yerr=[below, above], fmt="D", mfc="none", mew=1.2,
+                    color=color, ms=5, capsize=3, elinewidth=0.8, alpha=0.8,
+                    label=f"this sweep, {precision}, extrapolated (an extrapolation: cells' asymptotes; "
+                          "bars: 95% interval)")
+    return {"params": params, "capacity_bits": bits, "seed_std_bits": std, "lower_bound": lower,
+            "extrapolated": points}
 
 
 def capacity_vs_params(models: list[dict], alphas: dict[str, dict], reference: list[dict],
                        paper_alpha: dict[str, dict]) -> tuple[Figure, dict]:
-    """Capacity against params per precision with a line for each fitted alpha statistic, beside the
-    paper's points and its lines for the same statistics.
+    """Capacity against params per alpha group with a line for each fitted alpha statistic and a band
+    for the slope's interval (a range under 5 shapes, a 95% CI otherwise), beside the paper's points
+    and its lines for the same statistics.
 
     `models`: one dict per (shape, precision) with `precision`, `params`, `capacity_bits`,
-    `seed_std_bits`, `lower_bound`. `alphas`: precision -> fits.json's alpha entry, whose `slope` and
-    `mean_ratio` hold {alpha, ci_low, ci_high}. `reference`: rows of the paper's table with `params`
-    and `capacity_bits_<precision>`. `paper_alpha`: precision -> {"slope": ..., "mean_ratio": ...},
-    the paper's alpha by each statistic (measure.paper.paper_alpha).
+    `seed_std_bits`, `lower_bound`, and optionally `alpha_key` (its alpha group: fits.json's key) and
+    the extrapolated `capacity_extrapolated_bits`, `capacity_extrapolated_ci_low` / `_ci_high`.
+    `alphas`: fits.json's alpha entries by key (a precision, or a group's label), whose `slope` and
+    `mean_ratio` hold {alpha, ci_low, ci_high} and `interval_kind` names the interval. `reference`:
+    rows of the paper's table with `params` and `capacity_bits_<precision>`. `paper_alpha`:
+    precision -> {"slope": ..., "mean_ratio": ...}, the paper's alpha by each statistic
+    (measure.paper.paper_alpha). The plotted data are keyed by alpha group.
     """
     fig, (ax,) = _new("Capacity against parameters")
-    data = {"sweep": {}, "fit_lines": {}, "paper_points": {}, "paper_lines": {}}
-    precisions = sorted(dict.fromkeys([m["precision"] for m in models] + list(alphas)),
-                        key=lambda p: (PRECISIONS.index(p) if p in PRECISIONS else len(PRECISIONS), p))
+    data = {"sweep": {}, "fit_lines": {}, "fit_bands": {}, "extrapolated_lines": {}, "paper_points": {},
+            "paper_lines": {}}
+
+    def group_of(m):
+        return m.get("alpha_key") or m["precision"]
+
+    def order(key):
+        precision = alphas[key].get("precision", key) if key in alphas else next(
+            m["precision"] for m in models if group_of(m) == key)
+        return (PRECISIONS.index(precision) if precision in PRECISIONS else len(PRECISIONS), str(precision), key)
+
+    keys = sorted(dict.fromkeys([group_of(m) for m in models] + list(alphas)), key=order)
     lo, hi = _log_range([m["params"] for m in models] + [r["params"] for r in reference], pad=1.5)
     line_p = np.geomspace(lo, hi, 50)
-    colors = {p: f"C{i}" for i, p in enumerate(precisions + [p for p in paper_alpha if p not in precisions])}
-    for precision in precisions:
-        rows = [m for m in models if m["precision"] == precision]
-        data["sweep"][precision] = _sweep_points(ax, rows, precision, colors[precision])
-        if precision in alphas:
-            data["fit_lines"][precision] = _alpha_lines(ax, line_p, precision, alphas[precision], "fit",
-                                                        colors[precision])
+    colors = {k: f"C{i % 10}" for i, k in enumerate(keys)}
+    paper_colors = {p: next((colors[k] for k in keys if (alphas.get(k) or {}).get("precision", k) == p), None)
+                    for p in paper_alpha}
+    spare = iter(f"C{i % 10}" for i in range(len(keys), len(keys) + len(paper_alpha)))
+    for key in keys:
+        rows = [m for m in models if group_of(m) == key]
+        data["sweep"][key] = _sweep_points(ax, rows, key, colors[key])
+        if key in alphas:
+            data["fit_lines"][key] = _alpha_lines(ax, line_p, key, alphas[key], "fit", colors[key])
+            band = _alpha_band(ax, line_p, key, alphas[key], colors[key])
+            if band is not None:
+                data["fit_bands"][key] = band
+            extrapolated = alphas[key].get("extrapolated") or {}
+            if extrapolated.get("available"):
+                slope = extrapolated["slope"]
+                ax.plot(line_p, slope["alpha"] * line_p, color=colors[key], ls=(0, (4, 1, 1, 1)), lw=0.9,
+                        label=f"extrapolated {key}, slope through origin: {slope['alpha']:.3f} bits/param "
+                              f"{_interval(slope, extrapolated.get('interval_kind', 'ci'))} (an extrapolation)")
+                data["extrapolated_lines"][key] = {"alpha": float(slope["alpha"]), "params": _floats(line_p),
+                                                   "capacity_bits": _floats(slope["alpha"] * line_p)}
     for precision, alpha in paper_alpha.items():
         column = f"capacity_bits_{precision}"
         points = [r for r in reference if r.get(column) is not None]
-        color = colors.get(precision, "0.4")
+        color = paper_colors.get(precision) or next(spare, "0.4")
         if points:
             ax.scatter([r["params"] for r in points], [r[column] for r in points], marker="x", s=24,
                        color=color, alpha=0.6, label=f"paper, {precision} ({len(points)} models)")
@@ -232,7 +296,7 @@ def capacity_vs_params(models: list[dict], alphas: dict[str, dict], reference: l
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("parameters (count)")
-    ax.set_ylabel("capacity (bits)")
+    ax.set_ylabel("capacity (bits): measured (circles), extrapolated (diamonds)")
     ax.grid(True, which="major", alpha=0.3)
     _legend(fig, ax, len(ax.get_legend_handles_labels()[1]))
     return _finish(fig), data

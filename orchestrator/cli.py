@@ -604,27 +604,63 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _summary_interval(fit: dict, kind: str) -> str:
+    if fit.get("ci_low") is None:
+        return "no interval (one shape)"
+    if kind == "range":
+        return f"range [{fit['ci_low']:.3f}, {fit['ci_high']:.3f}] (under 5 shapes: not a 95% CI)"
+    return f"95% [{fit['ci_low']:.3f}, {fit['ci_high']:.3f}]"
+
+
+def _capacity_line(c: dict) -> str | None:
+    """One capacity group's line in both forms, or None for a converged measured capacity without an
+    extrapolated one (the report has it; nothing to flag here)."""
+    extrapolated = c.get("capacity_extrapolated_bits")
+    if not c["lower_bound"] and extrapolated is None:
+        return None
+    measured = f"measured {c['capacity_bits']:,.0f} bits ({c['bits_per_param']:.3f} bits/param"
+    if c["lower_bound"]:
+        sizes = ", ".join(f"{n:,}" for n in c["lower_bound_num_sequences"])
+        measured += f"; a lower bound: {len(c['lower_bound_cells'])} unconverged plateau cell(s) at N = {sizes}"
+    measured += ")"
+    if extrapolated is None:
+        return f"capacity {c['label']}: {measured}, extrapolated: none ({c.get('extrapolated_reason') or 'not available'})"
+    interval = ""
+    if c.get("capacity_extrapolated_ci_low") is not None:
+        interval = f" [{c['capacity_extrapolated_ci_low']:,.0f}, {c['capacity_extrapolated_ci_high']:,.0f}]"
+    reached = c.get("fraction_of_asymptote")
+    reached = f"; plateau cells reached {reached:.2f} of their asymptotes" if reached is not None else ""
+    return (f"capacity {c['label']}: {measured}, extrapolated {extrapolated:,.0f} bits{interval} "
+            f"({c['bits_per_param_extrapolated']:.3f} bits/param; an extrapolation{reached})")
+
+
 def _aggregate_summary(result) -> None:
-    """The fits on the console: lower-bound capacities and why, both alpha statistics beside the
-    paper's, and each data kind's MIA law (or why it is not identifiable) beside the paper's forms."""
+    """The fits on the console: capacities in both forms where one is a lower bound or extrapolated
+    (and why), both alpha statistics of each (precision, V, S, recipe) group, measured and
+    extrapolated, beside the paper's (a range under 5 shapes), and each data kind's MIA law (or why it
+    is not identifiable) beside the paper's forms, with its unconverged cells."""
     fits = result.fits
     counts = ", ".join(f"{s.lower()} {n}" for s, n in fits["cells"]["by_status"].items())
     console.print(f"sweep {fits['sweep']}: {fits['cells']['total']} cells ({counts or 'none'})")
     for c in fits["capacity"]:
-        if c["lower_bound"]:
-            sizes = ", ".join(f"{n:,}" for n in c["lower_bound_num_sequences"])
-            console.print(f"  capacity {escape(c['label'])}: {c['capacity_bits']:,.0f} bits "
-                          f"({c['bits_per_param']:.3f} bits/param) is a lower bound: "
-                          f"{len(c['lower_bound_cells'])} unconverged plateau cell(s) at N = {sizes}")
-    for precision, fit in fits["alpha"].items():
-        bound = f"; a lower bound: {', '.join(fit['lower_bound_models'])}" if fit["lower_bound"] else ""
-        console.print(f"  alpha {precision} (bits/param, over {fit['n_models']} shape(s){escape(bound)}):")
+        line = _capacity_line(c)
+        if line is not None:
+            console.print(f"  {escape(line)}")
+    for key, fit in fits["alpha"].items():
+        bound = f"; measured is a lower bound: {', '.join(fit['lower_bound_models'])}" if fit["lower_bound"] else ""
+        console.print(f"  alpha {escape(key)} (bits/param, over {fit['n_models']} shape(s){escape(bound)}):")
+        kind = fit.get("interval_kind", "ci")
+        extrapolated = fit.get("extrapolated") or {}
         for statistic, name in (("slope", "slope through origin"), ("mean_ratio", "mean of capacity/params")):
             value = fit[statistic]
-            interval = (f"95% [{value['ci_low']:.3f}, {value['ci_high']:.3f}]" if value["ci_low"] is not None
-                        else "no interval (one shape)")
             paper = f"; paper {value['paper']:.3f}" if value["paper"] is not None else ""
-            console.print(f"    {name} {value['alpha']:.3f}, {interval}{paper}")
+            console.print(f"    measured {name} {value['alpha']:.3f}, {_summary_interval(value, kind)}{paper}")
+            if extrapolated.get("available"):
+                e = extrapolated[statistic]
+                console.print(f"    extrapolated {name} {e['alpha']:.3f}, "
+                              f"{_summary_interval(e, extrapolated.get('interval_kind', kind))} (an extrapolation)")
+        if not extrapolated.get("available"):
+            console.print(f"    extrapolated: none ({escape(extrapolated.get('reason') or 'not available')})")
     for kind, laws in fits["mia"].items():
         for attack, law in laws.items():
             text = (f"c1={law['c1']:.3g} c2={law['c2']:.3g} c3={law['c3']:.3g} (RMSE {law['rmse']:.3g})"
@@ -634,6 +670,9 @@ def _aggregate_summary(result) -> None:
                 text += (f"; paper's forms, RMSE as computed {published['corrected']['rmse']:.3g}, as printed "
                          f"{published['as_printed']['rmse']:.3g}" + (" (x converted to 64-token sequences)"
                                                                      if published["converted"] else ""))
+            unconverged = law.get("unconverged_cells") or []
+            if unconverged:
+                text += f"; {len(unconverged)} of its {law['num_cells']} cells unconverged"
             console.print(f"  MIA law ({kind}, {attack}): {escape(text)}")
     for note in fits.get("notes", []):
         console.print(f"  [yellow]note:[/yellow] {escape(note)}")

@@ -41,11 +41,15 @@ FIGURES = (
     ("mem_vs_entropy", "Memorized bits against dataset entropy H(X), per model shape, with the prediction "
                        "min(alpha * params, H(X)) using the sweep's fitted alpha of each precision; grey: the "
                        "paper's sequence-length and vocabulary check (a 2-layer d128 model, 4,096 sequences)."),
-    ("capacity_vs_params", "Capacity (seed-averaged maximum of mem_bits over dataset sizes) against "
-                           "parameters, with both alpha statistics per precision: the slope through the origin "
-                           "(solid; weights shapes by params squared) and the mean of capacity / params (dashed), "
-                           "beside the paper's 16 models and the same two statistics computed from its table "
-                           "(dotted, dash-dot). Hollow: lower bounds (an unconverged plateau cell)."),
+    ("capacity_vs_params", "Capacity against parameters in two forms: measured (circles: the seed-averaged "
+                           "maximum of mem_bits over dataset sizes, bars: seed std; hollow: lower bounds, an "
+                           "unconverged plateau cell) and extrapolated (diamonds: the same maximum of the cells' "
+                           "asymptotes capped at H(X), an extrapolation; bars: its 95% interval). Lines: both "
+                           "measured alpha statistics per (precision, V, S, recipe) group, the slope through the "
+                           "origin (solid; weights shapes by params squared) and the mean of capacity / params "
+                           "(dashed), with the slope's interval as a band: shaded for a 95% CI, hatched for a range "
+                           "(a bootstrap over fewer than 5 shapes); beside them the paper's 16 models and the same "
+                           "two statistics computed from its table (dotted, dash-dot)."),
     ("mia", "ROC AUC and balanced F1 against training sequences per parameter, one row per data kind, with "
             "the law fitted on that kind's cells where the cells show a transition. The paper fitted its law "
             "on text: its two forms (as its Table 2 was computed, and as printed) and its GPT-2 validation "
@@ -100,7 +104,7 @@ def figure_inputs(cells: pa.Table, curves: pa.Table | None, fits: dict) -> dict[
     shape_groups, ratio_groups = [], []
     for group in capacity_groups(cols, GROUPING.capacity):
         precision = group.key.get("precision.name")
-        alpha = alpha_for(precision, alphas)[0]
+        alpha = alpha_for(precision, alphas, group.key)[0]
         params = float(cols["params"][group.rows][0])
         entropy = cols["entropy_bits"][group.rows]
         shape_groups.append({"label": group.label, "precision": precision, "params": params, "alpha": alpha,
@@ -305,43 +309,94 @@ def _lower_bound_reason(c: dict) -> str:
     return f"yes: {len(cells)} unconverged plateau cell(s) at N = {sizes} ({shown})"
 
 
+def _interval_text(low, high, kind: str = "ci") -> str:
+    """An interval as the tables write it: `95% CI [a, b]`, `range [a, b]` (a bootstrap over fewer than
+    5 shapes), or a dash when there is none."""
+    if low is None or high is None:
+        return "-"
+    return f"{'range' if kind == 'range' else '95% CI'} [{_fmt(low)}, {_fmt(high)}]"
+
+
+def _extrapolated_capacity(c: dict) -> str:
+    """The capacity table's extrapolated cell: the value and its interval, or why there is none."""
+    if c.get("capacity_extrapolated_bits") is None:
+        return c.get("extrapolated_reason") or "not available"
+    low, high = c.get("capacity_extrapolated_ci_low"), c.get("capacity_extrapolated_ci_high")
+    capped = (c.get("extrapolated_cells") or {}).get("capped_at_entropy")
+    text = f"{_fmt(c['capacity_extrapolated_bits'])} {_interval_text(low, high)}"
+    return text + (f" ({capped} cell(s) capped at H(X))" if capped else "")
+
+
 def _capacity_table(fits: dict) -> str:
     caps = fits["capacity"]
     parts = ["<h2>Capacity per model shape and precision</h2>", _table(
-        ["group", "params", "capacity (bits)", "seed std (bits)", "bits/param", "N at max",
-         "H(X) at max (bits)", "cells", "lower bound", "plateau seen"],
+        ["group", "params", "measured capacity (bits)", "seed std (bits)", "measured bits/param", "N at max",
+         "H(X) at max (bits)", "cells", "measured: lower bound", "plateau seen",
+         "extrapolated capacity (bits), an extrapolation", "extrapolated bits/param",
+         "fraction of asymptote (plateau cells)"],
         [[c["label"], c["params"], c["capacity_bits"], c["seed_std_bits"], c["bits_per_param"],
           c["num_sequences_at_max"], c["entropy_bits_at_max"], c["num_cells"], _lower_bound_reason(c),
-          c["plateau_reached"]] for c in caps]) if caps else "<p>No finished cells: no capacity.</p>"]
-    parts.append("<p>A capacity is a <em>lower bound</em> when any of its cells whose H(X) exceeds it (the plateau "
-                 "cells, at any N, where the maximum could lie) had not converged: training that cell longer could "
-                 "raise the maximum. <em>Plateau seen</em> means at least two dataset sizes held more bits than the "
-                 "capacity and memorization changed by under 5% between the two largest; without it, more data "
-                 "might still raise the capacity.</p>")
+          c["plateau_reached"], _extrapolated_capacity(c), c.get("bits_per_param_extrapolated"),
+          c.get("fraction_of_asymptote")] for c in caps]) if caps else "<p>No finished cells: no capacity.</p>"]
+    parts.append("<p>Two forms side by side. <em>Measured</em>: the maximum over dataset sizes of the seed-mean "
+                 "mem_bits (each cell's last annealed branch). It is a <em>lower bound</em> when any of its cells "
+                 "whose H(X) exceeds it (the plateau cells, at any N, where the maximum could lie) had not "
+                 "converged: training that cell longer could raise the maximum. <em>Plateau seen</em> means at "
+                 "least two dataset sizes held more bits than the capacity and memorization changed by under 5% "
+                 "between the two largest; without it, more data might still raise the capacity. "
+                 "<em>Extrapolated</em>: an extrapolation, not a measurement: the same maximum over the cells' "
+                 "asymptotes A of a(T) = A - B T<sup>-c</sup> fitted to their annealed branches, each capped at "
+                 "its H(X) (a converged cell without an extrapolable fit counts at its measured mem_bits); its "
+                 "interval is the 95% percentile interval of a bootstrap that resamples each size's seeds and "
+                 "draws each cell's A within its own 95% interval. A group with an unconverged plateau cell "
+                 "without an extrapolable fit has none. <em>Fraction of asymptote</em>: the mean mem_bits / A "
+                 "its plateau cells reached.</p>")
     return "\n".join(parts)
+
+
+def _alpha_rows(key: str, a: dict) -> list[list]:
+    """The alpha table's rows of one group: each statistic measured, then extrapolated."""
+    rows = []
+    bound = "yes: " + ", ".join(a["lower_bound_models"]) if a["lower_bound"] else "no"
+    kind = a.get("interval_kind", "ci")
+    extrapolated = a.get("extrapolated") or {}
+    for statistic, name in (("slope", "slope through origin"), ("mean_ratio", "mean of capacity/params")):
+        fit = a[statistic]
+        interval = "- (one shape)" if fit["ci_low"] is None else _interval_text(fit["ci_low"], fit["ci_high"], kind)
+        rows.append([key, "measured", name, fit["alpha"], interval, fit["paper"], a["n_models"], bound])
+        if extrapolated.get("available"):
+            e = extrapolated[statistic]
+            interval = ("- (one shape)" if e["ci_low"] is None
+                        else _interval_text(e["ci_low"], e["ci_high"], extrapolated.get("interval_kind", kind)))
+            rows.append([key, "extrapolated (an extrapolation)", name, e["alpha"], interval, fit["paper"],
+                         a["n_models"], "-"])
+    if not extrapolated.get("available"):
+        rows.append([key, "extrapolated", "-", None, "-", None, a["n_models"],
+                     extrapolated.get("reason") or "not available"])
+    return rows
 
 
 def _alpha_table(fits: dict) -> str:
     alphas = fits["alpha"]
     parts = ["<h2>Bits per parameter (alpha)</h2>",
-             "<p>Two statistics over the shapes of a precision, each beside the paper's value computed the same "
-             "way from its capacity table: the least-squares <em>slope through the origin</em> of capacity against "
-             "params (it weights shapes by params squared, so the largest dominate; predictions and figures use "
-             "it) and the <em>mean of capacity / params</em> (every shape weighs the same; the paper's "
-             "&ldquo;3.83 / 3.51&rdquo;). Intervals: 95% percentile, a two-level bootstrap that resamples shapes, "
-             "then each drawn shape's seeds at every dataset size, and retakes its capacity, so they carry the "
-             "scatter between shapes and not only seed noise.</p>"]
-    rows = []
-    for precision, a in alphas.items():
-        for statistic, name in (("slope", "slope through origin"), ("mean_ratio", "mean of capacity/params")):
-            fit = a[statistic]
-            interval = ("- (one shape)" if fit["ci_low"] is None
-                        else f"[{_fmt(fit['ci_low'])}, {_fmt(fit['ci_high'])}]")
-            bound = "yes: " + ", ".join(a["lower_bound_models"]) if a["lower_bound"] else "no"
-            rows.append([precision, name, fit["alpha"], interval, fit["paper"], a["n_models"], bound])
-    parts.append(_table(["precision", "statistic", "alpha (bits/param)", "95% interval",
-                         "paper, same statistic", "shapes", "lower bound"], rows) if rows else "<p>No alpha.</p>")
+             "<p>Per (precision, V, S, recipe) group, never pooling data shapes or recipes: two statistics over "
+             "the group's shapes, each beside the paper's value computed the same way from its capacity table: "
+             "the least-squares <em>slope through the origin</em> of capacity against params (it weights shapes "
+             "by params squared, so the largest dominate; predictions and figures use the measured one) and the "
+             "<em>mean of capacity / params</em> (every shape weighs the same; the paper's &ldquo;3.83 / "
+             "3.51&rdquo;). Each in two forms: <em>measured</em>, over the measured capacities (a lower bound "
+             "where one of them is), and <em>extrapolated</em>, over the extrapolated capacities (an "
+             "extrapolation). Intervals: a two-level bootstrap that resamples shapes, then each drawn shape's "
+             "seeds at every dataset size (and, extrapolated, each cell's asymptote within its interval), and "
+             "retakes its capacity, so they carry the scatter between shapes and not only seed noise: a 95% "
+             "percentile <em>CI</em> with at least 5 shapes, a <em>range</em> (the same percentiles, too few "
+             "shapes to claim coverage) with fewer.</p>"]
+    rows = [row for key, a in alphas.items() for row in _alpha_rows(key, a)]
+    parts.append(_table(["group", "form", "statistic", "alpha (bits/param)", "interval (95% CI; range under 5 shapes)",
+                         "paper, same statistic", "shapes", "lower bound / note"], rows) if rows else "<p>No alpha.</p>")
     parts += [f"<p>{html.escape(p)}: {html.escape(a['note'])}.</p>" for p, a in alphas.items() if a.get("note")]
+    parts += [f"<p>{html.escape(p)}: {html.escape(a['interval_note'])}.</p>" for p, a in alphas.items()
+              if a.get("interval_kind") == "range"]
     return "\n".join(parts)
 
 
@@ -351,19 +406,27 @@ def _prediction_table(fits: dict, links: dict[str, str]) -> str:
     parts = ["<h2>Measured against predicted memorization</h2>"]
     if not summary["num_cells"]:
         return parts[0] + "<p>No finished cells.</p>"
-    parts.append(f"<p>Predicted mem_bits = min(alpha * params, H(X)) with alpha the fitted slope of each cell's "
-                 f"precision; error = (measured - predicted) / predicted. Over {summary['num_cells']} cells: "
+    parts.append(f"<p>Predicted mem_bits = min(alpha * params, H(X)) with alpha the fitted measured slope of each "
+                 f"cell's (precision, V, S, recipe) group; error = (measured - predicted) / predicted. Over "
+                 f"{summary['num_cells']} cells: "
                  f"mean |error| {_fmt(100 * summary['mean_abs_error'], 3)}%, median "
-                 f"{_fmt(100 * summary['median_abs_error'], 3)}%, max {_fmt(100 * summary['max_abs_error'], 3)}%."
-                 "</p>")
+                 f"{_fmt(100 * summary['median_abs_error'], 3)}%, max {_fmt(100 * summary['max_abs_error'], 3)}%. "
+                 "Beside each cell: its noise floor (the clipped estimator on non-members scaled by N / M: what a "
+                 "model that memorized nothing would still score), its exposures (steps x batch / N: how often it "
+                 "saw each training sequence) and its extrapolated memorization (its asymptote capped at H(X), an "
+                 "extrapolation), where it logged them.</p>")
     worst = sorted(prediction["cells"], key=lambda r: -abs(r["error"]))[:200]
     parts.append(("<details><summary>Per cell (largest errors first"
                   + (f", 200 of {len(prediction['cells'])}" if len(prediction["cells"]) > 200 else "")
                   + ")</summary>")
                  + _table(["cell", "precision", "alpha", "params", "H(X) (bits)", "H(X)/(alpha params)",
-                           "measured (bits)", "predicted (bits)", "error (%)"],
-                          [[_linked(r["cell_id"], links.get(r["cell_id"])), r["precision"], r["alpha"], r["params"], r["entropy_bits"],
-                            r["capacity_ratio"], r["mem_bits"], r["predicted_mem_bits"], 100 * r["error"]]
+                           "measured (bits)", "noise floor (bits)", "predicted (bits)", "error (%)", "exposures",
+                           "converged", "extrapolated (bits)"],
+                          [[_linked(r["cell_id"], links.get(r["cell_id"])), r["precision"], r["alpha"], r["params"],
+                            r["entropy_bits"], r["capacity_ratio"], r["mem_bits"], r.get("mem_bits_floor"),
+                            r["predicted_mem_bits"], 100 * r["error"], r.get("exposures"),
+                            None if r.get("converged") is None else bool(r["converged"]),
+                            r.get("mem_bits_extrapolated")]
                            for r in worst]) + "</details>")
     return "\n".join(parts)
 
@@ -383,6 +446,10 @@ def _mia_rows(kind: str, attack: str, entry: dict, published: dict) -> list[list
     if entry.get("published_skipped"):
         skipped = f"paper's forms not compared: {entry['published_skipped']}"
         rows[0][-1] = "; ".join(filter(None, (rows[0][-1], skipped)))
+    unconverged = entry.get("unconverged_cells") or []
+    if unconverged:
+        shown = ", ".join(unconverged[:4]) + (f", ... ({len(unconverged)} in all)" if len(unconverged) > 4 else "")
+        rows[0][-1] = "; ".join(filter(None, (rows[0][-1], f"{len(unconverged)} unconverged cell(s): {shown}")))
     for form, comparison in entry.get("published", {}).items():
         if form in published:
             constants = published[form]
@@ -398,7 +465,8 @@ def _mia_tables(fits: dict) -> str:
     return ("<h2>Membership-inference scaling law</h2>"
             "<p>F1 = 1/2 (1 + c1 sigmoid(c2 x + c3)), x = N / params (sequences per parameter), fitted by nonlinear "
             "least squares per data kind; &plusmn; one standard error. A law whose cells show no transition (every "
-            "F1 within 0.02 of 1, or of 0.5) is not identifiable and has no constants. The paper fitted its law on "
+            "F1 within 0.02 of 1, or of 0.5), or none inside it (0.55 &lt; F1 &lt; 0.95: cells on the two tails "
+            "bracket the step but do not fix c2), is not identifiable and has no constants. The paper fitted its law on "
             "text: its two published forms are evaluated beside the text laws only, with x in its 64-token "
             "sequences.</p>"
             + (_table(["data kind", "law", "c1", "c2", "c3", "RMSE of F1", "cells", "x range (sequences/param)",

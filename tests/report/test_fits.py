@@ -241,25 +241,48 @@ def test_a_plateau_needs_two_sizes_beyond_the_capacity_that_agree():
     assert not plateau_reached(sizes[:3], flat[:3], entropy[:3], 2500.0)  # only one size beyond it
 
 
-def test_the_console_summary_shows_lower_bounds_both_alphas_and_the_laws(capsys):
+def _summary(fits, capsys) -> str:
     from orchestrator.cli import _aggregate_summary
 
+    _aggregate_summary(SimpleNamespace(fits={**fits, "sweep": "planted"}))
+    captured = capsys.readouterr()
+    return " ".join((captured.out + captured.err).split())  # the console may wrap long lines
+
+
+def test_the_console_summary_shows_lower_bounds_both_alphas_and_the_laws(capsys):
     runs, target = _with_unconverged(planted_sweep(precisions=("fp32",), seeds=(0,), noise=0.0), "l2_d64",
                                      lambda sizes, beyond: beyond[-1])
-    fits = {**fit_sweep(build_cells_table(runs), GROUPING, n_boot=50), "sweep": "planted"}
-    _aggregate_summary(SimpleNamespace(fits=fits))
-    captured = capsys.readouterr()
-    text = " ".join((captured.out + captured.err).split())  # the console may wrap long lines
+    fits = fit_sweep(build_cells_table(runs), GROUPING, n_boot=50)
+    text = _summary(fits, capsys)
     (bound,) = [c for c in fits["capacity"] if c["model"] == "l2_d64"]
-    assert f"capacity l2_d64 fp32: {bound['capacity_bits']:,.0f} bits" in text
-    assert f"is a lower bound: 1 unconverged plateau cell(s) at N = {target:,}" in text
+    assert f"capacity l2_d64 fp32: measured {bound['capacity_bits']:,.0f} bits" in text
+    assert f"a lower bound: 1 unconverged plateau cell(s) at N = {target:,}" in text
+    assert "extrapolated: none (not available: the cells logged no asymptote)" in text  # an old table
     assert "capacity l1_d32 fp32" not in text  # converged capacities are in the report, not repeated here
-    assert "alpha fp32 (bits/param, over 3 shape(s); a lower bound: l2_d64 fp32):" in text
+    assert "alpha fp32 (bits/param, over 3 shape(s); measured is a lower bound: l2_d64 fp32):" in text
     slope, ratio = fits["alpha"]["fp32"]["slope"], fits["alpha"]["fp32"]["mean_ratio"]
-    interval = f"95% [{slope['ci_low']:.3f}, {slope['ci_high']:.3f}]"
-    assert f"slope through origin {slope['alpha']:.3f}, {interval}; paper 3.875" in text
-    assert f"mean of capacity/params {ratio['alpha']:.3f}, 95% [" in text and "paper 3.828" in text
-    assert "MIA law (synthetic, loss): c1=" in text
+    interval = f"range [{slope['ci_low']:.3f}, {slope['ci_high']:.3f}] (under 5 shapes: not a 95% CI)"
+    assert f"measured slope through origin {slope['alpha']:.3f}, {interval}; paper 3.875" in text
+    assert f"measured mean of capacity/params {ratio['alpha']:.3f}, range [" in text and "paper 3.828" in text
+    assert "95% [" not in text  # three shapes: a range, never called a confidence interval
+    assert "MIA law (synthetic, loss): c1=" in text and "1 of its 15 cells unconverged" in text
+
+
+def test_the_console_summary_gives_both_forms_of_capacity_and_alpha(capsys):
+    fits = fit_sweep(build_cells_table(with_asymptotes(planted_sweep(precisions=("fp32",), seeds=(0, 1),
+                                                                     shapes={**SHAPES, **MORE_SHAPES}))),
+                     GROUPING, n_boot=100)
+    text = _summary(fits, capsys)
+    for c in fits["capacity"]:
+        assert (f"capacity {c['label']}: measured {c['capacity_bits']:,.0f} bits ({c['bits_per_param']:.3f} "
+                "bits/param; a lower bound: 4 unconverged plateau cell(s)") in text
+        assert (f"extrapolated {c['capacity_extrapolated_bits']:,.0f} bits [{c['capacity_extrapolated_ci_low']:,.0f}, "
+                f"{c['capacity_extrapolated_ci_high']:,.0f}] ({c['bits_per_param_extrapolated']:.3f} bits/param; an "
+                f"extrapolation; plateau cells reached {c['fraction_of_asymptote']:.2f} of their asymptotes)") in text
+    e = fits["alpha"]["fp32"]["extrapolated"]["slope"]
+    assert f"extrapolated slope through origin {e['alpha']:.3f}, 95% [{e['ci_low']:.3f}, {e['ci_high']:.3f}] " \
+           "(an extrapolation)" in text  # five shapes: a confidence interval
+    assert "over 5 shape(s)" in text and "range [" not in text
 
 
 # -- the extrapolated forms, alpha per (precision, V, S, recipe), ranges, the MIA law's identifiability -----
