@@ -1,13 +1,15 @@
 """A planted sweep table that exercises every branch of the sweep fits: three shapes in two precisions
 with seeds, a memorization plateau at a known alpha, an MIA transition, one unconverged cell on a
-plateau, a failed cell, and text cells beside the synthetic ones. Built as MLflow runs are read (string
-params), so the fits see real column types. Used by the golden-numbers test."""
+plateau (without an extrapolable asymptote, so its group has no extrapolated capacity), asymptotes for
+the other plateau cells, exposures and noise floors, a failed cell, and text cells beside the synthetic
+ones. Built as MLflow runs are read (string params), so the fits see real column types. Used by the
+golden-numbers test."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from tests.report.test_fits import C1, C2, C3, cell, planted_sweep
+from tests.report.test_fits import C1, C2, C3, PLANTED_ALPHA, cell, planted_sweep
 from tests.report.test_text_report import text_runs
 
 
@@ -26,6 +28,18 @@ def planted_table():
         if r.params["model.name"] == "l2_d64" and int(r.params["data.num_sequences"]) == largest \
                 and r.params["seed"] == "1" and r.params["precision.name"] == "fp32":
             r.metrics["converged"] = 0.0
+    for r in runs:  # annealed branches: an asymptote 8% above each plateau cell, the others converged at theirs
+        m = r.metrics
+        plateau = m["entropy_bits"] > PLANTED_ALPHA[r.params["precision.name"]] * m["params"]
+        m.update({"exposures": 50.0 * m["params"] / (m["entropy_bits"] / 704), "num_branches": 6.0,
+                  "last_horizon_steps": 16000.0, "mem_bits_floor": 0.002 * m["entropy_bits"],
+                  "asymptote_extrapolable": 1.0 if plateau else 0.0})
+        if plateau and m["converged"] == 1.0:
+            a = 1.08 * m["mem_bits"]
+            m.update({"mem_bits_asymptote": a, "mem_bits_asymptote_ci_low": a - 0.03 * a,
+                      "mem_bits_asymptote_ci_high": a + 0.05 * a, "asymptote_exponent": 0.6,
+                      "fraction_of_asymptote": m["mem_bits"] / a})
+        # The unconverged l2_d64 fp32 cell has no extrapolable fit: its group has no extrapolated capacity.
     runs.append(cell(len(runs), "l1_d32", "fp32", 77, 0, 0.0, status="FAILED"))
     return build_cells_table(runs + text_runs(), metadata={"sweep": "planted", "notes": []})
 

@@ -113,3 +113,16 @@ def test_the_figures_use_each_groups_own_alpha():
         figures.close(fig)
     page = render_html("planted", table, fits, {}, "test")
     assert "fp32 (V=512, S=64)" in _text(_section(page, "Bits per parameter"))
+
+
+def test_the_golden_planted_table_exercises_both_extrapolated_branches():
+    from tests.report.planted import planted_fits, planted_table
+
+    fits = planted_fits()
+    caps = {c["label"]: c for c in fits["capacity"]}
+    assert caps["l2_d64 fp32"]["capacity_extrapolated_bits"] is None and caps["l2_d64 fp32"]["extrapolated_missing_cells"]
+    assert all(c["capacity_extrapolated_bits"] is not None for label, c in caps.items() if label != "l2_d64 fp32")
+    assert fits["alpha"]["fp32"]["extrapolated"]["available"] is False
+    assert fits["alpha"]["bf16"]["extrapolated"]["available"] is True
+    page = _text(render_html("planted", planted_table(), fits, {}, "test"))
+    assert "1 of 3 shape(s) have no extrapolated capacity" in page and "extrapolated (an extrapolation)" in page
