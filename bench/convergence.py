@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import multiprocessing
 import os
@@ -45,10 +46,10 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import optimize, stats
 
 from bench.common import (
     CPU,
@@ -65,6 +66,7 @@ from bench.common import (
     timed,
     train_recipe,
 )
+from measure.asymptote import DEFAULT_METHOD, INTERVAL_METHODS, MIN_BRANCHES, NOISE_FLOOR, fit_asymptote
 from models.checkpoint import CheckpointStore
 from models.data import synthetic_members
 from models.progress import forced_decay_start
@@ -74,7 +76,6 @@ from models.train import train
 VOCAB_SIZE, SEQ_LEN, NUM_NONMEMBERS = 64, 32, 256  # the laptop sweep's data (conf/data/synthetic.yaml)
 REACHED_FRACTION = 0.98  # "reached the asymptote": the first evaluation at or above 98% of A
 RIGHT_TOLERANCE = 0.02  # "converged" is right when the final mem_bits is within 2% of A
-EXPONENT_BOUNDS = (0.05, 4.0)  # of the saturating fit's c; at a bound, A is barely identified
 HORIZONS_STEPS = (2000, 4000, 8000, 16000, 32000, 64000)
 
 
@@ -112,6 +113,7 @@ class Plan:
     eval_interval: int  # steps of batch 64 between evaluations; other batches as many sequences
     cosine_steps: int  # today's cosine: its length (a cosine schedule has no cap; it ends there)
     workers: int
+    first_truth_seed: int = 0  # the ground truth's seeds are first_truth_seed .. + truth_seeds - 1
 
 
 def full_plan(args: argparse.Namespace) -> Plan:
@@ -120,7 +122,7 @@ def full_plan(args: argparse.Namespace) -> Plan:
         return Plan(("l1_d16",), (2.0,), 2, 1, ("cosine_4k", "wsd_lr1e-2"), (250, 500, 1000, 2000), 2000, 100,
                     1000, args.workers)
     return Plan(tuple(args.shapes), tuple(args.sizes_x), args.truth_seeds, args.seeds, tuple(args.recipes),
-                tuple(args.horizons), cpu.max_steps, cpu.eval_interval, 4000, args.workers)
+                tuple(args.horizons), cpu.max_steps, cpu.eval_interval, 4000, args.workers, args.first_truth_seed)
 
 
 def num_sequences(shape: str, size_x: float) -> int:
@@ -213,7 +215,8 @@ def plan_jobs(plan: Plan) -> list[TruthJob | RecipeJob]:
     for shape in plan.shapes:
         for size_x in plan.sizes_x:
             n = num_sequences(shape, size_x)
-            jobs += [TruthJob(shape, n, seed, plan.horizons_steps) for seed in range(plan.truth_seeds)]
+            jobs += [TruthJob(shape, n, seed, plan.horizons_steps)
+                     for seed in range(plan.first_truth_seed, plan.first_truth_seed + plan.truth_seeds)]
             jobs += [RecipeJob(name, shape, n, seed, recipe_train(RECIPES[name], plan, n))
                      for name in plan.recipes for seed in range(plan.seeds)]
     return jobs
@@ -321,42 +324,17 @@ def makespan_s(durations: list[float], workers: int) -> float:
 
 
 # -- the analysis ----------------------------------------------------------------------------------------
-def saturating(x: np.ndarray, asymptote: float, gap: float, exponent: float) -> np.ndarray:
-    """a(T) = A - gap * x^-c with x = T / T_max: `gap` is A - a(T_max)."""
-    return asymptote - gap * x ** -exponent
-
-
-def fit_saturating(steps: list[float], values: list[float]) -> dict:
-    """Least-squares fit of `saturating` to mem_bits against steps, with the asymptote's 95% t-interval
-    from the fit's covariance (n - 3 degrees of freedom; infinite with 3 points). Raises ValueError
-    with fewer than 3 points, RuntimeError when the fit does not converge."""
-    x = np.asarray(steps, dtype=float) / max(steps)
-    y = np.asarray(values, dtype=float)
-    if len(x) < 3:
-        raise ValueError(f"a saturating fit needs 3 points or more, got {len(x)}")
-    p0 = (y.max() * 1.02, max(y.max() - y.min(), 1e-6 * abs(y.max())) * 0.5, 0.5)
-    bounds = ([-np.inf, 0.0, EXPONENT_BOUNDS[0]], [np.inf, np.inf, EXPONENT_BOUNDS[1]])
-    (asymptote, gap, exponent), cov = optimize.curve_fit(saturating, x, y, p0=p0, bounds=bounds, maxfev=20000)
-    dof = len(x) - 3
-    se = float(np.sqrt(cov[0, 0])) if np.isfinite(cov[0, 0]) else math.inf
-    half = stats.t.ppf(0.975, dof) * se if dof > 0 else math.inf
-    residual = y - saturating(x, asymptote, gap, exponent)
-    return {"asymptote": float(asymptote), "gap_at_longest": float(gap), "exponent": float(exponent),
-            "asymptote_se": se, "interval": [float(asymptote - half), float(asymptote + half)],
-            "rms_residual": float(np.sqrt(np.mean(residual**2))),
-            "exponent_at_bound": bool(min(abs(exponent - b) for b in EXPONENT_BOUNDS) < 1e-6)}
-
-
 def finite_or_none(value: float) -> float | None:
     """An interval's end for JSON: None where it is unbounded."""
     return float(value) if math.isfinite(value) else None
 
 
 def truth_summary(runs: list[dict]) -> dict:
-    """The asymptote of one (shape, size) from its seeds' annealed curves: A fitted to their mean; the
-    interval the union of the fit's and of the asymptotes fitted to each seed alone. Where the curve
-    shows no saturation (no fit, or its exponent at the lower bound: A not identified), A is the
-    longest horizon's mean, labelled a lower bound, and the interval has no upper end (None)."""
+    """The asymptote of one (shape, size) from its seeds' annealed curves: A fitted to their mean by
+    measure.asymptote.fit_asymptote; the interval the union of the fit's and of the asymptotes fitted
+    to each seed alone. Where the mean is not extrapolable (no saturation seen: the exponent at a
+    bound, and the like), A is the longest horizon's mean, labelled a lower bound with the fit's
+    reason, and the interval has no upper end (None)."""
     horizons = [a["horizon_steps"] for a in runs[0]["annealed"]]
     curves = np.array([[a["mem_bits"] for a in run["annealed"]] for run in runs])  # (seeds, horizons)
     mean = curves.mean(axis=0)
@@ -367,19 +345,16 @@ def truth_summary(runs: list[dict]) -> dict:
            "stable_mean_bits": np.mean([[v for _, v in run["stable_mem_bits"]] for run in runs], axis=0).tolist(),
            "branch_converged": [[a["converged"] for a in run["annealed"]] for run in runs],
            "longest_annealed_bits": float(mean[-1])}
-    try:
-        fit = fit_saturating(horizons, mean.tolist())
-        per_seed = [fit_saturating(horizons, c.tolist())["asymptote"] for c in curves]
-        if fit["exponent"] <= EXPONENT_BOUNDS[0] + 1e-6:
-            raise RuntimeError(f"the exponent is at its lower bound {EXPONENT_BOUNDS[0]}: no saturation seen")
-    except (ValueError, RuntimeError) as error:
+    fit = fit_asymptote(horizons, mean)
+    if not fit.extrapolable:
         return {**out, "asymptote_bits": float(mean[-1]), "interval_bits": [float(curves[:, -1].min()), None],
-                "asymptote_kind": f"longest horizon, a lower bound ({error})", "fit": None,
+                "asymptote_kind": f"longest horizon, a lower bound ({fit.reason})", "fit": None,
                 "bits_per_param": float(mean[-1]) / params, "longest_over_asymptote": 1.0}
-    interval = [finite_or_none(min(fit["interval"][0], *per_seed)), finite_or_none(max(fit["interval"][1], *per_seed))]
-    return {**out, "asymptote_bits": fit["asymptote"], "interval_bits": interval, "asymptote_kind": "fit",
-            "fit": fit, "per_seed_asymptote_bits": per_seed, "bits_per_param": fit["asymptote"] / params,
-            "longest_over_asymptote": float(mean[-1]) / fit["asymptote"]}
+    per_seed = [f.asymptote_bits for f in (fit_asymptote(horizons, c) for c in curves) if f.extrapolable]
+    interval = [min(fit.ci_low_bits, *per_seed), max(fit.ci_high_bits, *per_seed)]
+    return {**out, "asymptote_bits": fit.asymptote_bits, "interval_bits": interval, "asymptote_kind": "fit",
+            "fit": dataclasses.asdict(fit), "per_seed_asymptote_bits": per_seed,
+            "bits_per_param": fit.asymptote_bits / params, "longest_over_asymptote": float(mean[-1]) / fit.asymptote_bits}
 
 
 def first_reaching(history: list[list[float]], level: float) -> int | None:
@@ -429,6 +404,237 @@ def analyse(runs: list[dict]) -> dict:
     rows = [recipe_row(run, summaries[(run["shape"], run["num_sequences"])]) for run in runs
             if run["kind"] == "recipe" and (run["shape"], run["num_sequences"]) in summaries]
     return {"truth": list(summaries.values()), "rows": rows, "summary": recipe_summaries(rows)}
+
+
+# -- the validation: extrapolating from a run's first branches ------------------------------------------
+TARGET_COVERAGE = 0.90  # of A's interval, over the truth cells: the project's target
+TARGET_BIAS = 0.03  # |A_k - A| / A of the extrapolation from the branches up to TARGET_LAST_HORIZON
+TARGET_LAST_HORIZON = 16000
+PLANTED_DRAWS = 200  # noisy planted curves per (method, branches) for the interval's calibration
+
+
+def truth_runs_in(files: list[tuple[str, dict]]) -> list[dict]:
+    """The ground-truth runs of results files ((name, results) pairs), each with its file's name."""
+    return [{**run, "file": name} for name, results in files for run in results["runs"] if run["kind"] == "truth"]
+
+
+def run_key(run: dict) -> tuple:
+    return run["shape"], run["num_sequences"], run["seed"]
+
+
+def run_curve(run: dict) -> tuple[list[int], list[float]]:
+    return [a["horizon_steps"] for a in run["annealed"]], [a["mem_bits"] for a in run["annealed"]]
+
+
+def long_run_truths(runs: list[dict]) -> dict[tuple, dict]:
+    """Per (shape, N, seed): its long-run asymptote, fitted (DEFAULT_METHOD) to every branch of the run
+    that reaches the longest horizon (runs of one seed share their trunk: the first such run)."""
+    longest = {}
+    for run in runs:
+        if run_key(run) not in longest or run_curve(run)[0][-1] > run_curve(longest[run_key(run)])[0][-1]:
+            longest[run_key(run)] = run
+    truths = {}
+    for key, run in longest.items():
+        horizons, values = run_curve(run)
+        fit = fit_asymptote(horizons, values)
+        truths[key] = {"file": run["file"], "horizons_steps": horizons, "extrapolable": fit.extrapolable,
+                       "reason": fit.reason, "asymptote_bits": fit.asymptote_bits,
+                       "interval_bits": [fit.ci_low_bits, fit.ci_high_bits], "exponent": fit.exponent,
+                       "last_branch_bits": values[-1]}
+    return truths
+
+
+def extrapolation_row(run: dict, k: int, truth: dict, methods: tuple[str, ...]) -> dict:
+    """The extrapolation from the run's first k branches, judged against its long-run asymptote."""
+    horizons, values = run_curve(run)
+    truth_a = truth["asymptote_bits"]
+    row = {"file": run["file"], "shape": run["shape"], "num_sequences": run["num_sequences"], "seed": run["seed"],
+           "first_branch_steps": horizons[0], "k": k, "last_horizon_steps": horizons[k - 1],
+           "truth_asymptote_bits": truth_a, "truth_interval_bits": truth["interval_bits"],
+           "truth_last_horizon_steps": truth["horizons_steps"][-1], "truth_last_branch_bits": truth["last_branch_bits"],
+           "last_branch_bits": values[k - 1], "last_branch_bias": (values[k - 1] - truth_a) / truth_a}
+    fits = {method: fit_asymptote(horizons[:k], values[:k], method) for method in methods}
+    fit = fits[DEFAULT_METHOD]
+    row.update(extrapolable=fit.extrapolable, reason=fit.reason, asymptote_bits=fit.asymptote_bits,
+               exponent=fit.exponent, bias=None if not fit.extrapolable else (fit.asymptote_bits - truth_a) / truth_a,
+               covers=None if not fit.extrapolable else bool(fit.ci_low_bits <= truth_a <= fit.ci_high_bits))
+    row["intervals"] = {m: {"low": f.ci_low_bits, "high": f.ci_high_bits,
+                            "covers": bool(f.ci_low_bits <= truth_a <= f.ci_high_bits),
+                            "width": (f.ci_high_bits - f.ci_low_bits) / truth_a}
+                        for m, f in fits.items() if f.extrapolable}
+    return row
+
+
+def extrapolation_rows(runs: list[dict], truths: dict, methods: tuple[str, ...]) -> list[dict]:
+    """Every run, every k from 3 up to the branches short of its truth's longest horizon."""
+    rows = []
+    for run in runs:
+        truth = truths[run_key(run)]
+        if not truth["extrapolable"]:
+            continue
+        horizons = run_curve(run)[0]
+        for k in range(MIN_BRANCHES - 1, len(horizons) + 1):
+            if horizons[k - 1] < truth["horizons_steps"][-1]:
+                rows.append(extrapolation_row(run, k, truth, methods))
+    return sorted(rows, key=lambda r: (r["first_branch_steps"], r["k"], r["shape"], r["seed"]))
+
+
+def group_summary(rows: list[dict], methods: tuple[str, ...]) -> dict:
+    """Bias and coverage over some rows (one (first branch, k), say)."""
+    fitted = [r for r in rows if r["extrapolable"]]
+    biases = [abs(r["bias"]) for r in fitted]
+    out = {"runs": len(rows), "extrapolable": len(fitted),
+           "not_extrapolable_reasons": sorted({r["reason"] for r in rows if not r["extrapolable"]}),
+           "mean_abs_bias": float(np.mean(biases)) if biases else None,
+           "max_abs_bias": float(np.max(biases)) if biases else None,
+           "mean_bias": float(np.mean([r["bias"] for r in fitted])) if fitted else None,
+           "mean_abs_last_branch_bias": float(np.mean([abs(r["last_branch_bias"]) for r in rows]))}
+    out["by_method"] = {}
+    for method in methods:
+        judged = [r["intervals"][method] for r in rows if method in r["intervals"]]
+        out["by_method"][method] = {
+            "judged": len(judged), "coverage": float(np.mean([j["covers"] for j in judged])) if judged else None,
+            "median_width": float(np.median([j["width"] for j in judged])) if judged else None,
+            "below_measured": sum(j["low"] < r["last_branch_bits"] for r in rows
+                                  for j in [r["intervals"].get(method)] if j is not None)}
+    out["coverage"] = out["by_method"][DEFAULT_METHOD]["coverage"]
+    return out
+
+
+def grouped(rows: list[dict], fields: tuple[str, ...], methods: tuple[str, ...]) -> list[dict]:
+    keys = dict.fromkeys(tuple(r[f] for f in fields) for r in rows)
+    return [{**dict(zip(fields, key)), **group_summary([r for r in rows if tuple(r[f] for f in fields) == key],
+                                                        methods)} for key in keys]
+
+
+def planted_coverage(methods: tuple[str, ...], draws: int = PLANTED_DRAWS, branches=(4, 5, 6)) -> dict:
+    """The intervals' coverage where the model holds: curves A - B T^-c from 2K steps (A, c and the gap
+    drawn as the truth runs show them), with Gaussian noise of NOISE_FLOOR x a(T_last) per branch."""
+    out = {}
+    for method in methods:
+        out[method] = {}
+        for n in branches:
+            rng = np.random.default_rng(n)  # the same curves for every method
+            horizons = 2000 * 2.0 ** np.arange(n)
+            covered = fitted = 0
+            for _ in range(draws):
+                a, c, gap = rng.uniform(1e4, 5e4), rng.uniform(0.2, 0.8), rng.uniform(0.05, 0.3)
+                clean = a - gap * a * (horizons / horizons[-1]) ** -c
+                fit = fit_asymptote(horizons, clean + NOISE_FLOOR * clean[-1] * rng.standard_normal(n), method)
+                fitted += fit.extrapolable
+                covered += bool(fit.extrapolable and fit.ci_low_bits <= a <= fit.ci_high_bits)
+            out[method][str(n)] = covered / fitted if fitted else None
+    return out
+
+
+def method_choice(rows: list[dict], planted: dict, methods: tuple[str, ...]) -> dict:
+    """The interval method these rows (one first branch) pick. Honest: its coverage of the truth cells
+    (every k extrapolable) and of planted curves (every count of branches) reaches TARGET_COVERAGE. Of
+    the honest methods whose interval never reaches below the value already measured at the k-th
+    branch (B >= 0: a(T) rises to A), the narrowest median interval at 4 branches; beside it, whether
+    that is the shipped default."""
+    overall = group_summary(rows, methods)["by_method"]
+    four = group_summary([r for r in rows if r["k"] == MIN_BRANCHES], methods)["by_method"]
+    honest = [m for m in methods if (overall[m]["coverage"] or 0) >= TARGET_COVERAGE
+              and all((v or 0) >= TARGET_COVERAGE for v in planted[m].values())]
+    sound = [m for m in honest if not overall[m]["below_measured"]]
+    pick = min(sound, key=lambda m: four[m]["median_width"]) if sound else None
+    figures = "; ".join(f"{m}: truth coverage {fmt(overall[m]['coverage'], '.0%')}, planted "
+                        + "/".join(fmt(v, ".0%") for v in planted[m].values())
+                        + f" (4/5/6 branches), below a(T_k) in {overall[m]['below_measured']} of "
+                        f"{overall[m]['judged']}, median width at 4 branches {fmt(four[m]['median_width'], '.1%')}"
+                        for m in methods)
+    why = (f"'{pick}' is the narrowest interval that covers A in {TARGET_COVERAGE:.0%} or more of the truth "
+           f"cells and of planted curves and never reaches below the measured a(T_k) ({figures})" if pick else
+           f"no method covers A in {TARGET_COVERAGE:.0%} of the truth cells and of planted curves without "
+           f"reaching below the measured a(T_k) ({figures})")
+    return {"chosen": pick, "shipped_default": DEFAULT_METHOD, "default_is_chosen": pick == DEFAULT_METHOD,
+            "honest": honest, "why": why, "truth_coverage": overall, "planted_coverage": planted}
+
+
+def targets(rows: list[dict]) -> dict:
+    """The project's two targets per first branch, judged on the shipped default: coverage >= 90% over
+    every extrapolable truth cell and k, and |bias| <= 3% on every cell extrapolated from its branches
+    up to 16K steps (k = 4 from a first branch at 2K)."""
+    out = {}
+    for first in sorted({r["first_branch_steps"] for r in rows}):
+        fitted = [r for r in rows if r["first_branch_steps"] == first and r["extrapolable"]]
+        coverage = float(np.mean([r["covers"] for r in fitted])) if fitted else None
+        mine = [r for r in rows if r["first_branch_steps"] == first and r["last_horizon_steps"] == TARGET_LAST_HORIZON]
+        biases = [abs(r["bias"]) for r in mine if r["extrapolable"]]
+        out[str(first)] = {
+            "coverage": coverage, "coverage_cells": len(fitted),
+            "coverage_met": coverage is not None and coverage >= TARGET_COVERAGE,
+            "bias_k": mine[0]["k"] if mine else None, "bias_cells": len(mine), "bias_extrapolable": len(biases),
+            "mean_abs_bias": float(np.mean(biases)) if biases else None,
+            "max_abs_bias": float(np.max(biases)) if biases else None,
+            "bias_met": bool(biases) and len(biases) == len(mine) and max(biases) <= TARGET_BIAS}
+    return out
+
+
+def validate(files: list[tuple[str, dict]], methods: tuple[str, ...] = INTERVAL_METHODS,
+             planted_draws: int = PLANTED_DRAWS) -> dict:
+    """The validation of measure.asymptote on results files ((name, results) pairs, no training): per
+    truth run and k, the extrapolation from its first k branches against its long-run asymptote."""
+    runs = truth_runs_in(files)
+    truths = long_run_truths(runs)
+    rows = extrapolation_rows(runs, truths, methods)
+    planted = planted_coverage(methods, planted_draws)
+    return {"files": [name for name, _ in files], "default_method": DEFAULT_METHOD, "methods": list(methods),
+            "noise_floor": NOISE_FLOOR, "min_branches": MIN_BRANCHES,
+            "truths": [{"shape": s, "num_sequences": n, "seed": seed, **t} for (s, n, seed), t in truths.items()],
+            "rows": rows, "by_k": grouped(rows, ("first_branch_steps", "k", "last_horizon_steps"), methods),
+            "by_shape": grouped(rows, ("first_branch_steps", "k", "shape"), methods),
+            "targets": targets(rows),
+            "method_choice": {str(first): method_choice([r for r in rows if r["first_branch_steps"] == first],
+                                                        planted, methods)
+                              for first in sorted({r["first_branch_steps"] for r in rows})}}
+
+
+def print_validation(v: dict) -> None:
+    print(f"extrapolation from a run's first k branches vs its long-run asymptote (fit to all its branches);"
+          f" interval: {v['default_method']}; files: {', '.join(v['files'])}")
+    print(f"{'first':>5} {'k':>2} {'last T':>6} {'runs':>4} {'fit':>3} {'mean|bias|':>10} {'max|bias|':>9} "
+          f"{'coverage':>8} {'width':>6} {'a(T_k) short':>12}")
+    for g in v["by_k"]:
+        head = f"{g['first_branch_steps']:>5} {g['k']:>2} {g['last_horizon_steps']:>6} {g['runs']:>4} {g['extrapolable']:>3}"
+        if not g["extrapolable"]:
+            print(f"{head}  not extrapolable: {'; '.join(g['not_extrapolable_reasons'])}")
+            continue
+        width = g["by_method"][v["default_method"]]["median_width"]
+        print(f"{head} {g['mean_abs_bias']:>10.1%} {g['max_abs_bias']:>9.1%} {g['coverage']:>8.0%} {width:>6.1%} "
+              f"{g['mean_abs_last_branch_bias']:>12.1%}")
+    print(f"\n{'shape':7} {'seed':>4} {'first':>5} {'k':>2} {'A_k':>7} {'interval':>17} {'A':>7} {'a(Tmax)':>7} "
+          f"{'bias':>6} {'covers':>6}")
+    for r in v["rows"]:
+        if not r["extrapolable"]:
+            continue
+        i = r["intervals"][v["default_method"]]
+        print(f"{r['shape']:7} {r['seed']:>4} {r['first_branch_steps']:>5} {r['k']:>2} {r['asymptote_bits']:>7.0f} "
+              f"[{i['low']:>7.0f}, {i['high']:>7.0f}] {r['truth_asymptote_bits']:>7.0f} {r['truth_last_branch_bits']:>7.0f} "
+              f"{r['bias']:>+6.1%} {str(r['covers']):>6}")
+    for first, t in v["targets"].items():
+        print(f"\nfirst branch {first} steps: coverage {fmt(t['coverage'], '.0%')} over {t['coverage_cells']} cells "
+              f"(target >= {TARGET_COVERAGE:.0%}: {'met' if t['coverage_met'] else 'NOT met'}); |bias| from branches "
+              f"{first}..{TARGET_LAST_HORIZON} (k = {t['bias_k']}): mean {fmt(t['mean_abs_bias'], '.1%')}, max "
+              f"{fmt(t['max_abs_bias'], '.1%')} over {t['bias_cells']} cells (target <= {TARGET_BIAS:.0%} on every "
+              f"cell: {'met' if t['bias_met'] else 'NOT met'})")
+        choice = v["method_choice"][first]
+        print(f"  interval method chosen: {choice['chosen']} (shipped default {choice['shipped_default']}): "
+              f"{choice['why']}")
+
+
+def validate_files(paths: list[str], out: str, planted_draws: int = PLANTED_DRAWS) -> dict:
+    """`--validate`: read results files, validate, write convergence-validation-<UTC>.json, print."""
+    files = [(Path(p).name, json.loads(Path(p).read_text())) for p in paths]
+    validation = {"machine": machine(), "started": datetime.now(timezone.utc).isoformat(),
+                  **validate(files, planted_draws=planted_draws)}
+    validation = json.loads(json.dumps(validation, default=lambda value: value.item()))  # numpy scalars: plain
+    path = results_path(out, "convergence-validation-")
+    save_results(validation, path)
+    print_validation(validation)
+    print(f"wrote {path}")
+    return validation
 
 
 # -- the run and its output ------------------------------------------------------------------------------
@@ -510,13 +716,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sizes-x", nargs="+", type=float, default=[8.0],
                         help="dataset sizes in multiples of the prior capacity (2.7 bits/param)")
     parser.add_argument("--truth-seeds", type=int, default=2)
+    parser.add_argument("--first-truth-seed", type=int, default=0, help="the ground truth's first seed")
     parser.add_argument("--seeds", type=int, default=1, help="seeds of each recipe run")
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--horizons", nargs="+", type=int, default=list(HORIZONS_STEPS),
                         help="steps of the ground truth's long run at which a cool-down branches off")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--validate", nargs="+", metavar="FILE",
+                        help="train nothing: validate the asymptote's extrapolation on these results files")
+    parser.add_argument("--planted-draws", type=int, default=PLANTED_DRAWS,
+                        help="with --validate: noisy planted curves per method and number of branches")
     args = parser.parse_args(argv)
+    if args.validate:
+        return validate_files(args.validate, args.out, args.planted_draws)
     plan = full_plan(args)
     jobs = plan_jobs(plan)
     est = estimate(plan, jobs, calibrate(plan.shapes, 20 if args.quick else 50))

@@ -6,9 +6,9 @@ least squares (B >= 0, c in EXPONENT_BOUNDS), A is where a(T) is heading, with a
 
 The fit. T is scaled by the last horizon (x = T / T_last, so B is the gap A - a(T_last)) and a(T) by
 |a(T_last)|: every cell's fit has the same conditioning. For a given c the model is linear in (A, B),
-solved in closed form (B clipped at 0); c is found on a geometric grid over its bounds, refined twice
-inside the bracket of the best point (the fit cannot fail to converge; its precision in c is about
-1e-5). A fit whose c sits at a bound is "not extrapolable": the branches do not identify A.
+solved in closed form (B clipped at 0); c is found on a geometric grid over its bounds, refined three
+times inside the bracket of the best point (the fit cannot fail to converge; its precision in c is
+about 1e-7, relative). A fit whose c sits at a bound is "not extrapolable": the branches do not identify A.
 
 The interval of A (`method`; `DEFAULT_METHOD` is the one bench/convergence.py's validation chose,
 bench/README.md "Extrapolating to the asymptote: validation"):
@@ -91,13 +91,13 @@ def _linear(z: np.ndarray, y: np.ndarray):
 
 def _refine(x: np.ndarray, sse_of):
     """The c (one per row) minimizing `sse_of(z)` (z = x^-c, shape (rows, grid, n)): the grid, then
-    two finer grids inside the bracket of the best point."""
+    three finer grids, each inside the bracket of the previous one's best point."""
     cs = np.broadcast_to(_GRID, (sse_of.rows, len(_GRID)))
-    for level in range(3):
+    for level in range(4):
         sse = sse_of(x ** -cs[..., None])
         best = np.argmin(sse, axis=-1)
         rows = np.arange(cs.shape[0])
-        if level == 2:
+        if level == 3:
             return cs[rows, best]
         low, high = cs[rows, np.maximum(best - 1, 0)], cs[rows, np.minimum(best + 1, cs.shape[1] - 1)]
         cs = np.geomspace(low, high, _FINE, axis=-1)
@@ -210,7 +210,7 @@ def fit_asymptote(horizons_steps, annealed_bits, method: str = DEFAULT_METHOD) -
         return _not_extrapolable(reason, n)
     order = np.argsort(horizons)
     horizons, values = horizons[order], values[order]
-    scale = abs(values[-1])
+    scale = float(abs(values[-1]))
     if np.ptp(values) <= FLAT_TOLERANCE * scale:
         return AsymptoteFit(True, None, float(values[-1]), float(values.min()), float(values.max()), None, n,
                             float(np.sqrt(np.mean((values - values[-1]) ** 2))))
