@@ -94,7 +94,8 @@ class CellExtrapolations:
     capped: np.ndarray  # bool: A exceeded H(X), so the value is H(X)
 
 
-def cell_extrapolations(mem_bits, converged, extrapolable, asymptote, ci_low, ci_high, entropy_bits) -> CellExtrapolations:
+def cell_extrapolations(mem_bits, converged, extrapolable, asymptote, ci_low, ci_high,
+                        entropy_bits) -> CellExtrapolations:
     """The extrapolated memorization of each cell (bits) from its logged asymptote fit, arrays of shape
     (num_cells,): `extrapolable` 0/1 (NaN: not logged, counted as 0), `asymptote` A and its 95% interval
     `ci_low`, `ci_high` (NaN where absent), `entropy_bits` H(X). See CellExtrapolations."""
@@ -395,7 +396,8 @@ NO_TRANSITION_TOL = 0.02  # F1 this close to 1 (or to 0.5) in every cell: the ce
 TRANSITION = (0.55, 0.95)  # F1 strictly between these: a cell inside the law's transition, which fixes c2
 
 
-def mia_law_unidentifiable(f1, tol: float = NO_TRANSITION_TOL, transition: tuple[float, float] = TRANSITION) -> str | None:
+def mia_law_unidentifiable(f1, tol: float = NO_TRANSITION_TOL,
+                           transition: tuple[float, float] = TRANSITION) -> str | None:
     """Why the MIA law cannot be fitted to these F1 values (fractions, shape (num_cells,)), or None.
 
     When every cell sits within `tol` of 1 (all memorized) or of 0.5 (chance), the cells lie on one

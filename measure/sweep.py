@@ -764,8 +764,10 @@ def metric_key(key: str, entry: dict) -> str:
     `<precision>_V<V>_S<S>` and each varying recipe key's last part and value."""
     if key == entry.get("precision", key):
         return re.sub(r"[^A-Za-z0-9_.\-]", "_", key)
-    parts = [str(entry.get("precision")), f"V{_value_text(entry.get('vocab_size'))}", f"S{_value_text(entry.get('seq_len'))}"]
-    parts += [f"{k.split('.')[-1]}{_value_text(v)}" for k, v in (entry.get("group") or {}).items() if k not in (V_KEY, S_KEY)]
+    parts = [str(entry.get("precision")), f"V{_value_text(entry.get('vocab_size'))}",
+             f"S{_value_text(entry.get('seq_len'))}"]
+    parts += [f"{k.split('.')[-1]}{_value_text(v)}" for k, v in (entry.get("group") or {}).items()
+              if k not in (V_KEY, S_KEY)]
     return re.sub(r"[^A-Za-z0-9_.\-]", "_", "_".join(parts))
 
 
@@ -785,7 +787,8 @@ def fit_metrics(fits: dict) -> dict[str, float]:
             for value in ("alpha", "ci_low", "ci_high"):
                 suffix = "" if value == "alpha" else f"_{value}"
                 metrics[f"alpha_{name}_{statistic}{suffix}"] = fit[statistic][value]
-                metrics[f"alpha_{name}_extrapolated_{statistic}{suffix}"] = (extrapolated.get(statistic) or {}).get(value)
+                extrapolated_fit = extrapolated.get(statistic) or {}
+                metrics[f"alpha_{name}_extrapolated_{statistic}{suffix}"] = extrapolated_fit.get(value)
     for kind, attacks in fits["mia"].items():
         for attack, fit in attacks.items():
             for name in ("c1", "c2", "c3", "c1_std", "c2_std", "c3_std", "rmse"):

@@ -624,7 +624,8 @@ def _capacity_line(c: dict) -> str | None:
         measured += f"; a lower bound: {len(c['lower_bound_cells'])} unconverged plateau cell(s) at N = {sizes}"
     measured += ")"
     if extrapolated is None:
-        return f"capacity {c['label']}: {measured}, extrapolated: none ({c.get('extrapolated_reason') or 'not available'})"
+        reason = c.get("extrapolated_reason") or "not available"
+        return f"capacity {c['label']}: {measured}, extrapolated: none ({reason})"
     interval = ""
     if c.get("capacity_extrapolated_ci_low") is not None:
         interval = f" [{c['capacity_extrapolated_ci_low']:,.0f}, {c['capacity_extrapolated_ci_high']:,.0f}]"
