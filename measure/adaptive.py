@@ -17,7 +17,10 @@ reason, or that the group is done:
   `max_seeds` seeds.
 
 The capacity and the plateau are measure.capacity.capacity and measure.sweep.plateau_reached: the
-definitions fits.json reports, not copies of them. Plain numpy, deterministic.
+definitions fits.json reports, not copies of them. Every rule reads each cell's reported mem_bits and
+its `converged` flag: under the branches schedule (the default) the annealed memorization of its last
+branch and the annealed rule (|a(T) - a(T/2)| < tol a(T)), so sizes are compared like with like, every
+value taken after a cool-down. Plain numpy, deterministic.
 """
 
 from __future__ import annotations
@@ -135,8 +138,8 @@ def _larger(levels: _Levels, capacity_bits: float, tol: Tolerances) -> tuple[lis
     gap = abs(m1 - m2) / abs(m2)
     if m1 < m2 and not levels.converged[-1]:
         return [], [f"plateau not established: mem_bits falls {gap:.1%} from N={n2} to N={n1}, whose cells did "
-                    "not converge within train.max_steps: a larger size trains no further, so the capacity is "
-                    "a lower bound"]
+                    "not converge by their last horizon (annealed mem_bits): a larger size trains no further, so "
+                    "the capacity is a lower bound"]
     return [(n, f"plateau not established: the two largest sizes' means ({n2}, {n1}) differ by {gap:.1%} > "
                 f"{tol.plateau_tol:.1%}: add {n}")], []
 
@@ -207,6 +210,7 @@ def assess(sizes, seeds, mem_bits, converged, entropy_bits, tol: Tolerances = To
     notes = notes + stops + seed_notes
     if estimate.lower_bound:
         unconverged = sorted({int(sizes[i]) for i in estimate.unconverged_plateau_cells})
-        notes.append(f"unconverged cells hold more information than the capacity at N={unconverged}")
+        notes.append(f"unconverged cells (annealed mem_bits still moving at their last horizon) hold more "
+                     f"information than the capacity at N={unconverged}")
     return Verdict(additions, estimate.capacity_bits, estimate.num_sequences_at_max, established, knee,
                    bool(estimate.lower_bound or stops), tuple(notes))

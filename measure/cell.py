@@ -19,10 +19,12 @@ import pyarrow as pa
 from measure.memorization import (
     PAPER_ALPHA_BITS_PER_PARAM,
     mem_bits_against_reference,
+    mem_bits_floor,
     mem_bits_per_sequence,
     predicted_mem_bits,
     summarize_synthetic,
 )
+from measure.asymptote import asymptote_metrics
 from measure.metrics import EXTRACTION_PREFIXES, SYNTHETIC, extraction_name
 from measure.mia import mia_metrics
 
@@ -99,16 +101,22 @@ def measure_cell(shape: CellShape, scores: Scores) -> Measurement:
     return _text(shape, scores)
 
 
-def training_metrics(steps: int, converged: bool, resumed_from_step: int, wall_s: float, tokens_per_s: float,
-                     converged_step: int | None = None, gain_last_doubling: float | None = None,
-                     decay_start_step: int | None = None) -> dict[str, float]:
-    """The metrics of how a cell was trained, as floats (MLflow holds floats only); those that do not
-    apply (None) are left out."""
-    metrics = {"steps": float(steps), "converged": float(converged), "resumed_from_step": float(resumed_from_step),
-               "wall_s": wall_s, "tokens_per_s": tokens_per_s}
-    optional = {"converged_step": converged_step, "mem_gain_last_doubling": gain_last_doubling,
-                "decay_start_step": decay_start_step}
+def training_metrics(result, num_sequences: int, batch_size: int) -> dict[str, float]:
+    """The metrics of how a cell was trained, as floats (MLflow holds floats only), from its training
+    result (models.progress.TrainResult, read by attribute: measure/ imports no torch): steps,
+    convergence, exposures, and under the branches schedule the branches and the asymptote they
+    extrapolate to (measure.asymptote). Those that do not apply (None) are left out."""
+    metrics = {"steps": float(result.steps), "converged": float(result.converged),
+               "resumed_from_step": float(result.resumed_from_step), "wall_s": result.wall_s,
+               "tokens_per_s": result.tokens_per_s, "steps_trained": float(result.steps_trained or result.steps),
+               "exposures": result.steps * batch_size / num_sequences}
+    optional = {"converged_step": result.converged_step, "mem_gain_last_doubling": result.gain_last_doubling,
+                "decay_start_step": result.decay_start_step}
     metrics.update({name: float(value) for name, value in optional.items() if value is not None})
+    if result.branches:
+        horizons, _, annealed = zip(*result.branches)
+        metrics.update(num_branches=float(len(result.branches)), last_horizon_steps=float(horizons[-1]))
+        metrics.update(asymptote_metrics(horizons, annealed, annealed[-1]))
     return metrics
 
 
@@ -128,6 +136,7 @@ def _synthetic(shape: CellShape, scores: Scores) -> Measurement:
         "mem_bits": summary.mem_bits,
         "mem_bits_unclipped": summary.mem_bits_unclipped,
         "mem_fraction": summary.mem_fraction,
+        "mem_bits_floor": mem_bits_floor(nonmember_nll, S, shape.vocab_size, N),
         "bits_per_param": summary.mem_bits / shape.params,
         "predicted_mem_bits": float(predicted_mem_bits(
             PAPER_ALPHA_BITS_PER_PARAM[shape.precision], shape.params, summary.entropy_bits)),

@@ -72,6 +72,16 @@ def summarize_synthetic(nll_bits: np.ndarray, seq_len: int, vocab_size: int) -> 
     )
 
 
+def mem_bits_floor(nonmember_nll_bits: np.ndarray, seq_len: int, vocab_size: int, num_members: int) -> float:
+    """The noise floor of mem_bits: the same clipped sum over the non-members (which no model saw),
+    scaled from their M to the N members: what a model that memorized nothing would still score, as the
+    clip keeps every sequence a model happens to code below S*log2(V) and drops those it codes above."""
+    nll = np.asarray(nonmember_nll_bits, dtype=np.float64).ravel()
+    if nll.size == 0:
+        raise ValueError("no non-members: the noise floor needs at least one")
+    return float(mem_bits_per_sequence(nll, seq_len, vocab_size).sum() * num_members / nll.size)
+
+
 def predicted_mem_bits(alpha_bits_per_param, params, entropy_bits):
     """Predicted memorization min(alpha * params, H(X)) in bits; broadcasts over arrays.
 

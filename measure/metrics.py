@@ -87,15 +87,40 @@ CELL_METRICS: tuple[Metric, ...] = (
            "mean nll_bits over S of held-out sequences: the non-members (synthetic) or the test split (text)",
            label="test loss (bits/token)"),
     *_attack("loss"),
-    Metric("steps", "steps", "optimizer steps taken, across resumes"),
+    Metric("mem_bits_floor", "bits",
+           "the noise floor of mem_bits: the same clipped sum over the non-members, sum of max(0, S*log2(V) - "
+           "nll_bits), scaled by N / M: what a model that memorized nothing would still score", (SYNTHETIC,),
+           "floor (bits)"),
+    Metric("steps", "steps",
+           "optimizer steps of the reported model: its trunk's steps plus its own cool-down (branches); the "
+           "steps taken (other schedules)"),
+    Metric("steps_trained", "steps", "every optimizer step the cell took, trunk and all its branches, across resumes"),
+    Metric("exposures", "passes", "how many times the reported model saw each training sequence: steps * batch / N",
+           label="exposures"),
+    Metric("num_branches", "branches", "annealed branches measured (branches schedule)"),
+    Metric("last_horizon_steps", "steps", "the horizon T of the last branch, the reported model (branches schedule)"),
     Metric("converged", "0 or 1",
-           "1 when, after the schedule's final decay, mem_bits moved by less than converge_tol (up or down) over "
-           "the last doubling of the steps (the cell then stopped); 0 when it reached max_steps without that"),
+           "branches: 1 when the annealed memorization of the last two branches, a(T) and a(T/2), differ by "
+           "less than converge_tol * a(T) (the cell then stopped with that branch as its model); other "
+           "schedules: 1 when, after the final decay, mem_bits moved by less than converge_tol over the last "
+           "doubling of the steps; 0 when the cap came first"),
     Metric("converged_step", "steps", "the evaluation step at which the convergence rule held (absent when "
            "unconverged)"),
     Metric("mem_gain_last_doubling", "fraction",
-           "(m(t) - m(t/2)) / m(t) at the last evaluation t: mem_bits' relative growth over the last doubling "
-           "of the steps, m(t/2) read at the last evaluation at or before t/2"),
+           "branches: (a(T) - a(T/2)) / a(T) of the last two branches, annealed memorization's relative gain "
+           "over the last doubling; other schedules: (m(t) - m(t/2)) / m(t) at the last evaluation t, m(t/2) "
+           "read at the last evaluation at or before t/2"),
+    Metric("asymptote_extrapolable", "0 or 1",
+           "1 when a(T) = A - B T^-c fitted to the cell's annealed branches (at least 4) gives an asymptote; 0 "
+           "when too few branches, or c at a bound of its range"),
+    Metric("mem_bits_asymptote", "bits",
+           "A of that fit: the annealed memorization the cell's training tends to (an extrapolation; absent "
+           "when not extrapolable)", label="asymptote (bits)"),
+    Metric("mem_bits_asymptote_ci_low", "bits", "the low end of A's 95% interval (profile likelihood)"),
+    Metric("mem_bits_asymptote_ci_high", "bits", "the high end of A's 95% interval (profile likelihood)"),
+    Metric("asymptote_exponent", "", "c of that fit (absent for a flat curve, whose c is not identified)"),
+    Metric("fraction_of_asymptote", "fraction", "mem_bits / mem_bits_asymptote: how close the cell came",
+           label="fraction of asymptote"),
     Metric("decay_start_step", "steps", "wsd: the step the cool-down started (absent for other schedules)"),
     Metric("resumed_from_step", "steps", "the step this process resumed from (0 for a fresh start)"),
     Metric("wall_s", "s", "training wall time, summed across resumes"),
@@ -147,8 +172,12 @@ PER_SEQUENCE_COLUMNS: tuple[Column, ...] = (
            "tokens extracts the sequence exactly when S - correct_tail <= k", (TEXT,)),
 )
 STEP_METRICS = (  # logged at each evaluation step (the curves)
-    Metric("mem_bits", "bits", "mem_bits of the training set at that step"),
+    Metric("mem_bits", "bits", "mem_bits of the training set at that step (of the trunk, under branches)"),
     Metric("train_loss_bits_per_token", "bits/token", "the training batch's mean loss at that step"),
+    Metric("annealed_mem_bits", "bits", "branches: a(T), mem_bits at the end of the cool-down branch of horizon "
+           "T, logged at step T"),
+    Metric("annealed_exposures", "passes", "branches: the exposures of that branch's model, (T + its cool-down) "
+           "* batch / N, logged at step T"),
 )
 
 

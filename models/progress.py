@@ -106,27 +106,6 @@ def settled(gain: float, tol: float) -> bool:
     return abs(gain) < tol
 
 
-def horizons(train: TrainSpec) -> tuple[int, ...]:
-    """The branches schedule's horizons: first_branch, then each doubling up to max_steps (max_steps
-    alone when it is below first_branch: a short run still ends with one annealed branch)."""
-    out, horizon = [], train.first_branch
-    while horizon <= train.max_steps:
-        out.append(horizon)
-        horizon *= 2
-    return tuple(out) or (train.max_steps,)
-
-
-def branch_length(train: TrainSpec, horizon: int) -> int:
-    """Steps of the cool-down branch at `horizon`: cooldown_fraction of it, at least one."""
-    return max(1, round(train.cooldown_fraction * horizon))
-
-
-def branch_steps_total(train: TrainSpec, last_horizon: int) -> int:
-    """Optimizer steps a branches cell takes in all to finish at `last_horizon`: the trunk to it and
-    every branch up to and including its own (the dry run's cost)."""
-    return last_horizon + sum(branch_length(train, h) for h in horizons(train) if h <= last_horizon)
-
-
 def annealed_gain(branches: list[tuple[int, int, float]]) -> float | None:
     """(a(T) - a(T/2)) / a(T) of the last branch against the one before it (its horizon is half):
     annealed memorization's relative gain over the last doubling. None with fewer than two branches,
@@ -197,7 +176,7 @@ class CellProgress:
     def done(self) -> bool:
         """Converged, or at the cap: for branches, the branch of the last horizon was measured."""
         if self.branched:
-            last = horizons(self.train)[-1]
+            last = self.train.horizons[-1]
             return self.converged or bool(self.branches and self.branches[-1][0] == last and self.branch is None
                                           and self.step == self.branches[-1][1])
         return self.converged or self.step >= self.train.max_steps
@@ -205,12 +184,12 @@ class CellProgress:
     @property
     def branch_due(self) -> bool:
         """branches: the trunk stands at a horizon whose branch has not been measured."""
-        return (self.branched and self.branch is None and self.step in horizons(self.train)
+        return (self.branched and self.branch is None and self.step in self.train.horizons
                 and all(t != self.step for t, _, _ in self.branches))
 
     def start_branch(self) -> None:
         """The caller kept the trunk's state: from here the steps are the branch's cool-down."""
-        self.branch = (self.step, self.step + branch_length(self.train, self.step))
+        self.branch = (self.step, self.step + self.train.branch_length(self.step))
 
     def learning_rate(self) -> float:
         """The learning rate of the step about to be taken (optimizer step `self.step + 1`)."""
@@ -266,7 +245,7 @@ class CellProgress:
             gain = annealed_gain(self.branches)
             if gain is not None and settled(gain, self.train.converge_tol):
                 self.converged_step = self.step
-            if self.converged or horizon == horizons(self.train)[-1]:
+            if self.converged or horizon == self.train.horizons[-1]:
                 self.branch = None  # this branch is the cell's model
             return {"annealed_mem_bits": mem_bits, "annealed_exposures": self.exposures()}, horizon
         self.mem_history.append((self.step, mem_bits))

@@ -243,6 +243,38 @@ class TrainSpec:
         if self.grad_clip < 0:
             raise SpecError(f"train.grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
 
+    # -- the branches schedule's arithmetic (models/progress.py follows it; the dry run costs it) ----------
+    @property
+    def horizons(self) -> tuple[int, ...]:
+        """branches: first_branch, then each doubling up to max_steps (max_steps alone when it is below
+        first_branch: a short run still ends with one annealed branch)."""
+        out, horizon = [], self.first_branch
+        while horizon <= self.max_steps:
+            out.append(horizon)
+            horizon *= 2
+        return tuple(out) or (self.max_steps,)
+
+    def branch_length(self, horizon: int) -> int:
+        """Steps of the cool-down branch at `horizon`: cooldown_fraction of it, at least one."""
+        return max(1, round(self.cooldown_fraction * horizon))
+
+    def steps_through(self, last_horizon: int) -> int:
+        """branches: the optimizer steps a cell takes in all when it stops at `last_horizon`: the trunk to
+        it and every branch up to and including its own."""
+        return last_horizon + sum(self.branch_length(h) for h in self.horizons if h <= last_horizon)
+
+    def steps_to_horizon_at_least(self, steps: int) -> int:
+        """branches: the steps taken in all by a cell that stops at the first horizon of at least `steps`
+        (the last horizon if none is)."""
+        reached = [h for h in self.horizons if h >= steps]
+        return self.steps_through(reached[0] if reached else self.horizons[-1])
+
+    @property
+    def steps_at_cap(self) -> int:
+        """Optimizer steps of a cell that never stops early: max_steps, or for branches the trunk to the
+        last horizon and every branch."""
+        return self.steps_through(self.horizons[-1]) if self.schedule == "branches" else self.max_steps
+
 
 @dataclass(frozen=True)
 class CellSpec:

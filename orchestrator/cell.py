@@ -145,9 +145,7 @@ def measure_model(spec: CellSpec, model: GPT, data: CellData, batch: int) -> Mea
 def measured(cell: Cell, result: TrainResult, data: CellData) -> Measurement:
     """The trained cell's final metrics (its scores measured, then how it trained) and per-sequence table."""
     measurement = measure_model(cell.spec, result.model, data, cell.options.eval_batch_size)
-    measurement.metrics.update(training_metrics(
-        result.steps, result.converged, result.resumed_from_step, result.wall_s, result.tokens_per_s,
-        result.converged_step, result.gain_last_doubling, result.decay_start_step))
+    measurement.metrics.update(training_metrics(result, cell.spec.data.num_sequences, cell.spec.train.batch_size))
     return measurement
 
 

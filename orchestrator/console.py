@@ -39,7 +39,9 @@ def training_progress(spec: CellSpec, enabled: bool = True):
         TimeElapsedColumn(), TimeRemainingColumn(),
     )
     with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task(spec.readable_slug, total=spec.train.max_steps, loss=float("nan"), mem="-")
+        train = spec.train  # the bar counts the current model's steps: under branches a branch's, then the trunk's
+        last = train.horizons[-1] + train.branch_length(train.horizons[-1]) if train.schedule == "branches" else train.max_steps
+        task = bar.add_task(spec.readable_slug, total=last, loss=float("nan"), mem="-")
 
         def update(step: int, metrics: dict) -> None:
             fields = {"loss": metrics["train_loss_bits_per_token"]}
@@ -61,8 +63,8 @@ def cell_summary(spec: CellSpec, metrics: dict, run_id: str | None, cell_id: str
         rows = _text_summary_rows(spec, metrics)
     else:
         rows = _synthetic_summary_rows(spec, metrics)
+    rows += _convergence_rows(spec, metrics)
     rows += [
-        ("converged", "yes" if metrics["converged"] else "no", "capacity is a lower bound" if not metrics["converged"] else ""),
         ("steps", f"{int(metrics['steps'])}", f"resumed from {int(metrics['resumed_from_step'])}" if metrics["resumed_from_step"] else ""),
         ("wall time", f"{metrics['wall_s']:.1f} s", f"{_si(metrics['tokens_per_s'])} tokens/s"),
         ("run", run_id or "-", ""),
@@ -70,6 +72,31 @@ def cell_summary(spec: CellSpec, metrics: dict, run_id: str | None, cell_id: str
     for row in rows:
         table.add_row(*row)
     return table
+
+
+def _convergence_rows(spec: CellSpec, metrics: dict) -> list[tuple]:
+    """Whether the cell converged and by which rule, how often it saw its data, and (branches) the
+    asymptote its annealed branches extrapolate to."""
+    tol = f"{spec.train.converge_tol:g}"
+    if spec.train.schedule == "branches":
+        rule = f"a(T) and a(T/2), both annealed, within {tol}"
+        bound = f"mem_bits is a lower bound: a(T) still moved by more than {tol} over the last doubling"
+    else:
+        rule, bound = f"mem_bits moved < {tol} over the last doubling after the decay", "mem_bits is a lower bound"
+    rows = [("converged", "yes" if metrics["converged"] else "no", rule if metrics["converged"] else bound)]
+    if "last_horizon_steps" in metrics:
+        rows.append(("branches", f"{int(metrics['num_branches'])}",
+                     f"the model is the branch of horizon {int(metrics['last_horizon_steps']):,} steps"))
+    if "exposures" in metrics:
+        rows.append(("exposures", f"{metrics['exposures']:,.1f}", "passes over each training sequence"))
+    if metrics.get("mem_bits_asymptote") is not None:
+        rows.append(("asymptote", f"{_si(metrics['mem_bits_asymptote'])} bits",
+                     f"[{_si(metrics['mem_bits_asymptote_ci_low'])}, {_si(metrics['mem_bits_asymptote_ci_high'])}] "
+                     f"an extrapolation; reached {metrics['fraction_of_asymptote']:.3f}"))
+    elif "asymptote_extrapolable" in metrics:
+        rows.append(("asymptote", "not extrapolable", f"needs at least 4 branches; the cell has {int(metrics.get('num_branches', 0))}"
+                     if metrics.get("num_branches", 0) < 4 else "the fit's exponent sits at a bound"))
+    return rows
 
 
 def _text_summary_rows(spec: CellSpec, metrics: dict) -> list[tuple]:
@@ -98,6 +125,7 @@ def _synthetic_summary_rows(spec: CellSpec, metrics: dict) -> list[tuple]:
         ("params", _si(metrics.get("params", spec.params)), f"paper count {_si(spec.params_paper)}"),
         ("H(X)", f"{_si(h)} bits", f"{spec.data.num_sequences} x {spec.data.seq_len} tokens, V={spec.data.vocab_size}"),
         ("mem_bits", f"{_si(metrics['mem_bits'])} bits", f"predicted {_si(metrics['predicted_mem_bits'])} (paper alpha)"),
+        ("noise floor", f"{_si(metrics['mem_bits_floor'])} bits", "the same estimator on non-members, scaled to N"),
         ("mem_fraction", f"{metrics['mem_fraction']:.3f}", "of H(X)"),
         ("bits per parameter", f"{metrics['bits_per_param']:.3f}", "mem_bits / params"),
         ("MIA AUC (loss)", f"{metrics['loss_auc']:.3f}", f"balanced F1 {metrics['loss_f1']:.3f}"),

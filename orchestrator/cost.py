@@ -119,38 +119,44 @@ def measured_throughputs(results: Path = RESULTS) -> list[DeviceThroughput]:
 
 
 def expected_steps(spec: CellSpec) -> int:
-    """The steps `spec` is expected to train before it stops: an estimate, not a measurement.
+    """The optimizer steps `spec` is expected to take before it stops: an estimate, not a measurement.
 
-    wsd stops a cell once mem_bits moved by less than `converge_tol` over a doubling of the steps after
-    its cool-down, which starts when the gain per doubling falls below `trigger_tol`
-    (models/progress.py). Where runs saw that happen, by H(X) / predicted capacity (the paper's alpha
-    x params), all on train=cpu (batch 64, evaluations every 250 steps); the l1_d16 and l2_d16 runs
-    were made for this estimate (V=64, S=32, seed 0, caps of 8,000 or 16,000 steps, 2026-12-01):
+    A cell stops once its memorization settles (models/progress.py): under the branches schedule once
+    two annealed branches a doubling apart agree within `converge_tol`, under wsd once mem_bits moved by
+    less than `converge_tol` over a doubling of the steps after its cool-down. Where runs saw that
+    happen, by H(X) / predicted capacity (the paper's alpha x params), all on train=cpu (batch 64); the
+    l1_d16 and l2_d16 runs were made for this estimate under wsd (V=64, S=32, seed 0, caps of 8,000 or
+    16,000 steps, 2026-12-01):
 
     - Up to CONVERGING_RATIO, every cell converged, after at most CONVERGE_EPOCHS passes over its
       data: l1_d16 and l2_d16 at 0.1-0.2 of capacity at 600-1,000 steps (the floor below), at 0.4
-      after 2,462 and 3,394 passes (N = 39, 66), at 0.55 after 5,434 and 8,270 (N = 53, 89). The
-      estimate is CONVERGE_EPOCHS passes, and never less than the rules allow: a cool-down triggered
-      at the second evaluation (or the first past warm-up), lasting `cooldown_fraction` of it.
+      after 2,462 and 3,394 passes (N = 39, 66), at 0.55 after 5,434 and 8,270 (N = 53, 89). Under
+      branches the estimate is the first horizon past CONVERGE_EPOCHS passes (and at least the second
+      horizon: the rule needs two branches), with the trunk's steps and every branch to it; under wsd
+      CONVERGE_EPOCHS passes, and never less than its rules allow (a cool-down triggered at the second
+      evaluation, or the first past warm-up, lasting `cooldown_fraction` of it).
     - Above it, no cell converged before its cap: l1_d16 at 0.7 and 0.81 (N = 68, 79) and l2_d16 at
       0.7 (N = 114) reached caps of 16,000, 8,000 and 16,000 steps unconverged; bench.convergence
-      (convergence-20261130T234551Z.json) ran 18 cells at ~8x capacity, every one to its cap (4,000
-      to 32,000 steps; its 64K-step ground truth still gaining); the laptop sweep's cells past
-      capacity all stopped at its 4,000-step cap. The estimate is the cap, an upper bound where the
-      cap is far longer than these runs (the paper recipe's 10^6 steps).
-    - Text cells (capacity in bits unknown) and schedules other than wsd (a cosine decays until the
-      cap; constant-rate runs were not measured): the cap.
+      (convergence-20261130T234551Z.json) ran 18 cells at ~8x capacity, every one to its cap. The
+      estimate is the cap (TrainSpec.steps_at_cap), an upper bound where the cap is far longer
+      than these runs (the paper recipe's 10^6 steps).
+    - Text cells (capacity in bits unknown), cosine (it decays until the cap) and constant-rate runs
+      (not measured): the cap.
 
     The passes were measured on the CPU recipe only: applied to another recipe (the paper's: batch
-    2,048, evaluations every 5,000 steps, a floor of 12,000 steps) they are an extrapolation."""
+    2,048) they are an extrapolation."""
     train, data = spec.train, spec.data
-    if spec.is_text or train.schedule != "wsd":
-        return train.max_steps
+    cap = train.steps_at_cap
+    if spec.is_text or train.schedule not in ("wsd", "branches"):
+        return cap
     if data.entropy_bits > CONVERGING_RATIO * PAPER_ALPHA_BITS_PER_PARAM[spec.precision] * spec.params:
-        return train.max_steps
+        return cap
+    passes = math.ceil(CONVERGE_EPOCHS * data.num_sequences / train.batch_size)
+    if train.schedule == "branches":
+        return min(cap, train.steps_to_horizon_at_least(max(2 * train.first_branch, passes)))
     first_trigger = train.eval_interval * max(2, math.ceil(train.warmup_steps / train.eval_interval))
     earliest = first_trigger + max(1, round(train.cooldown_fraction * first_trigger))
-    return min(train.max_steps, max(earliest, math.ceil(CONVERGE_EPOCHS * data.num_sequences / train.batch_size)))
+    return min(train.max_steps, max(earliest, passes))
 
 
 @dataclass
@@ -189,7 +195,7 @@ class PlanCost:
 def cell_hours(spec: CellSpec, throughput: DeviceThroughput, steps: int | None = None) -> tuple[float, bool]:
     """(hours of `steps` training steps of `spec`, default its cap; whether its shape was extrapolated)."""
     seconds, extrapolated = throughput.step_seconds(spec)
-    return seconds * (spec.train.max_steps if steps is None else steps) / 3600, extrapolated
+    return seconds * (spec.train.steps_at_cap if steps is None else steps) / 3600, extrapolated
 
 
 def plan_cost(specs: list[CellSpec], throughputs: list[DeviceThroughput]) -> PlanCost:

@@ -98,8 +98,9 @@ def _memory_sizes(spec: CellSpec, eval_batch_size: int) -> tuple[int, int, int, 
 
 
 def train_flops(spec: CellSpec) -> float:
-    """FLOPs of a full-length run (max_steps; an early stop spends less)."""
-    return spec.train_flops_per_step * spec.train.max_steps
+    """FLOPs of a full-length run: every step to the cap (for branches, the trunk to its last horizon
+    and every branch; TrainSpec.steps_at_cap). An early stop spends less."""
+    return spec.train_flops_per_step * spec.train.steps_at_cap
 
 
 def gpu_fraction(spec: CellSpec, cluster: ClusterOptions, eval_batch_size: int = 1024) -> float:

@@ -113,7 +113,8 @@ def test_new_sizes_take_the_seeds_every_size_has_and_nothing_measured_returns():
 def test_unconverged_plateau_cells_make_a_lower_bound_with_the_reason():
     verdict = assess(*planted(DONE, converged=False))
     assert verdict.done and verdict.plateau_established and verdict.lower_bound
-    assert verdict.notes == ("unconverged cells hold more information than the capacity at N=[66, 90]",)
+    assert verdict.notes == ("unconverged cells (annealed mem_bits still moving at their last horizon) hold more "
+                             "information than the capacity at N=[66, 90]",)
 
 
 def test_the_rules_are_deterministic():

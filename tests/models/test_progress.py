@@ -11,10 +11,8 @@ from models.checkpoint import CheckpointStore
 from models.progress import (
     CellProgress,
     annealed_gain,
-    branch_steps_total,
     forced_decay_start,
     gain_over_last_doubling,
-    horizons,
     learning_rate,
 )
 from models.spec import CellSpec, DataSpec, ModelSpec, TrainSpec
@@ -227,10 +225,14 @@ def annealed(trunk, jump: float = 0.15):
 
 
 def test_horizons_double_from_the_first_branch_up_to_the_cap():
-    assert horizons(branches_spec().train) == (100, 200, 400, 800, 1600)
-    assert horizons(branches_spec(max_steps=1000).train) == (100, 200, 400, 800)
-    assert horizons(branches_spec(max_steps=60, first_branch=100, warmup_steps=0).train) == (60,)  # one, at the cap
-    assert branch_steps_total(branches_spec().train, 400) == 400 + 20 + 40 + 80  # trunk + its branches
+    train = branches_spec().train
+    assert train.horizons == (100, 200, 400, 800, 1600)
+    assert branches_spec(max_steps=1000).train.horizons == (100, 200, 400, 800)
+    assert branches_spec(max_steps=60, first_branch=100, warmup_steps=0).train.horizons == (60,)  # one, at the cap
+    assert train.steps_through(400) == 400 + 20 + 40 + 80  # the trunk and its branches
+    assert train.steps_at_cap == 1600 + 20 + 40 + 80 + 160 + 320
+    assert train.steps_to_horizon_at_least(250) == train.steps_through(400)
+    assert branches_spec(schedule="cosine").train.steps_at_cap == 1600
 
 
 def test_each_branch_cools_a_copy_of_the_trunk_down_and_the_trunk_goes_on_at_the_peak_rate():
@@ -251,7 +253,7 @@ def test_each_branch_cools_a_copy_of_the_trunk_down_and_the_trunk_goes_on_at_the
     # Checkpoints: at each horizon before its branch and after it (a(T) kept), at 1000, at the end; none in a branch.
     assert seen["checkpoints"] == [100, 100, 200, 200, 400, 400, 800, 800, 1000, 1600, 1920]
     assert progress.done and not progress.converged and progress.step == 1920  # the last branch is the model
-    assert progress.steps_trained == branch_steps_total(cell.train, 1600)
+    assert progress.steps_trained == cell.train.steps_at_cap
     result = progress.result(model=None)
     assert result.steps == 1920 and result.steps_trained == 1600 + 20 + 40 + 80 + 160 + 320
 

@@ -23,6 +23,7 @@ import numpy as np
 from measure.cell import Scores, measure_cell, training_metrics
 from measure.memorization import predicted_mem_bits
 from models.data import mia_member_subset
+from models.progress import TrainResult
 
 RUNNER = "tests.orchestrator.planted_cells:run"
 ALPHA = 2.0  # planted bits per parameter: l1_d16 holds 9,728 bits (50.7 sequences), l2_d16 16,288 (84.8)
@@ -40,7 +41,8 @@ def planted_measure(cell, log=None, progress=None):
     nonmembers = np.full(data.num_nonmembers, data.sequence_bits)
     scores = Scores(members, nonmembers, mia_member_subset(data, spec.seed))
     measurement = measure_cell(cell_shape(spec), scores)
-    measurement.metrics.update(training_metrics(STEPS, True, 0, 0.01, 1.0))
+    result = TrainResult(model=None, steps=STEPS, converged=True, resumed_from_step=0, wall_s=0.01, tokens_per_s=1.0)
+    measurement.metrics.update(training_metrics(result, data.num_sequences, spec.train.batch_size))
     return measurement, None
 
 

@@ -50,7 +50,7 @@ def test_device_hours_come_from_the_measured_tokens_per_second():
     assert (cell.spec.data.vocab_size, cell.spec.data.seq_len, cell.spec.train.batch_size) == (
         TABLE_DATA["vocab_size"], TABLE_DATA["seq_len"], TABLE_BATCH)
     hours, extrapolated = cell_hours(cell.spec, h200)
-    tokens = cell.spec.train.max_steps * TABLE_BATCH * TABLE_DATA["seq_len"]
+    tokens = cell.spec.train.steps_at_cap * TABLE_BATCH * TABLE_DATA["seq_len"]  # the trunk and its branches
     assert not extrapolated
     assert hours == pytest.approx(tokens / results["l4_d128"]["bf16"]["tokens_per_s"] / 3600, rel=1e-9)
 
@@ -115,22 +115,31 @@ def test_a_dry_run_reads_an_existing_store_without_writing_it(memsweep_root, cap
 
 
 def test_expected_steps_follow_the_capacity_ratio():
-    """Cells under CONVERGING_RATIO of their predicted capacity stop after about CONVERGE_EPOCHS passes,
-    no earlier than the rules allow (train=cpu: a cool-down triggered at the second evaluation, 500
-    steps, lasting 20%); cells past it, text cells and cosine schedules run to the cap."""
+    """Cells under CONVERGING_RATIO of their predicted capacity stop at the first horizon past about
+    CONVERGE_EPOCHS passes (train=cpu, branches: horizons 500, 1,000, ... 32,000, each branch 20% of its
+    horizon), no earlier than the second horizon (the rule needs two branches); cells past it, text cells
+    and cosine schedules run to the cap; wsd keeps its own floor (a cool-down triggered at the second
+    evaluation)."""
     from orchestrator.cost import CONVERGE_EPOCHS, CONVERGING_RATIO
 
     def cell(n: int, *more: str):
         return compose_cell(["model=l1_d16", f"data.num_sequences={n}", *more]).spec
 
     capacity = 3.83 * cell(1).params / cell(1).data.sequence_bits  # sequences, the paper's alpha in fp32
-    assert expected_steps(cell(2)) == 600
+    train = cell(2).train
+    cap = 32000 + sum(round(0.2 * h) for h in (500, 1000, 2000, 4000, 8000, 16000, 32000))
+    assert train.steps_at_cap == cap
+    assert expected_steps(cell(2)) == 1000 + 100 + 200  # the second horizon and both branches
     below = int(CONVERGING_RATIO * capacity) - 1
-    assert expected_steps(cell(below)) == max(600, -(-CONVERGE_EPOCHS * below // 64)) < 32000
-    assert expected_steps(cell(below, "train.max_steps=700")) == 700
-    assert expected_steps(cell(int(CONVERGING_RATIO * capacity) + 1)) == 32000
+    passes = -(-CONVERGE_EPOCHS * below // 64)
+    horizon = next(h for h in train.horizons if h >= passes)
+    assert expected_steps(cell(below)) == train.steps_through(horizon) < cap
+    assert expected_steps(cell(below, "train.max_steps=700")) == 500 + 100  # the one horizon under the cap
+    assert expected_steps(cell(int(CONVERGING_RATIO * capacity) + 1)) == cap
     assert expected_steps(cell(2, "train.schedule=cosine")) == 32000
-    assert expected_steps(cell(2, "train.eval_interval=1000", "train.warmup_steps=2500")) == 3600  # 3,000 + 20%
+    wsd = ["train.schedule=wsd", "train.eval_interval=250"]
+    assert expected_steps(cell(2, *wsd)) == 600
+    assert expected_steps(cell(2, *wsd[:1], "train.eval_interval=1000", "train.warmup_steps=2500")) == 3600
 
 
 def test_an_adaptive_sweep_states_its_expected_rounds(memsweep_root, capsys):
