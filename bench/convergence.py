@@ -1,8 +1,11 @@
 """Which CPU recipe reaches the long-run asymptote of memorization in the fewest FLOPs, and is its
-"converged" right? The schedule study of issue 14, on the laptop shapes and l1_d32 (V=64, S=32).
+"converged" right? The schedule study of issue 14, on the laptop shapes and l1_d32 (V=64, S=32). And
+how well does the asymptote extrapolate from a cell's first branches (`--validate`)?
 
     python -m bench.convergence [--quick] [--dry-run] [--shapes l1_d16 l2_d16 l1_d32] [--sizes-x 8]
-                                [--truth-seeds 2] [--seeds 1] [--recipes NAME ...] [--workers 2] [--out DIR]
+                                [--truth-seeds 2] [--first-truth-seed 0] [--seeds 1] [--recipes NAME ...]
+                                [--workers 2] [--out DIR]
+    python -m bench.convergence --validate FILE... [--planted-draws 200] [--out DIR]
 
 For each shape and dataset size (`--sizes-x` times a prior capacity of 2.7 bits per parameter, so past
 capacity), two things:
@@ -10,8 +13,9 @@ capacity), two things:
 - The ground truth: the asymptote A of annealed memorization. Per seed, one run at the recipe's peak
   rate (conf/train/cpu.yaml, constant after warm-up) to 64K steps; from its checkpoint at each horizon
   T (2K, 4K, ..., 64K) a cool-down branch (the wsd cool-down, linear over 0.2 T to the floor) gives the
-  annealed a(T); a(T) = A - B (T/T_max)^-c is fitted to the seeds' mean by least squares. A's interval
-  is the union of the fit's 95% t-interval and the asymptotes fitted to each seed alone.
+  annealed a(T); a(T) = A - B T^-c is fitted to the seeds' mean by measure.asymptote.fit_asymptote
+  (least squares, A's 95% profile-likelihood interval). A's interval is the union of the fit's and the
+  asymptotes fitted to each seed alone.
 - The recipes, each run to its own stop (converged, or its cap): today's cosine (lr 1e-2, 4,000 steps),
   wsd with the plateau trigger at lr 3e-3, 1e-2 and 3e-2 (batch 64), and wsd at lr 1e-2 with batch 256
   and with the whole dataset in every batch. Every recipe's cap (and its evaluation cadence) is the CPU
@@ -30,7 +34,17 @@ the time left are printed as jobs finish; the results JSON, bench/results/conver
 is rewritten after each; a table is printed at the end. `--quick` is a check of the script for CI
 (l1_d16 at 2x, horizons 250 to 2,000 steps, two recipes capped at 2,000 steps: 1-3 minutes on 2
 cores, by their load). The default covers the 8x size only, to stay within about 75 minutes on 2 cores
-(bench/README.md); `--sizes-x 2 8` doubles that.
+(bench/README.md); `--sizes-x 2 8` doubles that. `--seeds 0` runs the ground truth alone.
+
+`--validate FILE...` trains nothing: it reads results files and, for each ground-truth run (each shape
+and seed), extrapolates from its first k branches (every first branch up to 2K, k from 3) with
+measure.asymptote.fit_asymptote, by every interval method, against that run's long-run asymptote (the
+fit to its branches from 2K to its longest horizon, 64K; runs of one seed share their trunk, bit for
+bit, so a run branching from 500 steps to 16K is judged against the 64K run of its seed). It writes
+bench/results/convergence-validation-<UTC time>.json and prints per (first branch, k) the mean and
+largest |bias|, the coverage of A's interval, the rows per run, the project's targets (coverage >= 90%;
+|bias| <= 3% from the branches up to 16K steps) and the interval method the figures pick
+(bench/README.md, "Extrapolating to the asymptote: validation").
 """
 
 from __future__ import annotations
@@ -410,6 +424,7 @@ def analyse(runs: list[dict]) -> dict:
 TARGET_COVERAGE = 0.90  # of A's interval, over the truth cells: the project's target
 TARGET_BIAS = 0.03  # |A_k - A| / A of the extrapolation from the branches up to TARGET_LAST_HORIZON
 TARGET_LAST_HORIZON = 16000
+TRUTH_FIRST_BRANCH = 2000  # the long-run asymptote fits the branches from here on (earlier ones bias it)
 PLANTED_DRAWS = 200  # noisy planted curves per (method, branches) for the interval's calibration
 
 
@@ -427,8 +442,9 @@ def run_curve(run: dict) -> tuple[list[int], list[float]]:
 
 
 def long_run_truths(runs: list[dict]) -> dict[tuple, dict]:
-    """Per (shape, N, seed): its long-run asymptote, fitted (DEFAULT_METHOD) to every branch of the run
-    that reaches the longest horizon (runs of one seed share their trunk: the first such run)."""
+    """Per (shape, N, seed): its long-run asymptote, fitted (DEFAULT_METHOD) to the branches from
+    TRUTH_FIRST_BRANCH on of the run that reaches the longest horizon (the 6 branches 2K..64K of the
+    committed truth runs; runs of one seed share their trunk, bit for bit: the first such run)."""
     longest = {}
     for run in runs:
         if run_key(run) not in longest or run_curve(run)[0][-1] > run_curve(longest[run_key(run)])[0][-1]:
@@ -436,24 +452,26 @@ def long_run_truths(runs: list[dict]) -> dict[tuple, dict]:
     truths = {}
     for key, run in longest.items():
         horizons, values = run_curve(run)
-        fit = fit_asymptote(horizons, values)
-        truths[key] = {"file": run["file"], "horizons_steps": horizons, "extrapolable": fit.extrapolable,
-                       "reason": fit.reason, "asymptote_bits": fit.asymptote_bits,
+        used = [i for i, h in enumerate(horizons) if h >= TRUTH_FIRST_BRANCH]
+        fit = fit_asymptote([horizons[i] for i in used], [values[i] for i in used])
+        truths[key] = {"file": run["file"], "horizons_steps": [horizons[i] for i in used],
+                       "extrapolable": fit.extrapolable, "reason": fit.reason, "asymptote_bits": fit.asymptote_bits,
                        "interval_bits": [fit.ci_low_bits, fit.ci_high_bits], "exponent": fit.exponent,
                        "last_branch_bits": values[-1]}
     return truths
 
 
-def extrapolation_row(run: dict, k: int, truth: dict, methods: tuple[str, ...]) -> dict:
-    """The extrapolation from the run's first k branches, judged against its long-run asymptote."""
-    horizons, values = run_curve(run)
-    truth_a = truth["asymptote_bits"]
+def extrapolation_row(run: dict, start: int, stop: int, truth: dict, methods: tuple[str, ...]) -> dict:
+    """The extrapolation from the run's branches start .. stop - 1 (a schedule whose first branch is
+    the start's), judged against its long-run asymptote."""
+    horizons, values = (c[start:stop] for c in run_curve(run))
+    k, truth_a = len(horizons), truth["asymptote_bits"]
     row = {"file": run["file"], "shape": run["shape"], "num_sequences": run["num_sequences"], "seed": run["seed"],
-           "first_branch_steps": horizons[0], "k": k, "last_horizon_steps": horizons[k - 1],
+           "first_branch_steps": horizons[0], "k": k, "last_horizon_steps": horizons[-1],
            "truth_asymptote_bits": truth_a, "truth_interval_bits": truth["interval_bits"],
            "truth_last_horizon_steps": truth["horizons_steps"][-1], "truth_last_branch_bits": truth["last_branch_bits"],
-           "last_branch_bits": values[k - 1], "last_branch_bias": (values[k - 1] - truth_a) / truth_a}
-    fits = {method: fit_asymptote(horizons[:k], values[:k], method) for method in methods}
+           "last_branch_bits": values[-1], "last_branch_bias": (values[-1] - truth_a) / truth_a}
+    fits = {method: fit_asymptote(horizons, values, method) for method in methods}
     fit = fits[DEFAULT_METHOD]
     row.update(extrapolable=fit.extrapolable, reason=fit.reason, asymptote_bits=fit.asymptote_bits,
                exponent=fit.exponent, bias=None if not fit.extrapolable else (fit.asymptote_bits - truth_a) / truth_a,
@@ -466,16 +484,20 @@ def extrapolation_row(run: dict, k: int, truth: dict, methods: tuple[str, ...]) 
 
 
 def extrapolation_rows(runs: list[dict], truths: dict, methods: tuple[str, ...]) -> list[dict]:
-    """Every run, every k from 3 up to the branches short of its truth's longest horizon."""
-    rows = []
+    """Every run, every first branch it has up to TRUTH_FIRST_BRANCH, every k from 3 up to the branches
+    short of its truth's longest horizon; a window two runs share (the same trunk) is counted once."""
+    rows, seen = [], set()
     for run in runs:
         truth = truths[run_key(run)]
         if not truth["extrapolable"]:
             continue
         horizons = run_curve(run)[0]
-        for k in range(MIN_BRANCHES - 1, len(horizons) + 1):
-            if horizons[k - 1] < truth["horizons_steps"][-1]:
-                rows.append(extrapolation_row(run, k, truth, methods))
+        for start in (i for i, h in enumerate(horizons) if h <= TRUTH_FIRST_BRANCH):
+            for stop in range(start + MIN_BRANCHES - 1, len(horizons) + 1):
+                window = (run_key(run), tuple(horizons[start:stop]))
+                if horizons[stop - 1] < truth["horizons_steps"][-1] and window not in seen:
+                    seen.add(window)
+                    rows.append(extrapolation_row(run, start, stop, truth, methods))
     return sorted(rows, key=lambda r: (r["first_branch_steps"], r["k"], r["shape"], r["seed"]))
 
 
@@ -581,7 +603,7 @@ def validate(files: list[tuple[str, dict]], methods: tuple[str, ...] = INTERVAL_
     rows = extrapolation_rows(runs, truths, methods)
     planted = planted_coverage(methods, planted_draws)
     return {"files": [name for name, _ in files], "default_method": DEFAULT_METHOD, "methods": list(methods),
-            "noise_floor": NOISE_FLOOR, "min_branches": MIN_BRANCHES,
+            "noise_floor": NOISE_FLOOR, "min_branches": MIN_BRANCHES, "truth_first_branch": TRUTH_FIRST_BRANCH,
             "truths": [{"shape": s, "num_sequences": n, "seed": seed, **t} for (s, n, seed), t in truths.items()],
             "rows": rows, "by_k": grouped(rows, ("first_branch_steps", "k", "last_horizon_steps"), methods),
             "by_shape": grouped(rows, ("first_branch_steps", "k", "shape"), methods),
@@ -592,8 +614,8 @@ def validate(files: list[tuple[str, dict]], methods: tuple[str, ...] = INTERVAL_
 
 
 def print_validation(v: dict) -> None:
-    print(f"extrapolation from a run's first k branches vs its long-run asymptote (fit to all its branches);"
-          f" interval: {v['default_method']}; files: {', '.join(v['files'])}")
+    print(f"extrapolation from a run's first k branches vs its long-run asymptote (fit to its branches from "
+          f"{TRUTH_FIRST_BRANCH}); interval: {v['default_method']}; files: {', '.join(v['files'])}")
     print(f"{'first':>5} {'k':>2} {'last T':>6} {'runs':>4} {'fit':>3} {'mean|bias|':>10} {'max|bias|':>9} "
           f"{'coverage':>8} {'width':>6} {'a(T_k) short':>12}")
     for g in v["by_k"]:

@@ -77,10 +77,10 @@ def test_the_validation_judges_the_first_branches_against_the_long_run():
     assert [t["asymptote_bits"] for t in v["truths"]] == pytest.approx([15_000, 14_000], rel=1e-5)
     assert {t["file"] for t in v["truths"]} == {"long.json"}
     keys = [(r["first_branch_steps"], r["k"], r["seed"]) for r in v["rows"]]
-    assert keys == [(500, 3, 0), (500, 4, 0), (500, 5, 0), (500, 6, 0),
-                    (2000, 3, 0), (2000, 3, 1), (2000, 4, 0), (2000, 4, 1), (2000, 5, 0), (2000, 5, 1)]
+    assert keys == [(500, 3, 0), (500, 4, 0), (500, 5, 0), (500, 6, 0), (1000, 3, 0), (1000, 4, 0), (1000, 5, 0),
+                    (2000, 3, 0), (2000, 3, 1), (2000, 4, 0), (2000, 4, 1), (2000, 5, 0), (2000, 5, 1)]  # once each
     for row in v["rows"]:
-        assert row["last_horizon_steps"] == (early if row["first_branch_steps"] == 500 else HORIZONS_STEPS)[row["k"] - 1]
+        assert row["last_horizon_steps"] == row["first_branch_steps"] * 2 ** (row["k"] - 1)
         if row["k"] == 3:  # fewer than MIN_BRANCHES: said, not faked
             assert not row["extrapolable"] and "at least 4" in row["reason"] and row["bias"] is None
             continue
@@ -93,7 +93,7 @@ def test_the_validation_judges_the_first_branches_against_the_long_run():
     target = v["targets"]["2000"]
     assert target["coverage_met"] and target["bias_met"] and target["bias_k"] == 4 and target["bias_cells"] == 2
     assert v["targets"]["500"]["bias_k"] == 6
-    assert set(v["method_choice"]) == {"500", "2000"} and v["method_choice"]["2000"]["chosen"] in (DEFAULT_METHOD, "t")
+    assert set(v["method_choice"]) == {"500", "1000", "2000"} and v["method_choice"]["2000"]["chosen"] in (DEFAULT_METHOD, "t")
 
 
 def test_validate_reads_results_files_and_writes_its_own(tmp_path, capsys):
