@@ -30,6 +30,10 @@ non-finite or non-positive horizons, repeated horizons, non-finite values, a(T_l
 does not rise (the best B is 0 and the curve is not flat), c at a bound, a fit or interval that is
 not finite.
 
+Which branches. The fit assumes one power law through every branch it is given. On the CPU recipe
+(lr 1e-2, batch 64) branches before 2K steps do not follow the later ones' law and bias A by up to 27%
+(bench/README.md, "Extrapolating to the asymptote: validation"): give it the branches from 2K on.
+
 A flat curve. When every branch lies within FLAT_TOLERANCE (0.1%) of a(T_last), as in a cell that
 memorized its whole dataset (a(T) == H(X)), B is about 0 and c is not identified: the cell is already
 at its asymptote. Such a fit is extrapolable, with A = a(T_last), its interval the range of the
