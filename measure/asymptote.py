@@ -27,8 +27,8 @@ bench/README.md "Extrapolating to the asymptote: validation"):
 
 Not extrapolable (`extrapolable` False, `reason` a sentence): fewer than MIN_BRANCHES branches,
 non-finite or non-positive horizons, repeated horizons, non-finite values, a(T_last) <= 0, a curve that
-does not rise (the best B is 0 and the curve is not flat), c at a bound, a fit or interval that is
-not finite.
+does not rise (the best B is 0 and the curve is not flat), c at a bound (but see a flat curve), a
+fit or interval that is not finite.
 
 Which branches. The fit assumes one power law through every branch it is given. On the CPU recipe
 (lr 1e-2, batch 64) branches before 2K steps do not follow the later ones' law and bias A by up to 27%
@@ -38,7 +38,11 @@ A flat curve. When every branch lies within FLAT_TOLERANCE (0.1%) of a(T_last), 
 memorized its whole dataset (a(T) == H(X)), B is about 0 and c is not identified: the cell is already
 at its asymptote. Such a fit is extrapolable, with A = a(T_last), its interval the range of the
 branches (of zero width when they are equal), and no exponent (`exponent` None, and
-`asymptote_metrics` leaves 'asymptote_exponent' out).
+`asymptote_metrics` leaves 'asymptote_exponent' out). So is a curve that rose and then went flat
+(c at its upper bound, 4: it saturated faster than the law allows, and its last two branches agree
+within FLAT_TOLERANCE, as in a small cell that reached H(X) after a few branches): A = a(T_last), the
+interval the range of the branches within FLAT_TOLERANCE of it. c at its lower bound, or at the upper
+one with a last step larger than that, is not extrapolable.
 """
 
 from __future__ import annotations
@@ -225,6 +229,9 @@ def fit_asymptote(horizons_steps, annealed_bits, method: str = DEFAULT_METHOD) -
         return _not_extrapolable("the fit did not converge to finite values", n)
     if gap <= 0:
         return _not_extrapolable("a(T) does not rise over the branches: there is no saturation to fit", n, rms)
+    if abs(exponent / EXPONENT_BOUNDS[1] - 1) < 1e-6 and abs(values[-1] - values[-2]) <= FLAT_TOLERANCE * scale:
+        tail = values[np.abs(values - values[-1]) <= FLAT_TOLERANCE * scale]  # saturated faster than c = 4
+        return AsymptoteFit(True, None, float(values[-1]), float(tail.min()), float(tail.max()), None, n, rms)
     if min(abs(exponent / bound - 1) for bound in EXPONENT_BOUNDS) < 1e-6:
         return _not_extrapolable(f"the exponent c = {exponent:g} sits at its bound (bounds {EXPONENT_BOUNDS}): "
                                  "the branches do not identify A", n, rms)

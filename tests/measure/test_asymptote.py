@@ -1,7 +1,7 @@
 """measure/asymptote.py: the fit of a(T) = A - B T^-c recovers a planted asymptote, its interval covers
 A as often as it says it does on noisy planted curves, and the fit says why when it cannot extrapolate
-(too few branches, c at a bound, non-finite input, a curve that does not rise); a flat curve is at its
-asymptote; asymptote_metrics gives the cell's metrics."""
+(too few branches, c at a bound, non-finite input, a curve that does not rise); a flat curve, or one
+that rose and went flat, is at its asymptote; asymptote_metrics gives the cell's metrics."""
 
 import math
 
@@ -87,8 +87,8 @@ def test_an_exponent_at_its_bound_is_not_extrapolable():
     linear_in_log = 10_000 + 1_000 * np.log2(HORIZONS / HORIZONS[0])  # no saturation: c runs to 0
     fit = fit_asymptote(HORIZONS, linear_in_log)
     assert not fit.extrapolable and "bound" in fit.reason and fit.exponent is None
-    step = np.array([10_000, 15_000, 15_000, 15_000, 15_000, 15_000.0])  # saturated at once: c runs to 4
-    fit = fit_asymptote(HORIZONS, step)
+    jumpy = np.array([10_000, 15_000, 15_100, 15_000, 15_100, 15_000.0])  # c runs to 4, no flat tail
+    fit = fit_asymptote(HORIZONS, jumpy)
     assert not fit.extrapolable and str(EXPONENT_BOUNDS[1]) in fit.reason
 
 
@@ -123,6 +123,15 @@ def test_a_flat_curve_is_at_its_asymptote():
     fit = fit_asymptote(HORIZONS, wobbly)
     assert fit.extrapolable and fit.ci_low_bits <= fit.asymptote_bits <= fit.ci_high_bits
     assert fit.ci_high_bits - fit.ci_low_bits <= 1e-3 * entropy
+
+
+def test_a_curve_that_rose_then_went_flat_is_at_its_asymptote():
+    """A small cell that reached H(X) after its first branch: c runs to its upper bound, and the last
+    branches agree: A is the last value, not 'not extrapolable'."""
+    step = np.array([10_000, 14_950, 15_000, 15_000, 14_995, 15_000.0])
+    fit = fit_asymptote(HORIZONS, step)
+    assert fit.extrapolable and fit.exponent is None and fit.asymptote_bits == 15_000
+    assert (fit.ci_low_bits, fit.ci_high_bits) == (14_995, 15_000)  # the branches within 0.1% of the last
 
 
 def test_asymptote_metrics_keys():
