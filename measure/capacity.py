@@ -13,6 +13,7 @@ identifiable only with a cell inside its transition. Inputs are plain arrays tak
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -156,8 +157,9 @@ class ExtrapolatedCapacity:
     ci_low: float | None  # 95% percentile interval of the bootstrap (seeds resampled, each A drawn)
     ci_high: float | None
     num_sequences_at_max: int | None
-    reason: str | None  # None when there is a value
+    reason: str | None  # None when there is a value and it is not a lower bound
     missing_plateau_cells: tuple[int, ...]  # unconverged plateau cells without an extrapolable fit
+    lower_bound: bool  # missing plateau cells were left out: their asymptotes could lift the maximum
     from_asymptote: int  # cells whose value is their asymptote (the others: converged, at theirs)
     capped: int  # of those, cells whose A exceeded H(X) and count as H(X)
 
@@ -170,9 +172,11 @@ def extrapolated_capacity(dataset_sizes, mem_bits, entropy_bits, extrapolations:
     interval from `n_boot` replicates that resample each size's seeds and draw each cell's A from its
     split normal (capped at H(X)), then retake the maximum.
 
-    An unconverged cell without an extrapolable asymptote has no extrapolated value: when its H(X)
-    exceeds the measured capacity (a plateau cell, where the maximum could lie) the group has none and
-    the reason says which; below it (it cannot reach the maximum) it enters with its measured mem_bits.
+    An unconverged cell without an extrapolable asymptote (its branches still climbing at the last
+    horizon, as on data far past capacity) has no extrapolated value. Below the measured capacity (it
+    cannot reach the maximum) it enters with its measured mem_bits. On the plateau, where the maximum
+    could lie, it is left out and the extrapolated capacity is a **lower bound** (its asymptote could
+    lift the maximum), with the reason naming those cells; a group with no plateau cell left has none.
     """
     sizes = np.asarray(dataset_sizes).ravel()
     mem = np.asarray(mem_bits, dtype=np.float64).ravel()
@@ -180,18 +184,27 @@ def extrapolated_capacity(dataset_sizes, mem_bits, entropy_bits, extrapolations:
     e = extrapolations
     missing = np.flatnonzero(~np.isfinite(e.value) & (entropy > measured_capacity_bits))
     counts = dict(from_asymptote=int(e.from_asymptote.sum()), capped=int(e.capped.sum()))
-    if missing.size:
+    keep = np.ones(sizes.size, dtype=bool)
+    keep[missing] = False
+    if not (keep & (entropy > measured_capacity_bits)).any():
         return ExtrapolatedCapacity(None, None, None, None,
-                                    f"{missing.size} unconverged plateau cell(s) without an extrapolable asymptote: "
-                                    "their asymptote is unknown, and the maximum could lie above the measured "
-                                    "capacity", tuple(int(i) for i in missing), **counts)
-    per_size = size_cells(sizes, e, mem)
+                                    f"{missing.size} unconverged plateau cell(s) without an extrapolable asymptote "
+                                    "and no plateau cell with one: nothing to extrapolate the maximum from",
+                                    tuple(int(i) for i in missing), bool(missing.size), **counts)
+    kept = CellExtrapolations(*(np.asarray(field)[keep] for field in dataclasses.astuple(e)))
+    per_size = size_cells(sizes[keep], kept, mem[keep])
     point = [_point_capacity([s]) for s in per_size]
     best = int(np.argmax(point))
     replicates = _resampled_extrapolated(per_size, np.random.default_rng(seed), (n_boot,))
     tail = (1.0 - ci) / 2.0
     low, high = (float(q) for q in np.quantile(replicates, [tail, 1.0 - tail]))
-    return ExtrapolatedCapacity(point[best], low, high, int(np.unique(sizes)[best]), None, (), **counts)
+    reason = None
+    if missing.size:
+        reason = (f"a lower bound of the extrapolation: {missing.size} unconverged plateau cell(s) have no "
+                  "extrapolable asymptote (their branches still climbing) and are left out; theirs could lift "
+                  "the maximum")
+    return ExtrapolatedCapacity(point[best], low, high, int(np.unique(sizes[keep])[best]), reason,
+                                tuple(int(i) for i in missing), bool(missing.size), **counts)
 
 
 def _resampled_extrapolated(sizes: list[SizeCells], rng, shape: tuple[int, ...]) -> np.ndarray:

@@ -18,6 +18,7 @@ skipped, never an exception.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -274,7 +275,8 @@ def extrapolated_fields(group: CapacityGroup, cols: dict[str, np.ndarray], measu
     fields = {"capacity_extrapolated_bits": None, "capacity_extrapolated_ci_low": None,
               "capacity_extrapolated_ci_high": None, "capacity_extrapolated_interval": None,
               "bits_per_param_extrapolated": None, "num_sequences_at_max_extrapolated": None,
-              "extrapolated_reason": None, "extrapolated_missing_cells": [], "extrapolated_cells": None,
+              "extrapolated_reason": None, "extrapolated_missing_cells": [], "extrapolated_lower_bound": False,
+              "extrapolated_cells": None,
               "fraction_of_asymptote": None, "fraction_of_asymptote_cells": 0, "extrapolated_note": EXTRAPOLATED_NOTE}
     if not np.isfinite(float_column(cols, "asymptote_extrapolable")[rows]).any():
         fields["extrapolated_reason"] = NO_ASYMPTOTE
@@ -287,20 +289,25 @@ def extrapolated_fields(group: CapacityGroup, cols: dict[str, np.ndarray], measu
         "converged_at_measured": int((has_value & ~e.from_asymptote).sum()),
         "measured_off_plateau": int((~has_value & ~plateau).sum()),
     }
-    if estimate.capacity_bits is None:
-        missing = list(estimate.missing_plateau_cells)
-        ids = [str(c) for c in cols["cell_id"][rows][missing]]
+    missing = list(estimate.missing_plateau_cells)
+    ids = [str(c) for c in cols["cell_id"][rows][missing]]
+    fields["extrapolated_lower_bound"] = estimate.lower_bound
+    if estimate.reason is not None:
         at = ", ".join(f"{n:,}" for n in sorted({int(n) for n in sizes[missing]}))
         fields.update(extrapolated_reason=f"{estimate.reason} ({', '.join(ids[:4])}"
                                           f"{f', ... ({len(ids)} in all)' if len(ids) > 4 else ''}; N = {at})",
                       extrapolated_missing_cells=ids)
+    if estimate.capacity_bits is None:
         return fields, None
+    keep = np.ones(sizes.size, dtype=bool)
+    keep[missing] = False
     fields.update(capacity_extrapolated_bits=estimate.capacity_bits, capacity_extrapolated_ci_low=estimate.ci_low,
                   capacity_extrapolated_ci_high=estimate.ci_high,
                   capacity_extrapolated_interval=EXTRAPOLATED_INTERVAL.format(n=n_boot),
                   bits_per_param_extrapolated=estimate.capacity_bits / params,
                   num_sequences_at_max_extrapolated=estimate.num_sequences_at_max)
-    return fields, size_cells(sizes, e, mem)
+    kept = type(e)(*(np.asarray(field)[keep] for field in dataclasses.astuple(e)))
+    return fields, size_cells(sizes[keep], kept, mem[keep])
 
 
 def capacity_entry(group: CapacityGroup, cols: dict[str, np.ndarray], n_boot: int = N_BOOT) -> dict:
@@ -438,7 +445,9 @@ def _extrapolated_alpha(models: list[dict], cells: list, n_boot: int, paper: dic
         return {"available": False, "reason": reason, "alpha": None}
     fits = fit_alpha([c["params"] for c in models], cells, n_boot=n_boot, seed=0)
     kind = fits[ALPHA_FOR_PREDICTIONS].interval_kind
+    bounds = [c["label"] for c in models if c.get("extrapolated_lower_bound")]
     return {"available": True, "reason": None, "alpha": fits[ALPHA_FOR_PREDICTIONS].alpha,
+            "lower_bound": bool(bounds), "lower_bound_models": bounds,
             **_statistics(fits, paper), "interval_kind": kind,
             "bootstrap": f"{n_boot} replicates: shapes with replacement, then each drawn shape's seeds at every "
                          "dataset size, each drawn cell's asymptote within its own 95% interval (capped at H(X)), "

@@ -631,8 +631,9 @@ def _capacity_line(c: dict) -> str | None:
         interval = f" [{c['capacity_extrapolated_ci_low']:,.0f}, {c['capacity_extrapolated_ci_high']:,.0f}]"
     reached = c.get("fraction_of_asymptote")
     reached = f"; plateau cells reached {reached:.2f} of their asymptotes" if reached is not None else ""
+    bound = f"; {c['extrapolated_reason']}" if c.get("extrapolated_lower_bound") else ""
     return (f"capacity {c['label']}: {measured}, extrapolated {extrapolated:,.0f} bits{interval} "
-            f"({c['bits_per_param_extrapolated']:.3f} bits/param; an extrapolation{reached})")
+            f"({c['bits_per_param_extrapolated']:.3f} bits/param; an extrapolation{reached}{bound})")
 
 
 def _aggregate_summary(result) -> None:
@@ -658,8 +659,11 @@ def _aggregate_summary(result) -> None:
             console.print(f"    measured {name} {value['alpha']:.3f}, {_summary_interval(value, kind)}{paper}")
             if extrapolated.get("available"):
                 e = extrapolated[statistic]
+                bound = (f"; a lower bound: {', '.join(extrapolated['lower_bound_models'])}"
+                         if extrapolated.get("lower_bound") else "")
                 console.print(f"    extrapolated {name} {e['alpha']:.3f}, "
-                              f"{_summary_interval(e, extrapolated.get('interval_kind', kind))} (an extrapolation)")
+                              f"{_summary_interval(e, extrapolated.get('interval_kind', kind))} (an extrapolation"
+                              f"{escape(bound)})")
         if not extrapolated.get("available"):
             console.print(f"    extrapolated: none ({escape(extrapolated.get('reason') or 'not available')})")
     for kind, laws in fits["mia"].items():

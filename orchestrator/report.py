@@ -324,7 +324,8 @@ def _extrapolated_capacity(c: dict) -> str:
     low, high = c.get("capacity_extrapolated_ci_low"), c.get("capacity_extrapolated_ci_high")
     capped = (c.get("extrapolated_cells") or {}).get("capped_at_entropy")
     text = f"{_fmt(c['capacity_extrapolated_bits'])} {_interval_text(low, high)}"
-    return text + (f" ({capped} cell(s) capped at H(X))" if capped else "")
+    text += f" ({capped} cell(s) capped at H(X))" if capped else ""
+    return text + (f"; {c['extrapolated_reason']}" if c.get("extrapolated_lower_bound") else "")
 
 
 def _capacity_table(fits: dict) -> str:
@@ -348,8 +349,9 @@ def _capacity_table(fits: dict) -> str:
                  "asymptotes A of a(T) = A - B T<sup>-c</sup> fitted to their annealed branches, each capped at "
                  "its H(X) (a converged cell without an extrapolable fit counts at its measured mem_bits); its "
                  "interval is the 95% percentile interval of a bootstrap that resamples each size's seeds and "
-                 "draws each cell's A within its own 95% interval. A group with an unconverged plateau cell "
-                 "without an extrapolable fit has none. <em>Fraction of asymptote</em>: the mean mem_bits / A "
+                 "draws each cell's A within its own 95% interval. An unconverged plateau cell without an "
+                 "extrapolable fit (its branches still climbing) is left out, and the group's extrapolated "
+                 "capacity is then a lower bound of the extrapolation; a group with no plateau cell left has none. <em>Fraction of asymptote</em>: the mean mem_bits / A "
                  "its plateau cells reached.</p>")
     return "\n".join(parts)
 
@@ -368,8 +370,10 @@ def _alpha_rows(key: str, a: dict) -> list[list]:
             e = extrapolated[statistic]
             interval = ("- (one shape)" if e["ci_low"] is None
                         else _interval_text(e["ci_low"], e["ci_high"], extrapolated.get("interval_kind", kind)))
+            e_bound = ("yes: " + ", ".join(extrapolated["lower_bound_models"]) if extrapolated.get("lower_bound")
+                       else "no")
             rows.append([key, "extrapolated (an extrapolation)", name, e["alpha"], interval, fit["paper"],
-                         a["n_models"], "-"])
+                         a["n_models"], e_bound])
     if not extrapolated.get("available"):
         rows.append([key, "extrapolated", "-", None, "-", None, a["n_models"],
                      extrapolated.get("reason") or "not available"])

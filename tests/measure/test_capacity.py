@@ -2,6 +2,7 @@
 statistics reproduce the paper's own numbers from its table; the lower-bound flag looks at every
 plateau cell; the alpha interval carries the scatter between shapes."""
 
+import dataclasses
 import numpy as np
 import pytest
 
@@ -209,12 +210,27 @@ def test_the_extrapolated_capacity_recovers_planted_asymptotes_and_its_interval_
     assert estimate.from_asymptote == 6 and estimate.capped == 0
 
 
-def test_an_unconverged_plateau_cell_without_a_fit_leaves_no_extrapolated_capacity():
+def test_an_unconverged_plateau_cell_without_a_fit_makes_the_extrapolation_a_lower_bound():
+    """Such a cell (its branches still climbing) has no asymptote: it is left out of the maximum, and the
+    extrapolated capacity of the others is a lower bound, since its asymptote could lift the maximum; a
+    group with no plateau cell left has none."""
     rng = np.random.default_rng(12)
     sizes, mem, entropy, e = _asymptote_group(rng, unconverged_without_fit=13)  # N = 1,600, a plateau cell
+    complete = extrapolated_capacity(*_asymptote_group(np.random.default_rng(12))[:3],
+                                     _asymptote_group(np.random.default_rng(12))[3], 4000.0, n_boot=50)
     estimate = extrapolated_capacity(sizes, mem, entropy, e, 4000.0, n_boot=50)
-    assert estimate.capacity_bits is None and estimate.ci_low is None
-    assert estimate.missing_plateau_cells == (13,) and "without an extrapolable asymptote" in estimate.reason
+    assert not complete.lower_bound and complete.reason is None
+    assert estimate.lower_bound and estimate.missing_plateau_cells == (13,)
+    assert "a lower bound of the extrapolation" in estimate.reason
+    keep = np.arange(sizes.size) != 13  # the same as the group without that cell
+    alone = extrapolated_capacity(sizes[keep], mem[keep], entropy[keep],
+                                  type(e)(*(np.asarray(f)[keep] for f in dataclasses.astuple(e))), 4000.0, n_boot=50)
+    assert estimate.capacity_bits == alone.capacity_bits and estimate.ci_low == alone.ci_low
+    plateau = entropy > 4000.0  # every plateau cell unconverged and without a fit
+    nan = np.full(sizes.size, np.nan)
+    none_left = cell_extrapolations(mem, ~plateau, np.zeros(sizes.size), nan, nan, nan, entropy)
+    empty = extrapolated_capacity(sizes, mem, entropy, none_left, 4000.0, n_boot=20)
+    assert empty.capacity_bits is None and "nothing to extrapolate" in empty.reason
     # Below the measured capacity such a cell cannot hold the maximum: it enters with its measured value.
     e2 = cell_extrapolations([10.0, 50.0], [False, True], [0.0, 0.0], [np.nan, np.nan], [np.nan] * 2, [np.nan] * 2,
                              [20.0, 60.0])

@@ -120,9 +120,10 @@ def test_the_golden_planted_table_exercises_both_extrapolated_branches():
 
     fits = planted_fits()
     caps = {c["label"]: c for c in fits["capacity"]}
-    assert caps["l2_d64 fp32"]["capacity_extrapolated_bits"] is None and caps["l2_d64 fp32"]["extrapolated_missing_cells"]
-    assert all(c["capacity_extrapolated_bits"] is not None for label, c in caps.items() if label != "l2_d64 fp32")
-    assert fits["alpha"]["fp32"]["extrapolated"]["available"] is False
-    assert fits["alpha"]["bf16"]["extrapolated"]["available"] is True
+    assert caps["l2_d64 fp32"]["extrapolated_lower_bound"] and caps["l2_d64 fp32"]["extrapolated_missing_cells"]
+    assert all(not c["extrapolated_lower_bound"] for label, c in caps.items() if label != "l2_d64 fp32")
+    assert all(c["capacity_extrapolated_bits"] is not None for c in caps.values())
+    assert fits["alpha"]["fp32"]["extrapolated"]["lower_bound"] is True
+    assert fits["alpha"]["bf16"]["extrapolated"]["lower_bound"] is False
     page = _text(render_html("planted", planted_table(), fits, {}, "test"))
-    assert "1 of 3 shape(s) have no extrapolated capacity" in page and "extrapolated (an extrapolation)" in page
+    assert "a lower bound of the extrapolation" in page and "extrapolated (an extrapolation)" in page
