@@ -32,7 +32,8 @@ fit or interval that is not finite.
 
 Which branches. The fit assumes one power law through every branch it is given. On the CPU recipe
 (lr 1e-2, batch 64) branches before 2K steps do not follow the later ones' law and bias A by up to 27%
-(bench/README.md, "Extrapolating to the asymptote: validation"): give it the branches from 2K on.
+(bench/README.md, "Extrapolating to the asymptote: validation"): give it the branches from 2K on
+(`from_steps=2000`).
 
 A flat curve. When every branch lies within FLAT_TOLERANCE (0.1%) of a(T_last), as in a cell that
 memorized its whole dataset (a(T) == H(X)), B is about 0 and c is not identified: the cell is already
@@ -205,13 +206,17 @@ def _check(horizons: np.ndarray, values: np.ndarray) -> str | None:
     return None
 
 
-def fit_asymptote(horizons_steps, annealed_bits, method: str = DEFAULT_METHOD) -> AsymptoteFit:
+def fit_asymptote(horizons_steps, annealed_bits, method: str = DEFAULT_METHOD, from_steps: float = 0) -> AsymptoteFit:
     """Fit a(T) = A - B T^-c to a cell's branches (horizons in steps, annealed memorization in bits),
-    with A's 95% interval by `method` (one of INTERVAL_METHODS); the module docstring says when the
-    fit is not extrapolable, and what a flat curve gives."""
+    with A's 95% interval by `method` (one of INTERVAL_METHODS); only the branches at T >= `from_steps`
+    enter the fit (and count in `num_branches`; "Which branches" in the module docstring). The module
+    docstring says when the fit is not extrapolable, and what a flat curve gives."""
     if method not in INTERVAL_METHODS:
         raise ValueError(f"unknown interval method {method!r}; one of {INTERVAL_METHODS}")
     horizons, values = np.asarray(horizons_steps, dtype=float).ravel(), np.asarray(annealed_bits, dtype=float).ravel()
+    if from_steps and len(horizons) == len(values):
+        kept = ~(horizons < from_steps)  # a non-finite horizon stays, for _check to refuse
+        horizons, values = horizons[kept], values[kept]
     n = len(values)
     reason = _check(horizons, values)
     if reason is not None:
@@ -247,13 +252,14 @@ def fit_asymptote(horizons_steps, annealed_bits, method: str = DEFAULT_METHOD) -
                         exponent, n, rms)
 
 
-def asymptote_metrics(horizons_steps, annealed_bits, mem_bits: float) -> dict[str, float]:
+def asymptote_metrics(horizons_steps, annealed_bits, mem_bits: float, from_steps: float = 0) -> dict[str, float]:
     """Cell metrics (floats): 'asymptote_extrapolable' (0/1) always when >=1 branch; when extrapolable also
     'mem_bits_asymptote', 'mem_bits_asymptote_ci_low', 'mem_bits_asymptote_ci_high', 'asymptote_exponent'
-    (left out for a flat curve, whose c is not identified), 'fraction_of_asymptote' (= mem_bits / A)."""
+    (left out for a flat curve, whose c is not identified), 'fraction_of_asymptote' (= mem_bits / A).
+    `from_steps`: as fit_asymptote's (the branches before it are left out of the fit)."""
     if len(np.asarray(annealed_bits, dtype=float).ravel()) == 0:
         return {}
-    fit = fit_asymptote(horizons_steps, annealed_bits)
+    fit = fit_asymptote(horizons_steps, annealed_bits, from_steps=from_steps)
     metrics = {"asymptote_extrapolable": float(fit.extrapolable)}
     if not fit.extrapolable:
         return metrics

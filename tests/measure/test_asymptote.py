@@ -76,6 +76,17 @@ def test_with_four_branches_the_interval_is_wider_than_with_six():
     assert four.ci_high_bits - four.ci_low_bits > six.ci_high_bits - six.ci_low_bits
 
 
+def test_branches_before_from_steps_are_left_out_of_the_fit():
+    early = np.array([500.0, 1000.0, *HORIZONS])
+    values = np.concatenate([[3_000.0, 9_000.0], planted(15_000, 1_000, 0.45)])  # off the later branches' law
+    fit = fit_asymptote(early, values, from_steps=2000)
+    assert fit == fit_asymptote(HORIZONS, values[2:]) and fit.num_branches == 6
+    assert fit.asymptote_bits == pytest.approx(15_000, rel=1e-6)
+    assert fit_asymptote(early, values).asymptote_bits != pytest.approx(15_000, rel=0.01)
+    assert asymptote_metrics(early, values, values[-1], from_steps=2000)["mem_bits_asymptote"] == fit.asymptote_bits
+    assert "at least 4" in fit_asymptote(early, values, from_steps=16_000).reason
+
+
 def test_three_branches_are_not_extrapolable():
     fit = fit_asymptote(HORIZONS[:3], planted(15_000, 1_000, 0.45, HORIZONS[:3]))
     assert MIN_BRANCHES == 4
