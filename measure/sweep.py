@@ -721,6 +721,56 @@ def summarise_text(cols: dict[str, np.ndarray], keys: tuple[str, ...]) -> dict:
     }
 
 
+FADE_DEFINITION = (
+    "memorized bits per training sequence, mem_bits / N, fall from b_knee at the size of the measured "
+    "capacity to b_largest at the largest size. A model at its asymptote would hold b_asymptote = min(S log2 V, "
+    "C / N_largest) there, C the group's capacity (extrapolated where there is one, else measured: a lower "
+    "bound, which overstates the data's share). data_share = ln(b_knee / b_asymptote) / ln(b_knee / b_largest) "
+    "is the part of the fall (in log terms) that data outgrowing the model explains; budget_share = 1 - "
+    "data_share is what the training budget left unlearned")
+
+
+def _seed_mean(values: np.ndarray, sizes: np.ndarray, n: int) -> float:
+    chosen = values[sizes == n]
+    chosen = chosen[np.isfinite(chosen)]
+    return float(chosen.mean()) if chosen.size else math.nan
+
+
+def mia_fade(cols: dict[str, np.ndarray], capacities: list[dict], keys: tuple[str, ...]) -> list[dict]:
+    """fits.json's `mia_fade`: per capacity group, how much of the fall of memorization per sequence from
+    its capacity's size to its largest size is data outgrowing the model, and how much the training
+    budget (FADE_DEFINITION), with the loss attack's AUC at both ends and the exposures and noise floor
+    of the largest size. Groups whose largest size is the capacity's own are left out."""
+    entries = []
+    by_label = {c["label"]: c for c in capacities}
+    for group in capacity_groups(cols, keys):
+        c = by_label.get(group.label)
+        sizes = cols["data.num_sequences"][group.rows].astype(np.int64)
+        if c is None or int(sizes.max()) <= int(c["num_sequences_at_max"]):
+            continue
+        knee, largest = int(c["num_sequences_at_max"]), int(sizes.max())
+        mean = {name: (lambda n, v=float_column(cols, name)[group.rows]: _seed_mean(v, sizes, n))
+                for name in ("mem_bits", "mem_bits_floor", "exposures", "loss_auc", "loss_f1", "entropy_bits")}
+        extrapolated = c.get("capacity_extrapolated_bits")
+        capacity_bits = extrapolated if extrapolated is not None else c["capacity_bits"]
+        sequence_bits = mean["entropy_bits"](largest) / largest
+        b_knee, b_largest = c["capacity_bits"] / knee, mean["mem_bits"](largest) / largest
+        b_asymptote = min(sequence_bits, capacity_bits / largest)
+        entry = {"label": c["label"], "knee_num_sequences": knee, "largest_num_sequences": largest,
+                 "bits_per_sequence_knee": b_knee, "bits_per_sequence_largest": b_largest,
+                 "bits_per_sequence_at_asymptote": b_asymptote,
+                 "capacity_used": "extrapolated" if extrapolated is not None else "measured (a lower bound)",
+                 "floor_bits_per_sequence_largest": mean["mem_bits_floor"](largest) / largest,
+                 "exposures_largest": mean["exposures"](largest), "loss_auc_knee": mean["loss_auc"](knee),
+                 "loss_auc_largest": mean["loss_auc"](largest), "loss_f1_largest": mean["loss_f1"](largest),
+                 "data_share": None, "budget_share": None}
+        if b_knee > b_largest > 0 and b_asymptote > 0:
+            share = min(1.0, max(0.0, math.log(b_knee / b_asymptote) / math.log(b_knee / b_largest)))
+            entry.update(data_share=share, budget_share=1.0 - share)
+        entries.append(entry)
+    return entries
+
+
 def fit_sweep(table: pa.Table, groups: Grouping, n_boot: int = N_BOOT) -> dict:
     """Every sweep-level fit of docs/science.md from a cells table; degenerate sweeps give partial results
     with the reason for what was skipped, never an exception. Capacity, alpha and the predictions use
@@ -761,6 +811,7 @@ def fit_sweep(table: pa.Table, groups: Grouping, n_boot: int = N_BOOT) -> dict:
         "alpha": alphas,
         "mia": fit_mia(finished, alphas),
         "mia_published": published_constants(),
+        "mia_fade": {"definition": FADE_DEFINITION, "groups": mia_fade(cols, capacities, groups.capacity)},
         "prediction": prediction,
         "skipped": skipped,
         "text": summarise_text(text, groups.text),

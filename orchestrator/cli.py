@@ -666,6 +666,13 @@ def _aggregate_summary(result) -> None:
                               f"{escape(bound)})")
         if not extrapolated.get("available"):
             console.print(f"    extrapolated: none ({escape(extrapolated.get('reason') or 'not available')})")
+    for g in (fits.get("mia_fade") or {}).get("groups") or []:
+        if g["data_share"] is not None:
+            console.print(f"  MIA fade {escape(g['label'])}: loss AUC {g['loss_auc_knee']:.2f} at N = "
+                          f"{g['knee_num_sequences']:,} -> {g['loss_auc_largest']:.2f} at N = {g['largest_num_sequences']:,} "
+                          f"({g['exposures_largest']:,.0f} exposures); of the fall in bits per sequence "
+                          f"{g['data_share']:.0%} is data outgrowing the model, {g['budget_share']:.0%} the training "
+                          f"budget ({escape(g['capacity_used'])} capacity)")
     for kind, laws in fits["mia"].items():
         for attack, law in laws.items():
             text = (f"c1={law['c1']:.3g} c2={law['c2']:.3g} c3={law['c3']:.3g} (RMSE {law['rmse']:.3g})"

@@ -477,6 +477,25 @@ def _mia_tables(fits: dict) -> str:
                        "note"], rows) if rows else "<p>No MIA metrics.</p>"))
 
 
+def _fade_table(fits: dict) -> str:
+    """How much of the membership-inference fade is data outgrowing the model, how much training budget."""
+    groups = (fits.get("mia_fade") or {}).get("groups") or []
+    if not groups:
+        return ""
+    rows = [[g["label"], g["knee_num_sequences"], g["largest_num_sequences"], g["loss_auc_knee"],
+             g["loss_auc_largest"], g["exposures_largest"], g["bits_per_sequence_knee"],
+             g["bits_per_sequence_largest"], g["floor_bits_per_sequence_largest"],
+             g["bits_per_sequence_at_asymptote"], g["capacity_used"], g["data_share"], g["budget_share"]]
+            for g in groups]
+    return ("<h2>Why membership inference fades: data or training budget</h2>"
+            f"<p>{html.escape(fits['mia_fade']['definition'])}. The floor is mem_bits_floor / N: the estimator on "
+            "non-members, what memorizing nothing scores.</p>"
+            + _table(["group", "N at capacity", "largest N", "loss AUC at capacity", "loss AUC at largest",
+                      "exposures at largest", "bits/seq at capacity", "bits/seq at largest",
+                      "floor bits/seq at largest", "bits/seq at the asymptote", "capacity used", "data share",
+                      "budget share"], rows))
+
+
 def _text_tables(fits: dict) -> str:
     text = fits.get("text") or {"groups": [], "metrics": []}
     parts = ["<h2>Text cells</h2>",
@@ -553,6 +572,7 @@ report written {html.escape(time.strftime('%Y-%m-%dT%H:%M:%S%z'))}. Code version
 {figures}
 {_fits_tables(fits, links) if synthetic else _skipped_fits(fits)}
 {_mia_tables(fits)}
+{_fade_table(fits)}
 {_text_tables(fits) if text else ''}
 {_problem_cells(cells, links)}
 <h2>Configuration</h2>

@@ -6,6 +6,7 @@ import pytest
 from measure.memorization import (
     dataset_entropy_bits,
     mem_bits_against_reference,
+    mem_bits_floor,
     mem_bits_per_sequence,
     params_paper,
     predicted_mem_bits,
@@ -70,3 +71,27 @@ def test_capacity_sequences_put_h_x_at_the_multiple_of_the_capacity():
     assert capacity_sequences(3.6, 10, 64, 2048, 0.25) == 1  # never zero sequences
     with pytest.raises(ValueError):
         capacity_sequences(3.6, 1000, 64, 2048, 0)
+
+
+def test_the_noise_floor_of_a_uniform_model_is_zero_and_scales_the_non_members_to_n():
+    """A model that codes every sequence at exactly S log2 V (uniform) scores 0 on the non-members; one
+    that codes them with noise around it keeps the half it happens to code shorter: the floor is that
+    clipped sum scaled by N / M, and a trained model's mem_bits means something only above it."""
+    seq_len, vocab = 32, 64
+    uniform = np.full(256, seq_len * np.log2(vocab))
+    assert mem_bits_floor(uniform, seq_len, vocab, num_members=1000) == 0.0
+    noisy = uniform + np.tile([-2.0, +2.0], 128)  # half the non-members 2 bits shorter, half 2 longer
+    assert mem_bits_floor(noisy, seq_len, vocab, num_members=1000) == pytest.approx(128 * 2.0 * 1000 / 256)
+    with pytest.raises(ValueError, match="no non-members"):
+        mem_bits_floor(np.array([]), seq_len, vocab, num_members=10)
+
+
+def test_a_cell_reports_its_noise_floor_beside_mem_bits():
+    from measure.cell import CellShape, Scores, measure_cell
+
+    shape = CellShape("synthetic", 32, 64, params=100, params_paper=100, precision="fp32")
+    rng = np.random.default_rng(0)
+    members, nonmembers = 192.0 + rng.normal(0, 1, 64), 192.0 + rng.normal(0, 1, 128)
+    metrics = measure_cell(shape, Scores(members, nonmembers, np.arange(64))).metrics
+    expected = np.maximum(0.0, 192.0 - nonmembers).sum() * 64 / 128
+    assert metrics["mem_bits_floor"] == pytest.approx(expected) and metrics["mem_bits_floor"] > 0

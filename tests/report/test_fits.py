@@ -422,3 +422,28 @@ def test_a_table_without_the_asymptote_columns_fits_as_before():
         assert "unconverged_cells" in fits["mia"]["synthetic"]["loss"]
         metrics = fit_metrics(fits)
         assert "alpha_fp32" in metrics and not any("extrapolated" in k for k in metrics)
+
+
+def test_the_mia_fade_splits_the_fall_in_bits_per_sequence_between_data_and_training_budget():
+    """Cells at their asymptote (planted mem = min(alpha P, H)): the whole fall from the capacity's size
+    to the largest is data outgrowing the model (data share 1). The largest size under-trained to a
+    tenth of its asymptote: the budget's share is ln(10) / ln(b_knee / b_largest), exactly."""
+    runs = planted_sweep(precisions=("fp32",), seeds=(0,), noise=0.0)
+    fits = fit_sweep(build_cells_table(runs), GROUPING, n_boot=20)
+    (g, *_) = [g for g in fits["mia_fade"]["groups"] if g["label"].startswith("l1_d32")]
+    assert g["data_share"] == pytest.approx(1.0) and g["budget_share"] == pytest.approx(0.0, abs=1e-12)
+    assert g["capacity_used"] == "measured (a lower bound)"  # no asymptotes logged
+
+    largest = max(int(r.params["data.num_sequences"]) for r in runs if r.params["model.name"] == "l1_d32")
+    (cell_,) = [r for r in runs if r.params["model.name"] == "l1_d32" and int(r.params["data.num_sequences"]) == largest]
+    cell_.metrics["mem_bits"] /= 10  # a tenth of what the model could hold there
+    cell_.metrics.update(exposures=12.0, mem_bits_floor=3.0, loss_auc=0.55)
+    fits = fit_sweep(build_cells_table(runs), GROUPING, n_boot=20)
+    (g, *_) = [g for g in fits["mia_fade"]["groups"] if g["label"].startswith("l1_d32")]
+    b_knee, b_largest = g["bits_per_sequence_knee"], g["bits_per_sequence_largest"]
+    assert g["bits_per_sequence_at_asymptote"] == pytest.approx(10 * b_largest)
+    assert g["budget_share"] == pytest.approx(math.log(10) / math.log(b_knee / b_largest))
+    assert g["data_share"] + g["budget_share"] == pytest.approx(1.0)
+    assert (g["exposures_largest"], g["floor_bits_per_sequence_largest"], g["loss_auc_largest"]) == (
+        12.0, 3.0 / largest, 0.55)
+    assert "data_share" in fits["mia_fade"]["definition"]
