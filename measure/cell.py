@@ -101,11 +101,12 @@ def measure_cell(shape: CellShape, scores: Scores) -> Measurement:
     return _text(shape, scores)
 
 
-def training_metrics(result, num_sequences: int, batch_size: int) -> dict[str, float]:
+def training_metrics(result, num_sequences: int, batch_size: int, asymptote_from: int = 0) -> dict[str, float]:
     """The metrics of how a cell was trained, as floats (MLflow holds floats only), from its training
     result (models.progress.TrainResult, read by attribute: measure/ imports no torch): steps,
-    convergence, exposures, and under the branches schedule the branches and the asymptote they
-    extrapolate to (measure.asymptote). Those that do not apply (None) are left out."""
+    convergence, exposures, and under the branches schedule the branches and the asymptote that those
+    of horizons >= `asymptote_from` extrapolate to (measure.asymptote). Those that do not apply (None)
+    are left out."""
     metrics = {"steps": float(result.steps), "converged": float(result.converged),
                "resumed_from_step": float(result.resumed_from_step), "wall_s": result.wall_s,
                "tokens_per_s": result.tokens_per_s, "steps_trained": float(result.steps_trained or result.steps),
@@ -116,7 +117,9 @@ def training_metrics(result, num_sequences: int, batch_size: int) -> dict[str, f
     if result.branches:
         horizons, _, annealed = zip(*result.branches)
         metrics.update(num_branches=float(len(result.branches)), last_horizon_steps=float(horizons[-1]))
-        metrics.update(asymptote_metrics(horizons, annealed, annealed[-1]))
+        fitted = [(t, bits) for t, _, bits in result.branches if t >= asymptote_from]
+        metrics.update(asymptote_metrics([t for t, _ in fitted], [bits for _, bits in fitted], annealed[-1])
+                       if fitted else {"asymptote_extrapolable": 0.0})
     return metrics
 
 

@@ -111,8 +111,8 @@ CELL_METRICS: tuple[Metric, ...] = (
            "over the last doubling; other schedules: (m(t) - m(t/2)) / m(t) at the last evaluation t, m(t/2) "
            "read at the last evaluation at or before t/2"),
     Metric("asymptote_extrapolable", "0 or 1",
-           "1 when a(T) = A - B T^-c fitted to the cell's annealed branches (at least 4) gives an asymptote; 0 "
-           "when too few branches, or c at a bound of its range"),
+           "1 when a(T) = A - B T^-c fitted to the cell's annealed branches of horizons >= train.asymptote_from "
+           "(at least 4) gives an asymptote; 0 when too few branches, or c at a bound of its range"),
     Metric("mem_bits_asymptote", "bits",
            "A of that fit: the annealed memorization the cell's training tends to (an extrapolation; absent "
            "when not extrapolable)", label="asymptote (bits)"),

@@ -183,7 +183,9 @@ class TrainSpec:
       (`first_branch`, then each doubling up to `max_steps`) a copy of the trunk cools its rate down
       linearly to `min_lr_ratio * lr` over `cooldown_fraction * T` steps and is measured at its end,
       a(T); the trunk goes on. The cell has converged at T when |a(T) - a(T/2)| < converge_tol * a(T),
-      and its model is then, or at the last horizon, its last branch.
+      and its model is then, or at the last horizon, its last branch. Its asymptote is fitted to the
+      branches of horizons >= `asymptote_from` (earlier ones follow the fast early phase of training,
+      not the saturating curve: bench.convergence's validation).
     - `wsd` (warmup-stable-decay): the constant rate `lr` until mem_bits moves by less than
       `trigger_tol` (relative, up or down) over the last doubling of the steps, then a linear cool-down
       over `cooldown_fraction` of the steps taken so far to `min_lr_ratio * lr`, which it keeps. The cool-down starts in time
@@ -212,6 +214,7 @@ class TrainSpec:
     cooldown_fraction: float = 0.2  # a cool-down lasts this fraction of its horizon (wsd: of the steps so far)
     checkpoint_interval: int = 1000
     first_branch: int = 500  # branches: the first horizon, in optimizer steps
+    asymptote_from: int = 2000  # branches: the asymptote is fitted to the branches of horizons >= this
 
     def __post_init__(self) -> None:
         _require_positive(
@@ -225,6 +228,7 @@ class TrainSpec:
             cooldown_fraction=self.cooldown_fraction,
             checkpoint_interval=self.checkpoint_interval,
             first_branch=self.first_branch,
+            asymptote_from=self.asymptote_from,
         )
         if self.schedule not in SCHEDULES:
             raise SpecError(f"train.schedule={self.schedule!r} is not one of {SCHEDULES}")

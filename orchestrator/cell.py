@@ -145,7 +145,9 @@ def measure_model(spec: CellSpec, model: GPT, data: CellData, batch: int) -> Mea
 def measured(cell: Cell, result: TrainResult, data: CellData) -> Measurement:
     """The trained cell's final metrics (its scores measured, then how it trained) and per-sequence table."""
     measurement = measure_model(cell.spec, result.model, data, cell.options.eval_batch_size)
-    measurement.metrics.update(training_metrics(result, cell.spec.data.num_sequences, cell.spec.train.batch_size))
+    train = cell.spec.train
+    measurement.metrics.update(training_metrics(result, cell.spec.data.num_sequences, train.batch_size,
+                                                train.asymptote_from))
     return measurement
 
 
