@@ -41,13 +41,16 @@ GOLDEN_CELLS_SCHEMA = [
     ("train.weight_decay", "double"), ("train.beta1", "double"), ("train.beta2", "double"),
     ("train.grad_clip", "double"), ("train.eval_interval", "int64"), ("train.converge_tol", "double"),
     ("train.trigger_tol", "double"), ("train.cooldown_fraction", "double"), ("train.checkpoint_interval", "int64"),
+    ("train.first_branch", "int64"), ("train.asymptote_from", "int64"),  # the branches schedule (issue 25)
     ("precision.name", "string"), ("seed", "int64"),
     *[(name, "double") for name in (
         "params", "params_paper", "entropy_bits", "mem_bits", "mem_bits_unclipped", "mem_fraction",
         "bits_per_param", "predicted_mem_bits", "sequences_per_param", "train_nll_bits_per_token",
         "test_nll_bits_per_token", "loss_auc", "loss_tpr_at_1pct_fpr", "loss_tpr_at_0p1pct_fpr", "loss_f1",
-        "steps", "converged", "converged_step", "mem_gain_last_doubling", "decay_start_step",
-        "resumed_from_step", "wall_s", "tokens_per_s")],
+        "mem_bits_floor", "steps", "steps_trained", "exposures", "num_branches", "last_horizon_steps",
+        "converged", "converged_step", "mem_gain_last_doubling", "asymptote_extrapolable", "mem_bits_asymptote",
+        "mem_bits_asymptote_ci_low", "mem_bits_asymptote_ci_high", "asymptote_exponent", "fraction_of_asymptote",
+        "decay_start_step", "resumed_from_step", "wall_s", "tokens_per_s")],
 ]
 
 
@@ -120,8 +123,9 @@ def test_curves_equal_the_metric_histories(smoke_root, smoke_aggregate):
     curves = smoke_aggregate.curves
     client = MlflowClient(f"sqlite:///{smoke_root}/mlflow.db")
     for row in smoke_aggregate.cells.to_pylist():
+        histories = {}
         for key in CURVE_KEYS:
-            history = {}
+            history = histories[key] = {}
             for m in sorted(client.get_metric_history(row["run_id"], key), key=lambda m: m.timestamp):
                 history[m.step] = m.value  # a step logged twice: the later value
             mine = curves.filter(pc.and_(pc.equal(curves["run_id"], row["run_id"]),
@@ -129,9 +133,12 @@ def test_curves_equal_the_metric_histories(smoke_root, smoke_aggregate):
             assert mine.column("step").to_pylist() == sorted(history)
             assert mine.column("value").to_pylist() == [history[s] for s in sorted(history)]
             assert set(mine.column("cell_id").to_pylist()) == {row["cell_id"]}
-        # mem_bits's last point is the final metric (logged at step = steps)
-        last = max(s for s in history)
-        assert last == row["steps"]
+        # mem_bits's last point is the final metric (logged at step = steps, the last branch's end), and
+        # the annealed curve's last point is that branch's a(T), at its horizon T
+        assert max(histories["mem_bits"]) == row["steps"]
+        last_horizon = max(histories["annealed_mem_bits"])
+        assert last_horizon == row["last_horizon_steps"]
+        assert histories["annealed_mem_bits"][last_horizon] == histories["mem_bits"][row["steps"]] == row["mem_bits"]
 
 
 def test_files_read_back_with_pandas_and_fits_are_logged_to_the_launch(smoke_root, smoke_aggregate):
