@@ -117,9 +117,7 @@ def training_metrics(result, num_sequences: int, batch_size: int, asymptote_from
     if result.branches:
         horizons, _, annealed = zip(*result.branches)
         metrics.update(num_branches=float(len(result.branches)), last_horizon_steps=float(horizons[-1]))
-        fitted = [(t, bits) for t, _, bits in result.branches if t >= asymptote_from]
-        metrics.update(asymptote_metrics([t for t, _ in fitted], [bits for _, bits in fitted], annealed[-1])
-                       if fitted else {"asymptote_extrapolable": 0.0})
+        metrics.update(asymptote_metrics(horizons, annealed, annealed[-1], from_steps=asymptote_from))
     return metrics
 
 
