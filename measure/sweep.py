@@ -835,7 +835,7 @@ def fit_metrics(fits: dict) -> dict[str, float]:
     """The fits as flat MLflow metrics for the launch run (finite values only): `alpha_<key>` is the
     measured slope (the alpha of predictions), `alpha_<key>_<statistic>[_ci_low|_ci_high]` each
     measured statistic, `alpha_<key>_extrapolated` and `alpha_<key>_extrapolated_<statistic>[...]` the
-    extrapolated ones (metric_key names the group), `mia_<kind>_<attack>_<constant>` each identifiable
+    extrapolated ones (metric_key names the group), `alpha_<key>[_extrapolated]_lower_bound` 0 or 1, `mia_<kind>_<attack>_<constant>` each identifiable
     law, `capacity_bits/...` and `capacity_extrapolated_bits/...` each group's capacities."""
     metrics = {"cells_total": fits["cells"]["total"], "cells_finished": fits["cells"]["finished"]}
     for key, fit in fits["alpha"].items():
@@ -843,6 +843,9 @@ def fit_metrics(fits: dict) -> dict[str, float]:
         metrics[f"alpha_{name}"] = fit["alpha"]
         extrapolated = fit.get("extrapolated") or {}
         metrics[f"alpha_{name}_extrapolated"] = extrapolated.get("alpha")
+        metrics[f"alpha_{name}_lower_bound"] = float(bool(fit["lower_bound"]))
+        if extrapolated.get("available"):
+            metrics[f"alpha_{name}_extrapolated_lower_bound"] = float(bool(extrapolated.get("lower_bound")))
         for statistic in ALPHA_DESCRIPTIONS:
             for value in ("alpha", "ci_low", "ci_high"):
                 suffix = "" if value == "alpha" else f"_{value}"

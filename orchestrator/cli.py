@@ -391,10 +391,33 @@ def cmd_status(args: argparse.Namespace) -> int:
     _print_references(plan, plan.cells)
     for line in (line for document in rounds for line in round_lines(document)):
         console.print(escape(line), highlight=False, soft_wrap=True)
+    for line in _fits_lines(plan):
+        console.print(escape(line), highlight=False, soft_wrap=True)
     console.print(f"MLflow: {hint}", soft_wrap=True)
     if drift:
         console.print(f"[yellow]note:[/yellow] {escape(drift)}", soft_wrap=True)
     return 0
+
+
+def _fits_lines(plan) -> list[str]:
+    """Alpha as the last `memsweep aggregate` logged it on the sweep's launch run, both forms, each with
+    its status; nothing before a sweep was aggregated."""
+    from orchestrator.tracking import latest_launch_run
+
+    launch = latest_launch_run(plan.tracker, plan.name)
+    metrics = launch.metrics if launch is not None else {}
+    lines = []
+    for name in sorted(k[len("alpha_"):-len("_lower_bound")] for k in metrics
+                       if k.startswith("alpha_") and k.endswith("_lower_bound") and "_extrapolated" not in k):
+        measured = metrics.get(f"alpha_{name}")
+        text = (f"alpha {name} (slope, bits/param, from the last aggregate): measured {measured:.3f}"
+                f"{' (a lower bound)' if metrics[f'alpha_{name}_lower_bound'] else ''}")
+        extrapolated = metrics.get(f"alpha_{name}_extrapolated")
+        if extrapolated is not None:
+            bound = "a lower bound; " if metrics.get(f"alpha_{name}_extrapolated_lower_bound") else ""
+            text += f", extrapolated {extrapolated:.3f} ({bound}an extrapolation)"
+        lines.append(text)
+    return lines
 
 
 def _running_progress(plan) -> dict[str, tuple[int, float]]:

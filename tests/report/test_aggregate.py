@@ -185,3 +185,20 @@ def test_failed_running_and_pending_cells_are_kept(broken_root, tmp_path):
     assert result.fits["cells"]["by_status"] == {"FAILED": 1, "FINISHED": 4, "PENDING": 2, "RUNNING": 1}
     assert result.fits["capacity"][0]["num_cells"] == 4
     assert result.launch_run_id == broken_root["launch_run_id"]
+
+
+def test_status_shows_alpha_in_both_forms_as_the_last_aggregate_logged_it(smoke_root, smoke_aggregate, monkeypatch,
+                                                                          capsys):
+    from orchestrator.cli import main
+
+    fits = json.loads(smoke_aggregate.fits_path.read_text())
+    monkeypatch.setenv("MEMSWEEP_ROOT", str(smoke_root))
+    capsys.readouterr()
+    assert main(["status", "smoke"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    measured = fits["alpha"]["fp32"]
+    expected = (f"alpha fp32 (slope, bits/param, from the last aggregate): measured {measured['alpha']:.3f}"
+                + (" (a lower bound)" if measured["lower_bound"] else ""))
+    assert expected in out
+    if measured["extrapolated"]["available"]:
+        assert f"extrapolated {measured['extrapolated']['alpha']:.3f}" in out
