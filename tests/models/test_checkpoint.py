@@ -168,3 +168,25 @@ def test_training_with_max_steps_k_then_2k_on_a_constant_schedule_equals_2k_stra
     straight_params = dict(straight.model.named_parameters())
     for name, p in second.model.named_parameters():
         assert torch.equal(p, straight_params[name]), name
+
+
+def test_a_branched_cell_crashed_inside_a_branch_resumes_alone_to_the_straight_run(tmp_path):
+    """branches: horizons 10, 20, 40 (K = 20 is also the checkpoint interval). The crash comes inside the
+    branch of horizon 20 (steps 20 -> 24), after the trunk's checkpoint at 20: the resumed run redoes
+    that branch from the trunk and ends bit for bit as the straight run, its branches and model alike."""
+    spec = resume_spec("fp32")
+    spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, schedule="branches", first_branch=10,
+                                                               max_steps=2 * K, cooldown_fraction=0.2))
+    members = synthetic_members(spec.data, spec.seed)
+    straight, _ = run(spec, members, CheckpointStore(str(tmp_path / "a"), spec.cell_id))
+    assert [t for t, _, _ in straight.branches] == [10, 20, 40] and straight.steps == 48
+
+    store = CheckpointStore(str(tmp_path / "b"), spec.cell_id)
+    with pytest.raises(Crash):
+        run(spec, members, store, crash_at=K + 2)  # step 22: inside the branch of horizon 20
+    assert store.latest_step() == K
+    resumed, _ = run(spec, members, store)
+    assert resumed.resumed_from_step == K and resumed.branches == straight.branches
+    for (name, p), q in zip(resumed.model.named_parameters(), straight.model.parameters()):
+        assert torch.equal(p, q), name
+    assert store.latest_step() == 48  # the final checkpoint: the last branch's weights
