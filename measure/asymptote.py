@@ -28,7 +28,11 @@ bench/README.md "Extrapolating to the asymptote: validation"):
 Not extrapolable (`extrapolable` False, `reason` a sentence): fewer than MIN_BRANCHES branches,
 non-finite or non-positive horizons, repeated horizons, non-finite values, a(T_last) <= 0, a curve that
 does not rise (the best B is 0 and the curve is not flat), c at a bound (but see a flat curve), a
-fit or interval that is not finite.
+fit or interval that is not finite, and a curve still in its rise: its last branch below MIN_REACHED
+(0.7) of the fitted A. bench.convergence validated the fit on cells whose last fitted branch held
+0.75-0.92 of their fitted A; a cell far past capacity, early in its saturation (the laptop's 4,096
+sequences at 16K steps: 0.46 and 0.63), extrapolates several times its measured value with an interval
+to match, which the validation never tested.
 
 Which branches. The fit assumes one power law through every branch it is given. On the CPU recipe
 (lr 1e-2, batch 64) branches before 2K steps do not follow the later ones' law and bias A by up to 27%
@@ -57,6 +61,7 @@ from scipy import optimize, stats
 MIN_BRANCHES = 4
 EXPONENT_BOUNDS = (0.05, 4.0)  # of c; at a bound, A is not identified by the branches
 LEVEL = 0.95
+MIN_REACHED = 0.7  # a(T_last) / A below this lies beyond what the validation covered: not extrapolable
 NOISE_FLOOR = 0.003  # prior noise of a branch, relative to |a(T_last)| (the truth runs' pooled rms residual)
 NOISE_PRIOR_DOF = 3  # what that prior is worth, in degrees of freedom (one 6-branch fit's)
 FLAT_TOLERANCE = 1e-3  # a curve whose branches all lie within this of a(T_last) (relative) is flat
@@ -248,6 +253,10 @@ def fit_asymptote(horizons_steps, annealed_bits, method: str = DEFAULT_METHOD, f
         low, high = _bootstrap_interval(x, y, asymptote, gap, exponent)
     if not (math.isfinite(low) and math.isfinite(high)):
         return _not_extrapolable("the interval of A is unbounded", n, rms)
+    if values[-1] < MIN_REACHED * asymptote * scale:
+        return _not_extrapolable(f"the last branch reached {values[-1] / (asymptote * scale):.2f} of the fitted A, "
+                                 f"below {MIN_REACHED:g}: the curve is still in its rise, beyond what the "
+                                 "validation covered", n, rms)
     return AsymptoteFit(True, None, asymptote * scale, min(low, asymptote) * scale, max(high, asymptote) * scale,
                         exponent, n, rms)
 

@@ -158,3 +158,18 @@ def test_asymptote_metrics_keys():
     assert asymptote_metrics([], [], 0.0) == {}
     flat = asymptote_metrics(HORIZONS, np.full(6, 100.0), 100.0)
     assert "asymptote_exponent" not in flat and flat["fraction_of_asymptote"] == 1.0
+
+
+def test_a_curve_still_in_its_rise_is_not_extrapolable():
+    """A cell far past capacity early in its saturation (its last branch at half its fitted A) lies beyond
+    what the validation covered (last branches at 0.75-0.92 of A): not extrapolable, with the reason;
+    the same curve followed further, to 0.8 of A, is."""
+    from measure.asymptote import MIN_REACHED
+
+    horizons = [2000, 4000, 8000, 16000]
+    early = [10_000.0 - 60_000.0 * t ** -0.3 for t in horizons]  # a(16K) = 0.47 A
+    fit = fit_asymptote(horizons, early)
+    assert early[-1] < MIN_REACHED * 10_000.0
+    assert not fit.extrapolable and "still in its rise" in fit.reason
+    later = [10_000.0 - 3_000.0 * (t / 1000) ** -0.3 for t in horizons]  # a(16K) = 0.84 A
+    assert fit_asymptote(horizons, later).extrapolable
