@@ -1,7 +1,8 @@
 """bench/gpu.py runs where CI has no GPU: `--device cpu` exercises the same code on toy sizes. On the CPU
 a pack is bit-exact, so the script's own agreement check must read zero there, and every figure it
 writes is a ratio of two timings of this run. bench/gpu_session.py, the GPU session of issue 19, runs
-its two stages and summarises them."""
+its two stages and summarises them: the capacity stage's measured and extrapolated bits per parameter,
+and a stage that fails leaves the other's results and the summary."""
 
 import json
 import statistics
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import gpu_session
 from bench.gpu import main, op_category, paper_shapes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,6 +84,56 @@ def test_the_gpu_session_runs_on_the_cpu_and_summarises_both_stages(tmp_path):
     assert runs == ["paper_l1_d32_fp32", "paper_l1_d32_bf16"]  # the paper's row only
     summary = (tmp_path / "summary.txt").read_text().splitlines()
     assert summary[:2] == [line for line in summary if line.startswith(("gpu: ok", "capacity: ok"))]
-    assert sum(line.startswith("capacity paper_l1_d32_") for line in summary) == 2
+    capacity_lines = [line for line in summary if line.startswith("capacity paper_l1_d32_")]
+    assert len(capacity_lines) == 2
+    assert all("measured" in line and "extrapolated" in line and "converged" in line for line in capacity_lines)
     assert any(line.startswith("lone tiny_l1_d32_fp32: before") and "compiled" in line for line in summary)
     assert (tmp_path / "gpu.log").stat().st_size and (tmp_path / "capacity.log").stat().st_size
+
+
+def test_the_session_stays_under_nine_minutes():
+    assert sum(timeout_s for _, _, _, timeout_s in gpu_session.STAGES) <= gpu_session.SESSION_LIMIT_S == 540
+
+
+def capacity_cell(**fields):
+    cell = {"num_sequences": 966, "bits_per_param": 3.5, "bits_per_param_paper_count": 3.6, "converged": False,
+            "converged_horizon": None, "last_horizon": 16000, "branches": [{}] * 5, "steps_trained": 22200,
+            "asymptote_extrapolable": True, "asymptote_branches": 4, "bits_per_param_asymptote": 3.9,
+            "bits_per_param_asymptote_ci_low": 3.7, "bits_per_param_asymptote_ci_high": 4.4,
+            "fraction_of_asymptote": 0.897}
+    return {**cell, **fields}
+
+
+def test_the_summary_shows_measured_and_extrapolated_capacity_and_survives_what_it_cannot_read():
+    plan = {"asymptote_from": 2000, "needed_steps": 22200, "needed_s": 160.0}
+    capacity = {"runs": [
+        {"name": "paper_l1_d32_fp32", "paper_bits_per_param": 4.23, "asymptote_plan": {}, "cells": [capacity_cell()]},
+        {"name": "paper_l1_d32_bf16", "paper_bits_per_param": 3.93, "asymptote_plan": plan, "cells": [capacity_cell(
+            converged=True, converged_horizon=8000, asymptote_extrapolable=False,
+            asymptote_reason="3 branches: an extrapolation needs at least 4")]},
+        {"name": "broken", "cells": [{"converged": False}]}]}
+    lines = gpu_session.summary_lines({}, capacity)
+    assert lines[0] == "gpu results: none written"
+    assert lines[1] == ("capacity paper_l1_d32_fp32 N=966: measured 3.500 bits/param (paper count 3.600), "
+                        "unconverged at the cap T=16,000, 5 branches, 22,200 steps; extrapolated 3.900 [3.700, 4.400] "
+                        "bits/param from 4 branches, measured 89.7% of it; the paper: 4.23")
+    assert "converged at T=8,000" in lines[2] and "not extrapolable (3 branches" in lines[2]
+    assert "measured is a lower bound; 4 branches from 2,000 need 22,200 steps" in lines[2]
+    assert lines[3].startswith("capacity broken: not summarised (KeyError")
+    assert gpu_session.summary_lines({"unreadable": "gpu-x.json: bad"}, {"runs": []}) == [
+        "gpu results unreadable: gpu-x.json: bad"]
+
+
+@pytest.mark.slow
+def test_a_failing_stage_leaves_the_other_stages_results_and_the_summary(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(gpu_session, "STAGES", (("gpu", ["bench.no_such_stage"], [], 60), gpu_session.STAGES[1]))
+    summary = gpu_session.main([str(tmp_path), "--device", "cpu", "--quick"])
+    assert summary[0].startswith("gpu: exit 1") and summary[1].startswith("capacity: ok")
+    assert summary[2] == "gpu results: none written" and (tmp_path / "gpu.log").stat().st_size
+    (capacity,) = tmp_path.glob("capacity_probe-*.json")
+    runs = [run["name"] for run in json.loads(capacity.read_text())["runs"]]
+    assert runs == ["paper_l1_d32_fp32", "paper_l1_d32_bf16"]
+    cells = [line for line in summary if line.startswith("capacity paper_l1_d32_")]
+    assert len(cells) == 2 and all("measured" in line and "extrapolated" in line for line in cells)
+    assert (tmp_path / "summary.txt").read_text().splitlines() == summary
