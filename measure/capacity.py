@@ -94,6 +94,10 @@ class CellExtrapolations:
     from_asymptote: np.ndarray  # bool: the value is the cell's (capped) asymptote
     capped: np.ndarray  # bool: A exceeded H(X), so the value is H(X)
 
+    def select(self, rows: np.ndarray) -> CellExtrapolations:
+        """The cells at `rows` (a bool mask or indices)."""
+        return CellExtrapolations(*(np.asarray(field)[rows] for field in dataclasses.astuple(self)))
+
 
 def cell_extrapolations(mem_bits, converged, extrapolable, asymptote, ci_low, ci_high,
                         entropy_bits) -> CellExtrapolations:
@@ -191,8 +195,7 @@ def extrapolated_capacity(dataset_sizes, mem_bits, entropy_bits, extrapolations:
                                     f"{missing.size} unconverged plateau cell(s) without an extrapolable asymptote "
                                     "and no plateau cell with one: nothing to extrapolate the maximum from",
                                     tuple(int(i) for i in missing), bool(missing.size), **counts)
-    kept = CellExtrapolations(*(np.asarray(field)[keep] for field in dataclasses.astuple(e)))
-    per_size = size_cells(sizes[keep], kept, mem[keep])
+    per_size = size_cells(sizes[keep], e.select(keep), mem[keep])
     point = [_point_capacity([s]) for s in per_size]
     best = int(np.argmax(point))
     replicates = _resampled_extrapolated(per_size, np.random.default_rng(seed), (n_boot,))

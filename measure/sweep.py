@@ -18,7 +18,6 @@ skipped, never an exception.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -306,8 +305,7 @@ def extrapolated_fields(group: CapacityGroup, cols: dict[str, np.ndarray], measu
                   capacity_extrapolated_interval=EXTRAPOLATED_INTERVAL.format(n=n_boot),
                   bits_per_param_extrapolated=estimate.capacity_bits / params,
                   num_sequences_at_max_extrapolated=estimate.num_sequences_at_max)
-    kept = type(e)(*(np.asarray(field)[keep] for field in dataclasses.astuple(e)))
-    return fields, size_cells(sizes[keep], kept, mem[keep])
+    return fields, size_cells(sizes[keep], e.select(keep), mem[keep])
 
 
 def capacity_entry(group: CapacityGroup, cols: dict[str, np.ndarray], n_boot: int = N_BOOT) -> dict:
