@@ -635,7 +635,7 @@ def _summary_interval(fit: dict, kind: str) -> str:
     return f"95% [{fit['ci_low']:.3f}, {fit['ci_high']:.3f}]"
 
 
-def _shown(value, spec: str) -> str:
+def _number_or_dash(value, spec: str) -> str:
     """A fits.json number as `spec` formats it; '-' for null (a metric its cells did not log)."""
     return "-" if value is None else format(value, spec)
 
@@ -696,9 +696,9 @@ def _aggregate_summary(result) -> None:
             console.print(f"    extrapolated: none ({escape(extrapolated.get('reason') or 'not available')})")
     for g in (fits.get("mia_fade") or {}).get("groups") or []:
         if g["data_share"] is not None:
-            console.print(f"  MIA fade {escape(g['label'])}: loss AUC {_shown(g['loss_auc_knee'], '.2f')} at N = "
-                          f"{g['knee_num_sequences']:,} -> {_shown(g['loss_auc_largest'], '.2f')} at N = "
-                          f"{g['largest_num_sequences']:,} ({_shown(g['exposures_largest'], ',.0f')} exposures); of the "
+            console.print(f"  MIA fade {escape(g['label'])}: loss AUC {_number_or_dash(g['loss_auc_knee'], '.2f')} at N = "
+                          f"{g['knee_num_sequences']:,} -> {_number_or_dash(g['loss_auc_largest'], '.2f')} at N = "
+                          f"{g['largest_num_sequences']:,} ({_number_or_dash(g['exposures_largest'], ',.0f')} exposures); of the "
                           f"fall in bits per sequence {g['data_share']:.0%} is data outgrowing the model, "
                           f"{g['budget_share']:.0%} the training budget ({escape(g['capacity_used'])} capacity)")
     for kind, laws in fits["mia"].items():
