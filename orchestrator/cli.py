@@ -696,11 +696,12 @@ def _aggregate_summary(result) -> None:
             console.print(f"    extrapolated: none ({escape(extrapolated.get('reason') or 'not available')})")
     for g in (fits.get("mia_fade") or {}).get("groups") or []:
         if g["data_share"] is not None:
-            console.print(f"  MIA fade {escape(g['label'])}: loss AUC {_number_or_dash(g['loss_auc_knee'], '.2f')} at N = "
-                          f"{g['knee_num_sequences']:,} -> {_number_or_dash(g['loss_auc_largest'], '.2f')} at N = "
-                          f"{g['largest_num_sequences']:,} ({_number_or_dash(g['exposures_largest'], ',.0f')} exposures); of the "
-                          f"fall in bits per sequence {g['data_share']:.0%} is data outgrowing the model, "
-                          f"{g['budget_share']:.0%} the training budget ({escape(g['capacity_used'])} capacity)")
+            auc_knee, auc_largest = (_number_or_dash(g[k], ".2f") for k in ("loss_auc_knee", "loss_auc_largest"))
+            console.print(f"  MIA fade {escape(g['label'])}: loss AUC {auc_knee} at N = {g['knee_num_sequences']:,} "
+                          f"-> {auc_largest} at N = {g['largest_num_sequences']:,} "
+                          f"({_number_or_dash(g['exposures_largest'], ',.0f')} exposures); of the fall in bits per "
+                          f"sequence {g['data_share']:.0%} is data outgrowing the model, {g['budget_share']:.0%} the "
+                          f"training budget ({escape(g['capacity_used'])} capacity)")
     for kind, laws in fits["mia"].items():
         for attack, law in laws.items():
             text = (f"c1={law['c1']:.3g} c2={law['c2']:.3g} c3={law['c3']:.3g} (RMSE {law['rmse']:.3g})"
