@@ -39,9 +39,13 @@ FINAL_METRICS = [
     "params", "params_paper", "entropy_bits", "mem_bits", "mem_bits_unclipped", "mem_fraction",
     "bits_per_param", "predicted_mem_bits", "sequences_per_param", "train_nll_bits_per_token",
     "test_nll_bits_per_token", "loss_auc", "loss_tpr_at_1pct_fpr", "loss_tpr_at_0p1pct_fpr", "loss_f1",
-    "steps", "converged", "resumed_from_step", "wall_s", "tokens_per_s", "mem_gain_last_doubling",
+    "steps", "converged", "resumed_from_step", "wall_s", "tokens_per_s",
+    "mem_bits_floor", "steps_trained", "exposures", "num_branches", "last_horizon_steps", "asymptote_extrapolable",
 ]
-OPTIONAL = {"converged_step", "decay_start_step"}  # logged when the cell converged / cooled down
+OPTIONAL = {"converged_step", "decay_start_step",  # logged when the cell converged / cooled down (wsd)
+            "mem_gain_last_doubling",  # branches: once two branches were measured
+            "mem_bits_asymptote", "mem_bits_asymptote_ci_low", "mem_bits_asymptote_ci_high",  # when extrapolable
+            "asymptote_exponent", "fraction_of_asymptote"}
 TIMING = {"wall_s", "tokens_per_s"}
 
 
@@ -161,7 +165,9 @@ def test_a_cell_is_deterministic_and_its_seed_picks_its_data(tmp_path):
     (m1, t1), _ = train_and_measure(first)
     (m2, t2), _ = train_and_measure(second)
     (m3, t3), _ = train_and_measure(other)
-    assert m1["resumed_from_step"] == m2["resumed_from_step"] == 0 and m1["steps"] == 200
+    # max_steps 200 is below first_branch (500): one branch, at the cap, cooling down over 40 steps
+    assert m1["resumed_from_step"] == m2["resumed_from_step"] == 0 and m1["steps"] == 240
+    assert m1["num_branches"] == 1 and m1["last_horizon_steps"] == 200 and m1["exposures"] == 240 * 64 / 16
 
     assert set(FINAL_METRICS) <= set(m1) <= set(FINAL_METRICS) | OPTIONAL
     for key in set(FINAL_METRICS) - TIMING:
@@ -243,7 +249,7 @@ def test_memsweep_run_records_the_cell_and_a_rerun_trains_nothing(memsweep_root,
     metrics = record["metrics"]
     missing = [key for key in FINAL_METRICS if key not in metrics]
     assert not missing, missing
-    assert metrics["params"] == PARAMS and metrics["steps"] == 200
+    assert metrics["params"] == PARAMS and metrics["steps"] == 240  # 200 and one branch at the cap
     assert metrics["entropy_bits"] == 16 * S * math.log2(V)
     for key in ("train_loss_bits_per_token", "mem_bits"):
         steps = {step for step, _ in record["history"][key]}
