@@ -86,7 +86,9 @@ def test_the_dataset_is_a_run_input_and_the_checkpoint_a_tag(smoke):
         assert [t.value for t in entry.tags if t.key == "mlflow.data.context"] == ["training"]
         digests.add(dataset.digest)
         checkpoint = Path(run.data.tags["memsweep.checkpoint"])
-        assert checkpoint.name == "step-000000300" and (checkpoint / "COMPLETE").is_file()
+        # the final checkpoint holds the reported model, the last branch: its step is the cell's `steps`
+        assert checkpoint.name == f"step-{int(run.data.metrics['steps']):09d}" and (checkpoint / "COMPLETE").is_file()
+        assert run.data.metrics["steps"] == 240  # smoke: horizons 100 and 200, the last branch to 240
     assert len(digests) == 4  # seeds and sizes: four datasets
 
 
