@@ -195,7 +195,8 @@ def test_status_shows_alpha_in_both_forms_as_the_last_aggregate_logged_it(smoke_
     monkeypatch.setenv("MEMSWEEP_ROOT", str(smoke_root))
     capsys.readouterr()
     assert main(["status", "smoke"]) == 0
-    out = " ".join(capsys.readouterr().out.split())
+    captured = capsys.readouterr()  # the tables on stdout, the lines around them on stderr
+    out = " ".join((captured.out + captured.err).split())
     measured = fits["alpha"]["fp32"]
     expected = (f"alpha fp32 (slope, bits/param, from the last aggregate): measured {measured['alpha']:.3f}"
                 + (" (a lower bound)" if measured["lower_bound"] else ""))
