@@ -225,10 +225,9 @@ class CellProgress:
         return (self.step % self.train.eval_interval == 0 or self.step == self.train.max_steps
                 or self.step == self.decayed_from)
 
-    def exposures(self, steps: int | None = None) -> float:
-        """How often the model of `steps` optimizer steps (default: the current one) saw each training
-        sequence: steps * batch_size / N."""
-        return (self.step if steps is None else steps) * self.train.batch_size / self.num_sequences
+    def exposures(self) -> float:
+        """How often the current model saw each training sequence: step * batch_size / N."""
+        return self.step * self.train.batch_size / self.num_sequences
 
     def record_evaluation(self, metrics: dict[str, float]) -> tuple[dict[str, float], int]:
         """Add an evaluation (`metrics` holds its "mem_bits") and return what to log, at which step.

@@ -248,7 +248,7 @@ class TrainSpec:
             raise SpecError(f"train.grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
 
     # -- the branches schedule's arithmetic (models/progress.py follows it; the dry run costs it) ----------
-    @property
+    @functools.cached_property  # asked at every step (models/progress.py): computed once per spec
     def horizons(self) -> tuple[int, ...]:
         """branches: first_branch, then each doubling up to max_steps (max_steps alone when it is below
         first_branch: a short run still ends with one annealed branch)."""
